@@ -1,0 +1,302 @@
+//! The training configuration: one flat struct of defaults, read from TOML, plus the `[loss]` table.
+//!
+//! Unknown keys are errors, so a typo never silently falls back to a default. The resolved config
+//! (defaults filled in, `--set` overrides applied) is saved next to every checkpoint as `prospect.toml`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::loss::LossConfig;
+
+/// Everything `prospect train` needs. Field names follow TRL's `TrainingArguments` where one exists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Hugging Face folder of the starting policy (`config.json`, `model.safetensors`, tokenizer files).
+    pub model: PathBuf,
+    /// Hugging Face folder of the frozen reference model. Default: the starting policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<PathBuf>,
+    /// JSONL file of training rows (unpaired, paired or SFT, as the loss needs).
+    pub train_data: PathBuf,
+    /// Where `metrics.jsonl`, checkpoints and `final/` go.
+    pub output_dir: PathBuf,
+
+    /// Examples per optimizer step.
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: usize,
+    /// Examples per forward/backward pass; `batch_size / microbatch_size` is the accumulation count.
+    #[serde(default = "defaults::microbatch_size")]
+    pub microbatch_size: usize,
+    /// Stop after this many optimizer steps (wins over `epochs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<usize>,
+    /// Passes over the data when `max_steps` is not set.
+    #[serde(default = "defaults::epochs")]
+    pub epochs: usize,
+
+    /// Peak learning rate.
+    #[serde(default = "defaults::learning_rate")]
+    pub learning_rate: f64,
+    /// `constant`, `linear` (decay to 0) or `cosine` (decay to 0), after `warmup_steps` of linear warmup.
+    #[serde(default)]
+    pub lr_scheduler: LrScheduler,
+    /// Steps of linear warmup from 0 to `learning_rate`.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Decoupled (AdamW) weight decay; never applied to biases and norm weights.
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "defaults::adam_beta1")]
+    pub adam_beta1: f64,
+    #[serde(default = "defaults::adam_beta2")]
+    pub adam_beta2: f64,
+    #[serde(default = "defaults::adam_epsilon")]
+    pub adam_epsilon: f64,
+    /// Global-norm gradient clipping threshold; 0 turns clipping off.
+    #[serde(default = "defaults::max_grad_norm")]
+    pub max_grad_norm: f64,
+
+    /// Sequences (prompt + completion) are cut at the end to this many tokens.
+    #[serde(default = "defaults::max_length")]
+    pub max_length: usize,
+    /// Shuffle rows each epoch (by `seed`); `false` keeps file order.
+    #[serde(default = "defaults::shuffle")]
+    pub shuffle: bool,
+    #[serde(default = "defaults::seed")]
+    pub seed: u64,
+    /// Write a resumable checkpoint every this many steps (0: only the final model).
+    #[serde(default)]
+    pub save_every: usize,
+
+    /// The objective and its hyperparameters.
+    pub loss: LossConfig,
+}
+
+/// Learning-rate schedule after warmup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScheduler {
+    Constant,
+    #[default]
+    Linear,
+    Cosine,
+}
+
+mod defaults {
+    pub fn batch_size() -> usize { 8 }
+    pub fn microbatch_size() -> usize { 4 }
+    pub fn epochs() -> usize { 1 }
+    pub fn learning_rate() -> f64 { 1e-6 } // TRL's KTOConfig/DPOConfig default
+    pub fn adam_beta1() -> f64 { 0.9 }
+    pub fn adam_beta2() -> f64 { 0.999 }
+    pub fn adam_epsilon() -> f64 { 1e-8 }
+    pub fn max_grad_norm() -> f64 { 1.0 }
+    pub fn max_length() -> usize { 1024 } // TRL's default
+    pub fn shuffle() -> bool { true }
+    pub fn seed() -> u64 { 42 }
+}
+
+impl TrainConfig {
+    /// Parse a TOML document, apply `key=value` overrides (dotted keys reach into tables, e.g.
+    /// `loss.beta=0.2`), and validate. Relative paths are resolved against `base_dir`.
+    pub fn from_toml(text: &str, overrides: &[String], base_dir: &Path) -> Result<Self> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| Error::config("<file>", e.to_string()))?;
+        for item in overrides {
+            apply_override(&mut table, item)?;
+        }
+        let mut config: TrainConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::config("<file>", e.to_string()))?;
+        for path in [&mut config.model, &mut config.train_data, &mut config.output_dir] {
+            if path.is_relative() {
+                *path = base_dir.join(&*path);
+            }
+        }
+        if let Some(reference) = config.reference.as_mut() {
+            if reference.is_relative() {
+                *reference = base_dir.join(&*reference);
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Read and parse a config file; relative paths in it are relative to the current directory,
+    /// as a user typing them at a shell expects.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml(&text, overrides, Path::new(""))
+            .map_err(|e| match e {
+                Error::Config { key, message } => {
+                    Error::config(key, format!("{message} (in {})", path.display()))
+                }
+                other => other,
+            })
+    }
+
+    /// The resolved config as TOML, as saved next to checkpoints.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| Error::config("<serialize>", e.to_string()))
+    }
+
+    /// Microbatches per optimizer step.
+    pub fn accumulation_steps(&self) -> usize {
+        self.batch_size / self.microbatch_size
+    }
+
+    /// Check values that serde cannot: ranges and relations between keys.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(Error::config("batch_size", "must be at least 1"));
+        }
+        if self.microbatch_size == 0 || self.batch_size % self.microbatch_size != 0 {
+            return Err(Error::config(
+                "microbatch_size",
+                format!(
+                    "must divide batch_size ({}), got {}",
+                    self.batch_size, self.microbatch_size
+                ),
+            ));
+        }
+        if self.max_steps == Some(0) || (self.max_steps.is_none() && self.epochs == 0) {
+            return Err(Error::config("max_steps", "the run must take at least one step"));
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
+            return Err(Error::config("learning_rate", "must be a finite number >= 0"));
+        }
+        for (key, value) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
+            if !(0.0..1.0).contains(&value) {
+                return Err(Error::config(key, format!("must be in [0, 1), got {value}")));
+            }
+        }
+        if !(self.adam_epsilon > 0.0) {
+            return Err(Error::config("adam_epsilon", "must be > 0"));
+        }
+        if !(self.weight_decay >= 0.0) || !(self.max_grad_norm >= 0.0) {
+            return Err(Error::config("weight_decay", "weight_decay and max_grad_norm must be >= 0"));
+        }
+        if self.max_length < 2 {
+            return Err(Error::config("max_length", "must be at least 2 tokens"));
+        }
+        self.loss.validate(self.microbatch_size)
+    }
+}
+
+/// Apply one `key=value` override to a parsed TOML table. The value is parsed as a TOML value
+/// (`0.2`, `true`, `"text"`, `[1, 2]`) and falls back to a bare string (`lr_scheduler=cosine`).
+pub fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
+    let (key, raw) = item
+        .split_once('=')
+        .ok_or_else(|| Error::config(item, "an override must look like key=value"))?;
+    let key = key.trim();
+    let value = parse_override_value(raw.trim());
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().filter(|s| !s.is_empty()).ok_or_else(|| Error::config(key, "empty key"))?;
+    let mut current = table;
+    for part in parts {
+        let entry = current
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry
+            .as_table_mut()
+            .ok_or_else(|| Error::config(key, format!("`{part}` is not a table")))?;
+    }
+    current.insert(last.to_string(), value);
+    Ok(())
+}
+
+fn parse_override_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        model = "m"
+        train_data = "d.jsonl"
+        output_dir = "out"
+        [loss]
+        type = "kto"
+    "#;
+
+    #[test]
+    fn defaults_fill_in() {
+        let c = TrainConfig::from_toml(MINIMAL, &[], Path::new("")).unwrap();
+        assert_eq!(c.batch_size, 8);
+        assert_eq!(c.microbatch_size, 4);
+        assert_eq!(c.accumulation_steps(), 2);
+        assert_eq!(c.lr_scheduler, LrScheduler::Linear);
+        assert_eq!(c.max_length, 1024);
+        match &c.loss {
+            LossConfig::Kto(k) => {
+                assert_eq!(k.beta, 0.1);
+                assert_eq!(k.desirable_weight, 1.0);
+                assert_eq!(k.undesirable_weight, 1.0);
+            }
+            other => panic!("expected kto, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn overrides_reach_nested_tables_and_parse_types() {
+        let sets = vec![
+            "loss.beta=0.25".to_string(),
+            "shuffle=false".to_string(),
+            "lr_scheduler=cosine".to_string(),
+            "max_steps=3".to_string(),
+        ];
+        let c = TrainConfig::from_toml(MINIMAL, &sets, Path::new("")).unwrap();
+        assert_eq!(c.max_steps, Some(3));
+        assert!(!c.shuffle);
+        assert_eq!(c.lr_scheduler, LrScheduler::Cosine);
+        match c.loss {
+            LossConfig::Kto(k) => assert_eq!(k.beta, 0.25),
+            other => panic!("expected kto, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let top = format!("{MINIMAL}\n");
+        let err = TrainConfig::from_toml(&top, &["learnin_rate=1".into()], Path::new(""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("learnin_rate"), "{err}");
+        let err = TrainConfig::from_toml(MINIMAL, &["loss.betta=1".into()], Path::new(""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("betta"), "{err}");
+    }
+
+    #[test]
+    fn kto_needs_two_rows_per_microbatch() {
+        let sets = vec!["microbatch_size=1".to_string()];
+        let err = TrainConfig::from_toml(MINIMAL, &sets, Path::new("")).unwrap_err().to_string();
+        assert!(err.contains("microbatch_size"), "{err}");
+    }
+
+    #[test]
+    fn microbatch_must_divide_batch() {
+        let sets = vec!["microbatch_size=3".to_string()];
+        let err = TrainConfig::from_toml(MINIMAL, &sets, Path::new("")).unwrap_err().to_string();
+        assert!(err.contains("must divide batch_size (8), got 3"), "{err}");
+    }
+
+    #[test]
+    fn resolved_config_round_trips() {
+        let c = TrainConfig::from_toml(MINIMAL, &["max_steps=7".into()], Path::new("")).unwrap();
+        let text = c.to_toml().unwrap();
+        let back = TrainConfig::from_toml(&text, &[], Path::new("")).unwrap();
+        assert_eq!(c, back);
+    }
+}

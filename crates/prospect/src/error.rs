@@ -1,0 +1,61 @@
+//! The library's one error type. Every variant carries the context a user needs to fix the problem:
+//! the file, the line, the field, what was expected and what was found.
+
+use std::path::PathBuf;
+
+/// Errors raised by the Prospect library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A row of a data file is malformed. `line` is 1-based.
+    #[error("{}:{line}: {message}", path.display())]
+    Data { path: PathBuf, line: usize, message: String },
+
+    /// A data file as a whole is unusable (empty, no usable rows, ...).
+    #[error("{}: {message}", path.display())]
+    DataFile { path: PathBuf, message: String },
+
+    /// A configuration value is invalid. `key` is the TOML key, e.g. `loss.beta`.
+    #[error("config: `{key}`: {message}")]
+    Config { key: String, message: String },
+
+    /// A model folder is missing a file or holds one we cannot use.
+    #[error("model {}: {message}", path.display())]
+    Model { path: PathBuf, message: String },
+
+    /// A tensor did not have the shape the code expected.
+    #[error("shape of `{name}`: expected {expected:?}, got {got:?}")]
+    Shape { name: String, expected: Vec<usize>, got: Vec<usize> },
+
+    /// A tokenizer failed on some input.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+
+    /// A tensor operation failed inside candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// A run cannot go on (e.g. a non-finite loss).
+    #[error("training: {0}")]
+    Train(String),
+}
+
+/// Result with the library's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Config { key: key.into(), message: message.into() }
+    }
+
+    pub(crate) fn model(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Model { path: path.into(), message: message.into() }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}

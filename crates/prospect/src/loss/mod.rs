@@ -1,0 +1,160 @@
+//! Training objectives. Each loss is a pure function of per-sequence log-probs: it never sees a model,
+//! a tokenizer or a file, so every number it produces can be checked by hand.
+//!
+//! The set of losses is closed: [`LossConfig`] is the `[loss]` table of the config, tagged by `type`,
+//! and the trainer dispatches on it once per microbatch.
+
+pub mod dpo;
+pub mod kto;
+pub mod sft;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub use dpo::{dpo_loss, DpoConfig, DpoInputs, DpoOutput};
+pub use kto::{kto_loss, KtoConfig, KtoInputs, KtoOutput};
+pub use sft::{sft_loss, SftConfig};
+
+/// The `[loss]` table: `type` picks the objective, the other keys are its hyperparameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LossConfig {
+    Kto(KtoConfig),
+    Dpo(DpoConfig),
+    Sft(SftConfig),
+}
+
+/// The shape of data a loss trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataKind {
+    /// `prompt`, `completion`, `label` rows (paired rows are unpaired into 2n rows).
+    Unpaired,
+    /// `prompt`, `chosen`, `rejected` rows.
+    Paired,
+    /// `prompt`, `completion` rows.
+    Sft,
+}
+
+impl LossConfig {
+    pub fn name(&self) -> &'static str {
+        match self {
+            LossConfig::Kto(_) => "kto",
+            LossConfig::Dpo(_) => "dpo",
+            LossConfig::Sft(_) => "sft",
+        }
+    }
+
+    pub fn data_kind(&self) -> DataKind {
+        match self {
+            LossConfig::Kto(_) => DataKind::Unpaired,
+            LossConfig::Dpo(_) => DataKind::Paired,
+            LossConfig::Sft(_) => DataKind::Sft,
+        }
+    }
+
+    /// Whether the loss compares against a frozen reference model.
+    pub fn needs_reference(&self) -> bool {
+        !matches!(self, LossConfig::Sft(_))
+    }
+
+    pub(crate) fn validate(&self, microbatch_size: usize) -> Result<()> {
+        match self {
+            LossConfig::Kto(c) => c.validate(microbatch_size),
+            LossConfig::Dpo(c) => c.validate(),
+            LossConfig::Sft(_) => Ok(()),
+        }
+    }
+
+    /// How much one microbatch's loss counts towards the optimizer step's objective.
+    ///
+    /// KTO and DPO average their microbatch losses (TRL divides each by the accumulation count). SFT
+    /// averages over every completion token of the optimizer batch, so a microbatch counts in
+    /// proportion to its tokens; that makes the update independent of how the batch is split.
+    pub fn microbatch_weight(&self, microbatches_in_step: usize, tokens_in_microbatch: usize, tokens_in_step: usize) -> f64 {
+        match self {
+            LossConfig::Kto(_) | LossConfig::Dpo(_) => 1.0 / microbatches_in_step as f64,
+            LossConfig::Sft(_) => {
+                if tokens_in_step == 0 {
+                    0.0
+                } else {
+                    tokens_in_microbatch as f64 / tokens_in_step as f64
+                }
+            }
+        }
+    }
+}
+
+/// Numerically stable `log σ(x)`, elementwise:
+/// `−log(1 + exp(−x))` for x ≥ 0 and `x − log(1 + exp(x))` for x < 0.
+///
+/// The naive `log(sigmoid(x))` underflows to `-inf` below about −88 in f32; this form stays exact
+/// (`log σ(−50) = −50`). Each branch only ever sees arguments of one sign, so neither overflows, and
+/// the gradient at x = 0 is exactly σ(0) = 0.5 (a `min`/`abs` formulation gets ties wrong there,
+/// which matters: DPO's first step has policy = reference, so x = 0 exactly).
+pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
+    let zero = x.zeros_like()?;
+    let is_pos = x.ge(&zero)?; // no gradient: a comparison
+    let x_pos = is_pos.where_cond(x, &zero)?; // x where x >= 0, else 0
+    let x_neg = is_pos.where_cond(&zero, x)?; // x where x < 0, else 0
+    let pos_branch = (x_pos.neg()?.exp()? + 1.0)?.log()?.neg()?;
+    let neg_branch = (&x_neg - (x_neg.exp()? + 1.0)?.log()?)?;
+    Ok(is_pos.where_cond(&pos_branch, &neg_branch)?)
+}
+
+/// Logistic sigmoid with a backward pass (candle-nn's custom op carries one).
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::sigmoid(x)?)
+}
+
+/// Mean of a 1-D tensor's values as `f64`, or `None` when it is empty (metrics over an empty class).
+pub(crate) fn mean_f64(x: &Tensor) -> Result<Option<f64>> {
+    let v: Vec<f32> = x.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+    if v.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(v.iter().map(|&a| a as f64).sum::<f64>() / v.len() as f64))
+}
+
+pub(crate) fn check_positive(key: &str, value: f64) -> Result<()> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::config(key, format!("must be a finite number > 0, got {value}")))
+    }
+}
+
+pub(crate) fn check_non_negative(key: &str, value: f64) -> Result<()> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::config(key, format!("must be a finite number >= 0, got {value}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn log_sigmoid_is_exact_at_the_extremes() {
+        // python: import math; [-math.log1p(math.exp(-v)) if v>0 else v-math.log1p(math.exp(v)) for v in (-50,-1,0,1,50)]
+        let x = Tensor::new(&[-50f32, -1., 0., 1., 50.], &Device::Cpu).unwrap();
+        let y: Vec<f32> = log_sigmoid(&x).unwrap().to_vec1().unwrap();
+        let want = [-50.0, -1.3132616875, -0.6931471806, -0.3132616875, -1.9287498e-22];
+        for (a, b) in y.iter().zip(want) {
+            assert!((*a as f64 - b).abs() < 1e-6, "{y:?}");
+        }
+    }
+
+    #[test]
+    fn log_sigmoid_gradient_is_sigmoid_of_minus_x() {
+        // d/dx log σ(x) = σ(−x): at −50 it is 1, at 50 it is ~0, never NaN.
+        let x = Var::new(&[-50f32, 0., 50.], &Device::Cpu).unwrap();
+        let g = log_sigmoid(x.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let g: Vec<f32> = g.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+        assert!((g[0] - 1.0).abs() < 1e-6 && (g[1] - 0.5).abs() < 1e-6 && g[2].abs() < 1e-6, "{g:?}");
+    }
+}

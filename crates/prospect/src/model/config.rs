@@ -1,0 +1,149 @@
+//! `config.json` of the Llama family, field for field as Hugging Face writes it.
+//!
+//! One struct covers Llama, Mistral, Qwen2 and SmolLM: they differ only in defaults (Qwen2 always has
+//! q/k/v biases) and in fields this training path checks and rejects when it cannot honour them.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The Llama-family fields of a Hugging Face `config.json`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct LlamaConfig {
+    /// `llama`, `mistral`, `qwen2` (SmolLM is `llama`).
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Grouped-query attention: K/V heads, each shared by `num_attention_heads / num_key_value_heads`
+    /// query heads. Missing means plain multi-head attention.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Missing means `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// transformers < 5 writes `rope_theta` at the top level ...
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// ... transformers 5 writes it under `rope_parameters` (with `rope_type`).
+    #[serde(default)]
+    pub rope_parameters: Option<RopeParameters>,
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Llama/Mistral: biases on q/k/v/o. Qwen2 has q/k/v biases whatever this says.
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
+    /// Mistral: attention window; Qwen2 uses it only with `use_sliding_window`.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct RopeParameters {
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_type: Option<String>,
+}
+
+fn default_rms_norm_eps() -> f64 { 1e-6 }
+fn default_hidden_act() -> String { "silu".to_string() }
+
+impl LlamaConfig {
+    /// Read and check `config.json` from a model folder.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let config: LlamaConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::model(&path, format!("not a Llama-family config.json: {e}")))?;
+        config.check(&path)?;
+        Ok(config)
+    }
+
+    fn check(&self, path: &Path) -> Result<()> {
+        const FAMILIES: [&str; 3] = ["llama", "mistral", "qwen2"];
+        if !FAMILIES.contains(&self.model_type.as_str()) {
+            return Err(Error::model(
+                path,
+                format!("model_type `{}` is not supported; expected one of {FAMILIES:?}", self.model_type),
+            ));
+        }
+        if self.hidden_act != "silu" {
+            return Err(Error::model(path, format!("hidden_act `{}`: only silu is supported", self.hidden_act)));
+        }
+        let scaling_type = self
+            .rope_scaling
+            .as_ref()
+            .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
+            .and_then(|t| t.as_str().map(str::to_string))
+            .or_else(|| self.rope_parameters.as_ref().and_then(|p| p.rope_type.clone()));
+        if let Some(kind) = scaling_type.filter(|k| k != "default") {
+            return Err(Error::model(
+                path,
+                format!("RoPE type `{kind}` is not supported yet (only plain RoPE); results would silently differ"),
+            ));
+        }
+        if self.num_attention_heads == 0 || self.num_attention_heads % self.num_kv_heads() != 0 {
+            return Err(Error::model(
+                path,
+                format!(
+                    "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+                    self.num_attention_heads,
+                    self.num_kv_heads()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// RoPE base frequency, wherever `config.json` put it (default 10000).
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|p| p.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(10_000.0)
+    }
+
+    /// The attention window, when the model uses one (Mistral; Qwen2 with `use_sliding_window`).
+    pub fn attention_window(&self) -> Option<usize> {
+        match self.model_type.as_str() {
+            "qwen2" if self.use_sliding_window != Some(true) => None,
+            _ => self.sliding_window,
+        }
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// Whether q/k/v projections carry a bias.
+    pub fn qkv_bias(&self) -> bool {
+        self.model_type == "qwen2" || self.attention_bias
+    }
+
+    /// Whether the output projection carries a bias (Qwen2: never).
+    pub fn o_bias(&self) -> bool {
+        self.model_type != "qwen2" && self.attention_bias
+    }
+}

@@ -1,0 +1,167 @@
+//! Weights in Hugging Face layout: loading `model.safetensors` (or a sharded
+//! `model.safetensors.index.json`), holding the trainable copy as candle `Var`s, and saving.
+//!
+//! Not responsible for: the model's structure (that is `llama.rs`) or the optimizer state.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result};
+
+/// Read every tensor of a model folder, converted to `dtype` on `device`.
+pub fn load_tensors(dir: &Path, dtype: DType, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<std::path::PathBuf> = if single.exists() {
+        vec![single]
+    } else if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::model(&index, format!("invalid JSON: {e}")))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::model(&index, "missing object `weight_map`"))?;
+        let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        shards.into_iter().map(|s| dir.join(s)).collect()
+    } else {
+        return Err(Error::model(dir, "no model.safetensors or model.safetensors.index.json in this folder"));
+    };
+    let mut tensors = BTreeMap::new();
+    for file in files {
+        let loaded = candle_core::safetensors::load(&file, device)
+            .map_err(|e| Error::model(&file, format!("cannot read safetensors: {e}")))?;
+        for (name, t) in loaded {
+            tensors.insert(name, t.to_dtype(dtype)?);
+        }
+    }
+    Ok(tensors)
+}
+
+/// Write tensors as a safetensors file that `transformers` accepts (metadata `format = pt`),
+/// atomically: a temporary file in the same folder, then a rename.
+pub fn save_tensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
+    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let contiguous: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
+        .map_err(|e| Error::model(path, format!("cannot serialize safetensors: {e}")))?;
+    crate::fsio::write_atomic(path, &bytes)
+}
+
+/// A name → tensor map served to a `VarBuilder`, which records which names the model asked for, so
+/// that tensors the model never uses (e.g. a redundant `lm_head.weight` with tied embeddings) can be
+/// left out of training instead of sitting there with no gradient.
+struct TrackedTensors {
+    tensors: BTreeMap<String, Tensor>,
+    used: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl SimpleBackend for TrackedTensors {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("tensor `{name}` in the checkpoint"),
+                expected: s,
+                got: t.shape().clone(),
+            });
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
+        if let Ok(mut used) = self.used.lock() {
+            used.insert(name.to_string());
+        }
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+/// Build a module from named tensors and report which names it used.
+///
+/// The tensors are handed out as they are (same storage, same id), so a model built from `Var`
+/// tensors is trainable and one built from plain tensors is frozen.
+pub fn build_with<M>(
+    tensors: BTreeMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder) -> Result<M>,
+) -> Result<(M, BTreeSet<String>)> {
+    let used = Arc::new(Mutex::new(BTreeSet::new()));
+    let backend = TrackedTensors { tensors, used: used.clone() };
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+    let module = build(vb)?;
+    let used = used.lock().map(|u| u.clone()).unwrap_or_default();
+    Ok((module, used))
+}
+
+/// The trainable parameters: one `Var` per checkpoint tensor, keyed by its Hugging Face name.
+///
+/// `Var::set` updates storage in place, so a model built from [`Params::tensors`] sees every
+/// optimizer step without being rebuilt.
+pub struct Params {
+    vars: BTreeMap<String, Var>,
+}
+
+impl Params {
+    /// Copy tensors into fresh `Var`s (the copy keeps a reference model loaded from the same
+    /// tensors frozen at the starting weights).
+    pub fn from_tensors(tensors: &BTreeMap<String, Tensor>) -> Result<Self> {
+        let vars = tensors
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), Var::from_tensor(t)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { vars })
+    }
+
+    /// The tensors behind the vars: gradients flow into them.
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
+    }
+
+    /// The same storage with gradient tracking off: a no-grad view of the current weights.
+    pub fn detached_tensors(&self) -> BTreeMap<String, Tensor> {
+        self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
+    }
+
+    /// Keep only the named parameters (those the model uses).
+    pub fn retain(&mut self, keep: &BTreeSet<String>) -> Vec<String> {
+        let dropped: Vec<String> = self.vars.keys().filter(|k| !keep.contains(*k)).cloned().collect();
+        self.vars.retain(|k, _| keep.contains(k));
+        dropped
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Var)> {
+        self.vars.iter()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Var> {
+        self.vars.get(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.vars.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.vars.is_empty()
+    }
+
+    /// Total number of scalar parameters.
+    pub fn num_elements(&self) -> usize {
+        self.vars.values().map(|v| v.elem_count()).sum()
+    }
+}

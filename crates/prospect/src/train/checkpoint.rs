@@ -1,0 +1,59 @@
+//! Resumable checkpoints: the policy weights, the optimizer moments and the step count, in one folder
+//! that is replaced atomically. Data order is a pure function of (`seed`, epoch), so a resumed run
+//! replays exactly the batches an uninterrupted one would have seen.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::optim::{AdamW, AdamWConfig};
+use crate::error::{Error, Result};
+use crate::model::{load_tensors, Params, TRAIN_DTYPE};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: usize,
+}
+
+pub fn checkpoint_dir(output_dir: &Path) -> PathBuf {
+    output_dir.join("checkpoint")
+}
+
+/// Write `output_dir/checkpoint/` (weights, optimizer, state, resolved config).
+pub fn save(output_dir: &Path, params: &Params, opt: &AdamW, state: &TrainerState, config_toml: &str) -> Result<PathBuf> {
+    let dir = checkpoint_dir(output_dir);
+    crate::fsio::replace_dir_atomic(&dir, |tmp| {
+        crate::model::save_tensors(&params.detached_tensors(), &tmp.join("model.safetensors"))?;
+        opt.save(&tmp.join("optimizer.safetensors"))?;
+        let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Train(e.to_string()))?;
+        crate::fsio::write_atomic(&tmp.join("trainer_state.json"), &json)?;
+        crate::fsio::write_atomic(&tmp.join("prospect.toml"), config_toml.as_bytes())
+    })?;
+    Ok(dir)
+}
+
+/// Load a checkpoint into `params` (in place) and return the optimizer and state, or `None` when
+/// there is no checkpoint.
+pub fn load(output_dir: &Path, params: &Params, opt_config: AdamWConfig, device: &candle_core::Device) -> Result<Option<(AdamW, TrainerState)>> {
+    let dir = checkpoint_dir(output_dir);
+    let state_path = dir.join("trainer_state.json");
+    if !state_path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .map_err(|e| Error::model(&state_path, format!("invalid trainer state: {e}")))?;
+    let tensors = load_tensors(&dir, TRAIN_DTYPE, device)?;
+    for (name, var) in params.iter() {
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| Error::model(&dir, format!("checkpoint lacks parameter `{name}`")))?;
+        if t.dims() != var.dims() {
+            return Err(Error::Shape { name: name.clone(), expected: var.dims().to_vec(), got: t.dims().to_vec() });
+        }
+        var.set(t)?;
+    }
+    let opt = AdamW::load(opt_config, &dir.join("optimizer.safetensors"), state.step, device)?;
+    Ok(Some((opt, state)))
+}

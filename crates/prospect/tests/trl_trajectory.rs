@@ -1,0 +1,168 @@
+//! Prospect against TRL 1.16, step for step.
+//!
+//! `tests/fixtures/trl_*.json` were written by `scripts/make_fixtures.py` (torch 2.15.0, transformers
+//! 5.24.0, trl 1.16.0): TRL's tokenized rows, its logged `loss`, `grad_norm`, `kl` and rewards for 3
+//! optimizer steps, and the sum and L2 norm of every parameter afterwards. Same model, data, order and
+//! hyperparameters here; everything must agree to 1e-3 relative.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device};
+use common::{close, fixture_json, fixtures, scratch, trl_config};
+use prospect::data::{prepare, read_jsonl, rotate_for_kl, Examples};
+use prospect::loss::{DpoConfig, KtoConfig, LossConfig, SftConfig};
+use prospect::model::{load_tensors, HfTokenizer};
+use prospect::train::{train, RunOptions, StepMetrics};
+use serde_json::Value;
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn run(data: &str, loss: LossConfig, name: &str) -> (Vec<StepMetrics>, std::path::PathBuf) {
+    let out = scratch(name);
+    let config = trl_config(data, loss, &out);
+    let history = train(&config, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
+    (history, out)
+}
+
+fn examples(data: &str, loss: &LossConfig) -> Examples {
+    let tok = HfTokenizer::load(&fixtures().join("tiny-llama")).unwrap();
+    let path = fixtures().join("data").join(data);
+    prepare(read_jsonl(&path).unwrap(), loss.data_kind(), &tok, 32, &path).unwrap().0
+}
+
+/// Compare each step's metrics with TRL's log. `keys` are (TRL key, our value getter).
+fn check_steps(fixture: &Value, ours: &[StepMetrics], keys: &[(&str, fn(&StepMetrics) -> Option<f64>)]) {
+    let steps = fixture["steps"].as_array().unwrap();
+    assert_eq!(ours.len(), steps.len());
+    for (m, s) in ours.iter().zip(steps) {
+        let log = &s["log"];
+        for (key, get) in keys {
+            let Some(want) = log.get(*key).and_then(|v| v.as_f64()) else {
+                assert!(get(m).is_none(), "step {}: TRL logs no `{key}`, we logged {:?}", m.step, get(m));
+                continue;
+            };
+            let got = get(m).unwrap_or_else(|| panic!("step {}: missing `{key}`", m.step));
+            assert!(close(got, want, 1e-3, 1e-6), "step {} `{key}`: prospect {got} vs TRL {want}", m.step);
+        }
+    }
+}
+
+/// The parameters after 3 steps: every tensor's sum and L2 norm against TRL's.
+fn check_final_params(fixture: &Value, out: &std::path::Path) {
+    let tensors = load_tensors(&out.join("final"), DType::F64, &Device::Cpu).unwrap();
+    let want = fixture["final_params"].as_object().unwrap();
+    assert_eq!(tensors.len(), want.len(), "saved tensors: {:?}", tensors.keys().collect::<Vec<_>>());
+    for (name, w) in want {
+        let t = &tensors[name];
+        let sum = t.sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let l2 = t.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+        let (ws, wl) = (w["sum"].as_f64().unwrap(), w["l2_norm"].as_f64().unwrap());
+        // Sums of ±values can be near 0, so they get an absolute slack scaled by the tensor's size.
+        assert!(close(l2, wl, 1e-4, 1e-6), "{name}: l2 {l2} vs TRL {wl}");
+        assert!(close(sum, ws, 1e-3, 1e-5 * t.elem_count() as f64), "{name}: sum {sum} vs TRL {ws}");
+    }
+}
+
+const LOSS: (&str, fn(&StepMetrics) -> Option<f64>) = ("loss", |m| Some(m.loss));
+const GRAD_NORM: (&str, fn(&StepMetrics) -> Option<f64>) = ("grad_norm", |m| Some(m.grad_norm));
+const LR: (&str, fn(&StepMetrics) -> Option<f64>) = ("learning_rate", |m| Some(m.lr));
+const EPOCH: (&str, fn(&StepMetrics) -> Option<f64>) = ("epoch", |m| Some(m.epoch));
+const KL: (&str, fn(&StepMetrics) -> Option<f64>) = ("kl", |m| m.objective.kl);
+const CHOSEN: (&str, fn(&StepMetrics) -> Option<f64>) = ("rewards/chosen", |m| m.objective.rewards_chosen);
+const REJECTED: (&str, fn(&StepMetrics) -> Option<f64>) = ("rewards/rejected", |m| m.objective.rewards_rejected);
+const MARGINS: (&str, fn(&StepMetrics) -> Option<f64>) = ("rewards/margins", |m| m.objective.rewards_margins);
+const ACCURACIES: (&str, fn(&StepMetrics) -> Option<f64>) = ("rewards/accuracies", |m| m.objective.rewards_accuracies);
+
+fn check_kto_rows(fixture: &Value, examples: &Examples) {
+    let Examples::Unpaired(ex) = examples else { panic!("KTO trains on unpaired examples") };
+    let rows = fixture["rows"].as_array().unwrap();
+    assert_eq!(ex.len(), rows.len());
+    // TRL fixes the KL completions by rotating within blocks of the microbatch size (2).
+    for (block_start, block) in ex.chunks(2).enumerate().map(|(i, b)| (i * 2, b)) {
+        let rot = rotate_for_kl(block.len());
+        for (j, e) in block.iter().enumerate() {
+            let row = &rows[block_start + j];
+            assert_eq!(e.seq.prompt_ids, ids(&row["prompt_ids"]), "row {}", block_start + j);
+            assert_eq!(e.seq.completion_ids, ids(&row["completion_ids"]), "row {}", block_start + j);
+            assert_eq!(block[rot[j]].seq.completion_ids, ids(&row["KL_completion_ids"]), "KL row {}", block_start + j);
+            assert_eq!(e.label, row["label"].as_bool().unwrap());
+        }
+    }
+}
+
+#[test]
+fn kto_matches_trl() {
+    let fixture = fixture_json("trl_kto.json");
+    let loss = LossConfig::Kto(KtoConfig::default());
+    check_kto_rows(&fixture, &examples("unpaired.jsonl", &loss));
+    let (history, out) = run("unpaired.jsonl", loss, "trl-kto");
+    check_steps(&fixture, &history, &[LOSS, GRAD_NORM, LR, EPOCH, KL, CHOSEN, REJECTED, MARGINS]);
+    check_final_params(&fixture, &out);
+}
+
+#[test]
+fn kto_on_paired_rows_matches_trl() {
+    // TRL unpairs 8 pairs into 8 chosen rows, then 8 rejected rows: every microbatch is one class,
+    // so the log has no margins, and steps 1 and 3 have no rejected rewards at all.
+    let fixture = fixture_json("trl_kto_paired.json");
+    let loss = LossConfig::Kto(KtoConfig::default());
+    check_kto_rows(&fixture, &examples("paired.jsonl", &loss));
+    let (history, out) = run("paired.jsonl", loss, "trl-kto-paired");
+    check_steps(&fixture, &history, &[LOSS, GRAD_NORM, KL, CHOSEN, REJECTED, MARGINS]);
+    check_final_params(&fixture, &out);
+}
+
+#[test]
+fn dpo_matches_trl() {
+    let fixture = fixture_json("trl_dpo.json");
+    let loss = LossConfig::Dpo(DpoConfig::default());
+    let Examples::Paired(ex) = examples("paired.jsonl", &loss) else { panic!() };
+    for (e, row) in ex.iter().zip(fixture["rows"].as_array().unwrap()) {
+        assert_eq!(e.chosen.prompt_ids, ids(&row["prompt_ids"]));
+        assert_eq!(e.rejected.prompt_ids, ids(&row["prompt_ids"]));
+        assert_eq!(e.chosen.completion_ids, ids(&row["chosen_ids"]));
+        assert_eq!(e.rejected.completion_ids, ids(&row["rejected_ids"]));
+    }
+    let (history, out) = run("paired.jsonl", loss, "trl-dpo");
+    check_steps(&fixture, &history, &[LOSS, GRAD_NORM, EPOCH, CHOSEN, REJECTED, MARGINS, ACCURACIES]);
+    check_final_params(&fixture, &out);
+}
+
+#[test]
+fn sft_matches_trl() {
+    // 10 rows in microbatches of 2 and steps of 8: step 2 is the epoch's last, one microbatch of 2
+    // rows, normalised by its own tokens; step 3 starts the second epoch.
+    let fixture = fixture_json("trl_sft.json");
+    let loss = LossConfig::Sft(SftConfig::default());
+    let Examples::Sft(ex) = examples("sft.jsonl", &loss) else { panic!() };
+    for (s, row) in ex.iter().zip(fixture["rows"].as_array().unwrap()) {
+        let mut joined: Vec<u32> = s.prompt_ids.iter().chain(&s.completion_ids).copied().collect();
+        let mut mask: Vec<u32> = s.prompt_ids.iter().map(|_| 0).chain(s.completion_ids.iter().map(|_| 1)).collect();
+        joined.truncate(32);
+        mask.truncate(32);
+        assert_eq!(joined, ids(&row["input_ids"]));
+        assert_eq!(mask, ids(&row["completion_mask"]));
+    }
+    let (history, out) = run("sft.jsonl", loss, "trl-sft");
+    check_steps(&fixture, &history, &[LOSS, GRAD_NORM, LR, EPOCH]);
+    check_final_params(&fixture, &out);
+}
+
+#[test]
+fn metrics_file_has_one_line_per_step() {
+    let (history, out) = run("unpaired.jsonl", LossConfig::Kto(KtoConfig::default()), "trl-kto-metrics-file");
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let lines: Vec<StepMetrics> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines, history);
+    let first: BTreeMap<String, Value> = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    for key in ["step", "loss", "grad_norm", "lr", "kl", "kl_raw", "rewards/chosen", "rewards/rejected", "step_time_s", "tokens_per_s"] {
+        assert!(first.contains_key(key), "metrics.jsonl lacks `{key}`: {first:?}");
+    }
+    // The resolved config travels with the model.
+    let saved = std::fs::read_to_string(out.join("final/prospect.toml")).unwrap();
+    assert!(saved.contains("type = \"kto\"") && saved.contains("max_length = 32"), "{saved}");
+}
