@@ -193,7 +193,7 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
         on_event(Event::Step(m.clone()));
         history.push(m);
 
-        if config.save_every > 0 && (step + 1) % config.save_every == 0 && step + 1 < total_steps {
+        if config.save_every > 0 && (step + 1) % config.save_every == 0 {
             let dir = checkpoint::save(&config.output_dir, &policy.params, &opt, &checkpoint::TrainerState { step: step + 1 }, &config_toml)?;
             on_event(Event::Checkpoint(dir));
         }

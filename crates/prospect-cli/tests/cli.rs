@@ -1,0 +1,93 @@
+//! The real binary, end to end: a training run, and bad input that must fail with FILE:LINE and a
+//! non-zero exit, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write_config(dir: &Path, data: &Path, extra: &str) -> PathBuf {
+    let config = format!(
+        "model = {:?}\ntrain_data = {:?}\noutput_dir = {:?}\nbatch_size = 4\nmicrobatch_size = 2\nmax_steps = 2\n\
+         learning_rate = 1e-3\nmax_length = 32\nshuffle = false\n{extra}\n[loss]\ntype = \"kto\"\n",
+        fixtures().join("tiny-llama"),
+        data,
+        dir.join("out"),
+    );
+    let path = dir.join("run.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+fn prospect(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_prospect")).args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn train_runs_and_writes_metrics_and_a_model() {
+    let dir = scratch("cli-train");
+    let config = write_config(&dir, &fixtures().join("data/unpaired.jsonl"), "");
+    let out = prospect(&["train", "--config", config.to_str().unwrap(), "--set", "loss.beta=0.2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = stderr(&out);
+    assert!(log.contains("step 1 loss 0.500000") && log.contains("step 2 loss"), "{log}");
+    let metrics = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2);
+    let saved = std::fs::read_to_string(dir.join("out/final/prospect.toml")).unwrap();
+    assert!(saved.contains("beta = 0.2"), "the --set override must reach the saved config:\n{saved}");
+}
+
+#[test]
+fn bad_label_names_file_line_and_field() {
+    let dir = scratch("cli-bad-label");
+    let data = dir.join("bad.jsonl");
+    std::fs::write(&data, "{\"prompt\":\"a\",\"completion\":\"b\",\"label\":true}\n{\"prompt\":\"a\",\"completion\":\"b\",\"label\":\"yes\"}\n").unwrap();
+    let config = write_config(&dir, &data, "");
+    let out = prospect(&["train", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("bad.jsonl:2: field `label` must be true or false, got \"yes\""), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn malformed_json_and_missing_files_are_clear_errors() {
+    let dir = scratch("cli-bad-json");
+    let data = dir.join("broken.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"a\", \"completion\": \"b\", \"label\": true}\n\n{\"prompt\": \"a\"\n").unwrap();
+    let config = write_config(&dir, &data, "");
+    let out = prospect(&["train", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("broken.jsonl:3: malformed JSON"), "{}", stderr(&out));
+
+    let missing = dir.join("nope.jsonl");
+    let config = write_config(&dir, &missing, "");
+    let out = prospect(&["train", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("nope.jsonl: No such file"), "{}", stderr(&out));
+}
+
+#[test]
+fn unknown_config_key_is_an_error() {
+    let dir = scratch("cli-bad-key");
+    let config = write_config(&dir, &fixtures().join("data/unpaired.jsonl"), "learnng_rate = 1.0");
+    let out = prospect(&["train", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("unknown field `learnng_rate`"), "{err}");
+    let out = prospect(&["train", "--config", config.to_str().unwrap(), "--set", "microbatch_size=3"]);
+    assert_eq!(out.status.code(), Some(1));
+}

@@ -1,0 +1,119 @@
+//! Invariances a correct trainer must have (TRL's habit worth copying):
+//! - batch 8 in one microbatch of 8 and in four microbatches of 2 give the same update (DPO, SFT,
+//!   and KTO while z0 is fixed: at the first step policy = reference, so z0 = 0 however rows pair up);
+//! - a run checkpointed and resumed equals an uninterrupted run;
+//! - the saved `final/` reloads to the same logits.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use common::{close, fixtures, scratch, trl_config};
+use prospect::loss::{DpoConfig, KtoConfig, LossConfig, SftConfig};
+use prospect::model::{load_tensors, Policy};
+use prospect::train::{train, RunOptions, StepMetrics};
+
+fn weights(dir: &Path) -> BTreeMap<String, Tensor> {
+    load_tensors(dir, DType::F64, &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> f64 {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter()
+        .map(|(k, t)| (t - &b[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap())
+        .fold(0.0, f64::max)
+}
+
+fn one_step(data: &str, loss: LossConfig, microbatch: usize, name: &str) -> (StepMetrics, BTreeMap<String, Tensor>) {
+    let out = scratch(name);
+    let mut config = trl_config(data, loss, &out);
+    config.max_steps = Some(1);
+    config.microbatch_size = microbatch;
+    config.learning_rate = 1e-3;
+    let history = train(&config, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
+    (history[0].clone(), weights(&out.join("final")))
+}
+
+fn check_split_invariance(data: &str, loss: LossConfig, name: &str) {
+    let (m8, w8) = one_step(data, loss.clone(), 8, &format!("{name}-mb8"));
+    let (m2, w2) = one_step(data, loss, 2, &format!("{name}-mb2"));
+    assert!(close(m2.loss, m8.loss, 1e-6, 1e-7), "{name}: loss {} (8×1) vs {} (2×4)", m8.loss, m2.loss);
+    assert!(close(m2.grad_norm, m8.grad_norm, 1e-5, 1e-7), "{name}: grad_norm {} vs {}", m8.grad_norm, m2.grad_norm);
+    // One AdamW step moves each weight by about lr·g/|g| = ±1e-3 whatever the gradient's size, so
+    // float-summation noise in tiny gradients shows up at ~5e-6. A real difference between the splits
+    // (e.g. a mean of microbatch means) moves weights by a sizeable fraction of lr.
+    let diff = max_abs_diff(&w8, &w2);
+    assert!(diff < 1e-5, "{name}: weights differ by {diff:e} after one step (lr 1e-3)");
+    let start = weights(&fixtures().join("tiny-llama"));
+    assert!(max_abs_diff(&start, &w8) > 1e-4, "{name}: the step did not move the weights");
+}
+
+#[test]
+fn dpo_update_does_not_depend_on_the_microbatch_split() {
+    check_split_invariance("paired.jsonl", LossConfig::Dpo(DpoConfig::default()), "inv-dpo");
+}
+
+#[test]
+fn sft_update_does_not_depend_on_the_microbatch_split() {
+    // SFT averages over all completion tokens of the step, not over microbatch means: rows have
+    // different lengths here, so a mean of means would differ.
+    check_split_invariance("sft.jsonl", LossConfig::Sft(SftConfig::default()), "inv-sft");
+}
+
+#[test]
+fn kto_update_does_not_depend_on_the_microbatch_split_when_z0_is_fixed() {
+    check_split_invariance("unpaired.jsonl", LossConfig::Kto(KtoConfig::default()), "inv-kto");
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let loss = LossConfig::Kto(KtoConfig::default());
+    // Uninterrupted: 4 steps (two epochs of 16 rows, shuffled, so the order matters).
+    let full_dir = scratch("resume-full");
+    let mut full = trl_config("unpaired.jsonl", loss.clone(), &full_dir);
+    full.max_steps = Some(4);
+    full.shuffle = true;
+    let full_history = train(&full, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
+
+    // Interrupted after step 2 (its checkpoint is the last thing written), then resumed to 4.
+    let dir = scratch("resume-split");
+    let mut first = full.clone();
+    first.output_dir = dir.clone();
+    first.max_steps = Some(2);
+    first.save_every = 2;
+    train(&first, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
+    let mut second = first.clone();
+    second.max_steps = Some(4);
+    let resumed = train(&second, &Device::Cpu, RunOptions { resume: true }, &mut |_| {}).unwrap();
+    assert_eq!(resumed.first().map(|m| m.step), Some(3), "the resumed run must start at step 3");
+
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let lines: Vec<StepMetrics> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.iter().map(|m| m.step).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    for (a, b) in lines.iter().zip(&full_history) {
+        assert_eq!((a.loss, a.grad_norm, a.objective.kl), (b.loss, b.grad_norm, b.objective.kl), "step {}", a.step);
+    }
+    assert_eq!(max_abs_diff(&weights(&dir.join("final")), &weights(&full_dir.join("final"))), 0.0);
+}
+
+#[test]
+fn saved_model_reloads_to_the_same_logits() {
+    let out = scratch("reload");
+    let config = trl_config("unpaired.jsonl", LossConfig::Kto(KtoConfig::default()), &out);
+    train(&config, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
+    let dev = Device::Cpu;
+    let (trained, _) = Policy::load(&out.join("final"), &dev).unwrap();
+    let (start, _) = Policy::load(&fixtures().join("tiny-llama"), &dev).unwrap();
+    let ids = Tensor::new(&[[330u32, 28, 355, 319, 298, 263, 264]], &dev).unwrap();
+    let a = trained.model(&dev).unwrap().forward(&ids).unwrap();
+    let b = start.model(&dev).unwrap().forward(&ids).unwrap();
+    let moved = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(moved > 1e-3, "training did not change the saved model");
+    // Same files as the input: tokenizer and config travel with the weights; tied head not duplicated.
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors", "prospect.toml"] {
+        assert!(out.join("final").join(f).exists(), "final/ lacks {f}");
+    }
+    assert!(!weights(&out.join("final")).contains_key("lm_head.weight"));
+}

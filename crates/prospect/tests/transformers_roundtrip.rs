@@ -1,0 +1,66 @@
+//! The folders Prospect saves load in `transformers` and compute the same logits as Prospect.
+//!
+//! Runs `scripts/hf_logits.py` with the reference Python environment that `scripts/test.sh` sets up
+//! (`PROSPECT_PYTHON`, pins in `scripts/requirements-ref.txt`). Without that interpreter the test fails
+//! and says how to get it: this check is part of the contract, not optional.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+use common::{fixtures, scratch, trl_config};
+use prospect::loss::{DpoConfig, LossConfig};
+use prospect::model::Policy;
+use prospect::train::{train, RunOptions};
+
+fn python() -> String {
+    std::env::var("PROSPECT_PYTHON").unwrap_or_else(|_| {
+        panic!(
+            "PROSPECT_PYTHON is not set: run the tests through `bash scripts/test.sh`, which creates the \
+             reference Python environment (torch + transformers, pinned) and points PROSPECT_PYTHON at it"
+        )
+    })
+}
+
+fn hf_logits(model_dir: &Path, ids: &[Vec<u32>]) -> (String, Vec<Vec<Vec<f64>>>) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/hf_logits.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .arg(model_dir)
+        .arg(serde_json::to_string(ids).unwrap())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("cannot run the reference Python");
+    assert!(out.status.success(), "transformers failed to load {}:\n{}", model_dir.display(), String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let logits = serde_json::from_value(json["logits"].clone()).unwrap();
+    (json["class"].as_str().unwrap().to_string(), logits)
+}
+
+#[test]
+fn trained_folder_loads_in_transformers_with_equal_logits() {
+    let out = scratch("roundtrip-dpo");
+    let config = trl_config("paired.jsonl", LossConfig::Dpo(DpoConfig::default()), &out);
+    train(&config, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
+    let final_dir = out.join("final");
+
+    let ids = vec![vec![330u32, 28, 355, 319, 298, 263, 264, 325, 33, 201, 362, 28, 287]];
+    let (class, want) = hf_logits(&final_dir, &ids);
+    assert_eq!(class, "LlamaForCausalLM");
+
+    let dev = Device::Cpu;
+    let (policy, _) = Policy::load(&final_dir, &dev).unwrap();
+    let got: Vec<Vec<Vec<f32>>> = policy.model(&dev).unwrap().forward(&Tensor::new(ids, &dev).unwrap()).unwrap().to_vec3().unwrap();
+    let mut worst = 0f64;
+    for (g, w) in got[0].iter().flatten().zip(want[0].iter().flatten()) {
+        worst = worst.max((*g as f64 - w).abs());
+    }
+    assert!(worst < 1e-4, "largest logit difference Prospect vs transformers: {worst:e}");
+
+    // And the trained model is not the starting one (the check would be vacuous otherwise).
+    let (_, start) = hf_logits(&fixtures().join("tiny-llama"), &[vec![330, 28, 355, 319, 298, 263, 264, 325, 33, 201, 362, 28, 287]]);
+    let moved = start[0].iter().flatten().zip(want[0].iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
+    assert!(moved > 1e-3, "training did not change the logits ({moved:e})");
+}

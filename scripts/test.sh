@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The test command (README): prepares what the tests need on a fresh machine, then runs every test.
+#
+#   bash scripts/test.sh            # all tests
+#   bash scripts/test.sh -- NAME    # extra arguments go to `cargo test`
+#
+# Set-up it does, idempotently:
+# - a Python virtualenv (.venv-ref) with pinned torch + transformers, for the tests that load Prospect's
+#   output in `transformers` (PROSPECT_PYTHON points at it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=${PROSPECT_VENV:-.venv-ref}
+if ! "$venv/bin/python" -c "import torch, transformers" >/dev/null 2>&1; then
+  echo "== setting up the reference Python environment in $venv (torch, transformers; a few minutes once)"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r scripts/requirements-test.txt
+fi
+export PROSPECT_PYTHON="$PWD/$venv/bin/python"
+
+[ "${1:-}" = "--" ] && shift
+cargo test --workspace "$@"
