@@ -18,6 +18,7 @@
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod fsio;
 pub mod loss;
 pub mod model;

@@ -46,7 +46,10 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// `x` is `[b, t, d]`; `cos`/`sin` broadcast to `[b, h, t, e]`; `mask` is additive and broadcasts to
+    /// `[b, h, t, k]`. With a cache, keys and values of earlier positions are prepended (`k` = past + t)
+    /// and this call's are appended to it.
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, g, e) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let split = |y: Tensor, heads: usize| -> Result<Tensor> {
@@ -56,15 +59,54 @@ impl Attention {
         let k = split(self.k_proj.forward(x)?, g)?; // [b, g, t, e]
         let v = split(self.v_proj.forward(x)?, g)?; // [b, g, t, e]
         let q = apply_rope(&q, cos, sin)?;
-        let k = repeat_kv(&apply_rope(&k, cos, sin)?, h / g)?; // [b, h, t, e]
-        let v = repeat_kv(&v, h / g)?; // [b, h, t, e]
+        let k = apply_rope(&k, cos, sin)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(k, v)?, // [b, g, k, e]
+            None => (k, v),
+        };
+        let k = repeat_kv(&k, h / g)?; // [b, h, k, e]
+        let v = repeat_kv(&v, h / g)?; // [b, h, k, e]
 
         let scale = 1.0 / (e as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // [b, h, t, t]
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // [b, h, t, k]
         let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?; // [b, h, t, e]
         let out = out.transpose(1, 2)?.reshape((b, t, h * e))?; // [b, t, h*e]
         Ok(self.o_proj.forward(&out)?) // [b, t, d]
+    }
+}
+
+/// Keys and values of the positions a layer has already seen, for incremental decoding.
+#[derive(Default, Clone)]
+pub struct LayerCache {
+    kv: Option<(Tensor, Tensor)>, // [b, g, past, e] each
+}
+
+impl LayerCache {
+    fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        self.kv = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}
+
+/// One [`LayerCache`] per decoder layer.
+#[derive(Clone)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.kv.as_ref()).map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -148,23 +190,96 @@ impl Llama {
     }
 
     /// Logits for every position. `input_ids` is `[b, t]` (u32), right-padded: with a causal mask,
-    /// padding after a sequence's end cannot change the logits of its real tokens.
+    /// padding after a sequence's end cannot change the logits of its real tokens. This is the training
+    /// path: no cache, differentiable end to end.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (_, t) = input_ids.dims2()?;
         let cfg = &self.config;
+        let device = input_ids.device();
         if let Some(window) = cfg.attention_window().filter(|&w| t > w) {
             return Err(crate::error::Error::Train(format!(
                 "sequence of {t} tokens is longer than the model's sliding attention window ({window}); \
                  lower max_length (sliding-window attention is not implemented)"
             )));
         }
-        let device = input_ids.device();
-        let mut x = self.embed_tokens.forward(input_ids)?; // [b, t, d]
         let (cos, sin) = rope_tables(t, cfg.head_dim(), cfg.rope_theta(), device)?; // [t, e]
-        let mask = causal_mask(t, x.dtype(), device)?; // [t, t]
-        for layer in &self.layers {
+        let mask = causal_mask(t, DType::F32, device)?; // [t, t]
+        self.run_layers(input_ids, &cos, &sin, &mask, None)
+    }
+
+    /// An empty cache for [`Llama::forward_cached`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache { layers: vec![LayerCache::default(); self.layers.len()] }
+    }
+
+    /// Incremental decoding: logits for `input_ids` `[b, t]` given the keys and values already in
+    /// `cache`, which this call extends. Rows may be left-padded: `attention_mask` `[b, past + t]` has 0
+    /// on padding, and each token's position is the number of real tokens before it in its row (as in
+    /// `transformers`' `generate`). The math is the training path's: same modules, same weights.
+    pub fn forward_cached(&self, input_ids: &Tensor, attention_mask: &[Vec<u8>], cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let past = cache.len();
+        let total = past + t;
+        let cfg = &self.config;
+        let device = input_ids.device();
+        if attention_mask.len() != b || attention_mask.iter().any(|r| r.len() != total) {
+            return Err(crate::error::Error::Shape {
+                name: "attention_mask".into(),
+                expected: vec![b, total],
+                got: vec![attention_mask.len(), attention_mask.first().map_or(0, |r| r.len())],
+            });
+        }
+        if let Some(window) = cfg.attention_window().filter(|&w| total > w) {
+            return Err(crate::error::Error::Train(format!(
+                "generation reached {total} tokens, beyond the sliding attention window ({window})"
+            )));
+        }
+        // Per-row positions of the new tokens, and the additive mask [b, 1, t, total].
+        let mut positions = Vec::with_capacity(b * t);
+        let mut mask = Vec::with_capacity(b * t * total);
+        for row in attention_mask {
+            // transformers: position_ids = cumsum(mask) - 1, i.e. real tokens before this one.
+            let mut before = 0usize;
+            let pos_of: Vec<usize> = row
+                .iter()
+                .map(|&m| {
+                    let p = if m != 0 { before } else { 1 };
+                    before += usize::from(m != 0);
+                    p
+                })
+                .collect();
+            for q in past..total {
+                positions.push(pos_of[q] as u32);
+                for k in 0..total {
+                    let visible = k <= q && row[k] != 0;
+                    mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+                }
+            }
+        }
+        let max_pos = positions.iter().copied().max().unwrap_or(0) as usize + 1;
+        let (cos, sin) = rope_tables(max_pos, cfg.head_dim(), cfg.rope_theta(), device)?; // [p, e]
+        let idx = Tensor::from_vec(positions, b * t, device)?;
+        let e = cfg.head_dim();
+        let cos = cos.index_select(&idx, 0)?.reshape((b, 1, t, e))?; // [b, 1, t, e]
+        let sin = sin.index_select(&idx, 0)?.reshape((b, 1, t, e))?; // [b, 1, t, e]
+        // A query whose row is all padding so far sees nothing; give it itself to avoid NaN.
+        for (i, chunk) in mask.chunks_mut(total).enumerate() {
+            if chunk.iter().all(|v| v.is_infinite()) {
+                chunk[past + i % t] = 0.0;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, t, total), device)?; // [b, 1, t, total]
+        self.run_layers(input_ids, &cos, &sin, &mask, Some(&mut cache.layers))
+    }
+
+    fn run_layers(&self, input_ids: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, mut caches: Option<&mut Vec<LayerCache>>) -> Result<Tensor> {
+        let cfg = &self.config;
+        let mut x = self.embed_tokens.forward(input_ids)?; // [b, t, d]
+        let mask = mask.to_dtype(x.dtype())?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
             let h = rms_norm(&x, &layer.input_layernorm, cfg.rms_norm_eps)?;
-            x = (x + layer.self_attn.forward(&h, &cos, &sin, &mask)?)?;
+            x = (x + layer.self_attn.forward(&h, cos, sin, &mask, cache)?)?;
             let h = rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?;
             x = (x + layer.mlp.forward(&h)?)?;
         }

@@ -1,0 +1,138 @@
+//! Batched incremental decoding with a KV cache, on the same [`Llama`] (same modules, same weights) the
+//! trainer uses. Prompts are left-padded; each row stops at eos, at a stop string, or after
+//! `max_new_tokens`.
+
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use super::sampling::{sample, SamplingConfig};
+use crate::error::Result;
+use crate::model::{HfTokenizer, Llama};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateConfig {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingConfig,
+    /// Stop a row when its decoded completion contains one of these; the text is cut before it.
+    pub stop: Vec<String>,
+    pub seed: u64,
+    /// Prompts decoded together.
+    pub batch_size: usize,
+}
+
+impl Default for GenerateConfig {
+    fn default() -> Self {
+        Self { max_new_tokens: 64, sampling: SamplingConfig::default(), stop: vec![], seed: 0, batch_size: 8 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Eos,
+    Stop,
+    Length,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    /// New tokens, without the eos that ended them.
+    pub completion_ids: Vec<u32>,
+    /// The completion decoded without special tokens, cut at a stop string.
+    pub completion: String,
+    pub finish: FinishReason,
+}
+
+/// Generate a completion for each prompt (token ids). `on_tokens` is told how many tokens each
+/// decoding step produced, for progress displays.
+pub fn generate(
+    model: &Llama,
+    tok: &HfTokenizer,
+    prompts: &[Vec<u32>],
+    cfg: &GenerateConfig,
+    device: &Device,
+    on_tokens: &mut dyn FnMut(usize),
+) -> Result<Vec<Generation>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let mut out = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(cfg.batch_size.max(1)) {
+        out.extend(generate_batch(model, tok, chunk, cfg, device, &mut rng, on_tokens)?);
+    }
+    Ok(out)
+}
+
+fn generate_batch(
+    model: &Llama,
+    tok: &HfTokenizer,
+    prompts: &[Vec<u32>],
+    cfg: &GenerateConfig,
+    device: &Device,
+    rng: &mut rand::rngs::StdRng,
+    on_tokens: &mut dyn FnMut(usize),
+) -> Result<Vec<Generation>> {
+    let b = prompts.len();
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let pad = tok.pad_token_id;
+    // Left padding, so every row's next token sits in the same column.
+    let mut mask: Vec<Vec<u8>> = Vec::with_capacity(b);
+    let mut ids = Vec::with_capacity(b * width);
+    for p in prompts {
+        let n_pad = width - p.len();
+        ids.extend(std::iter::repeat(pad).take(n_pad).chain(p.iter().copied()));
+        mask.push(std::iter::repeat(0).take(n_pad).chain(std::iter::repeat(1).take(p.len())).collect());
+    }
+    let mut cache = model.new_cache();
+    let mut logits = last_logits(&model.forward_cached(&Tensor::from_vec(ids, (b, width), device)?, &mask, &mut cache)?)?;
+    let mut gens: Vec<Generation> =
+        (0..b).map(|_| Generation { completion_ids: vec![], completion: String::new(), finish: FinishReason::Length }).collect();
+    let mut done = vec![false; b];
+    for _ in 0..cfg.max_new_tokens {
+        let mut next = Vec::with_capacity(b);
+        let mut produced = 0;
+        for (i, row) in logits.iter().enumerate() {
+            if done[i] {
+                next.push(pad);
+                mask[i].push(0);
+                continue;
+            }
+            let token = sample(row, &cfg.sampling, rng);
+            produced += 1;
+            next.push(token);
+            mask[i].push(1);
+            if token == tok.eos_token_id {
+                done[i] = true;
+                gens[i].finish = FinishReason::Eos;
+                continue;
+            }
+            gens[i].completion_ids.push(token);
+            if !cfg.stop.is_empty() {
+                let text = tok.decode(&gens[i].completion_ids, true)?;
+                if cfg.stop.iter().any(|s| text.contains(s.as_str())) {
+                    done[i] = true;
+                    gens[i].finish = FinishReason::Stop;
+                }
+            }
+        }
+        on_tokens(produced);
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        let step = Tensor::from_vec(next, (b, 1), device)?;
+        logits = last_logits(&model.forward_cached(&step, &mask, &mut cache)?)?;
+    }
+    for g in &mut gens {
+        let mut text = tok.decode(&g.completion_ids, true)?;
+        if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(cut);
+        }
+        g.completion = text;
+    }
+    Ok(gens)
+}
+
+/// Logits of the last position of each row, as `[b][v]` f32.
+fn last_logits(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let (_, t, _) = logits.dims3()?;
+    Ok(logits.narrow(1, t - 1, 1)?.squeeze(1)?.to_dtype(candle_core::DType::F32)?.to_vec2()?)
+}
