@@ -32,12 +32,24 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// The built-in experiment: base model → SFT → feedback → KTO/DPO → win rates vs SFT. No download.
+    Demo {
+        /// Where models, data, metrics and results go.
+        #[arg(long, default_value = "runs/demo")]
+        output: PathBuf,
+        /// A smaller run (about a minute), as the test suite uses.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train { config, set, resume } => run_train(&config, &set, resume),
+        Command::Demo { output, quick, seed } => run_demo(&output, quick, seed),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -49,6 +61,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_demo(output: &PathBuf, quick: bool, seed: u64) -> Result<()> {
+    let scale = if quick { prospect::demo::DemoScale::quick() } else { prospect::demo::DemoScale::full() };
+    let started = std::time::Instant::now();
+    let results = prospect::demo::run_demo(output, scale, seed, &mut |e| {
+        if let Event::Notice(msg) = e {
+            eprintln!("[{:>5.1}s] {msg}", started.elapsed().as_secs_f64());
+        }
+    })?;
+    println!("{}", prospect::demo::results_markdown(&results));
+    eprintln!("results in {} ({:.0} s)", output.display(), started.elapsed().as_secs_f64());
+    Ok(())
 }
 
 fn run_train(path: &PathBuf, set: &[String], resume: bool) -> Result<()> {

@@ -17,6 +17,7 @@
 
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod fsio;

@@ -1,7 +1,9 @@
 //! Evaluation: sampling from models, judging completions, and win rates with confidence intervals.
 
 pub mod generate;
+pub mod plot;
 pub mod sampling;
+pub mod winrate;
 
 pub use generate::{generate, FinishReason, GenerateConfig, Generation};
 pub use sampling::SamplingConfig;

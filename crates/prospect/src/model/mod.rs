@@ -2,6 +2,7 @@
 //! `sequence_logps`, where logits become log-probs.
 
 pub mod config;
+pub mod init;
 pub mod llama;
 pub mod logps;
 pub mod ops;
