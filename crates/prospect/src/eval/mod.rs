@@ -1,6 +1,7 @@
 //! Evaluation: sampling from models, judging completions, and win rates with confidence intervals.
 
 pub mod generate;
+pub mod judge;
 pub mod plot;
 pub mod sampling;
 pub mod winrate;

@@ -1,0 +1,186 @@
+//! Judges: given a prompt and two completions, which is better?
+//!
+//! - `rule:NAME`: a programmatic judge for built-in tasks; each completion gets a score, higher wins.
+//! - `llm:URL`: an OpenAI-compatible chat-completions endpoint, as the KTO paper's GPT-4 judge. The two
+//!   responses go in random (seeded) order to remove position bias; the order is recorded. The answer
+//!   must be exactly `A`, `B` or `TIE` (case and a trailing period aside); anything else counts as a
+//!   tie and is reported as unparseable.
+//! - `reward:DIR`: a reward model scores each completion, higher wins.
+
+use std::path::PathBuf;
+
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::winrate::Verdict;
+use crate::error::{Error, Result};
+
+/// The default instruction for LLM judges. `{prompt}`, `{a}` and `{b}` are filled in.
+pub const DEFAULT_LLM_PROMPT: &str = "You judge which of two assistant responses better answers a user's request: \
+more helpful, more correct, and more appropriate. Ignore the order in which they are shown and their length \
+unless it matters for the request.\n\nRequest:\n{prompt}\n\nResponse A:\n{a}\n\nResponse B:\n{b}\n\n\
+Answer with exactly one word: A if Response A is better, B if Response B is better, or TIE.";
+
+/// What `--judge` names.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JudgeSpec {
+    Rule(String),
+    Llm { url: String },
+    Reward(PathBuf),
+}
+
+impl JudgeSpec {
+    pub fn parse(spec: &str) -> Result<Self> {
+        let bad = |m: &str| Error::config("judge", format!("{m}; expected rule:NAME, llm:URL or reward:DIR, got {spec:?}"));
+        match spec.split_once(':') {
+            Some(("rule", name)) => {
+                if RULES.iter().any(|(n, _)| *n == name) {
+                    Ok(JudgeSpec::Rule(name.to_string()))
+                } else {
+                    Err(bad(&format!("unknown rule `{name}` (known: {})", RULES.iter().map(|r| r.0).collect::<Vec<_>>().join(", "))))
+                }
+            }
+            Some(("llm", url)) if url.starts_with("http://") || url.starts_with("https://") => Ok(JudgeSpec::Llm { url: url.to_string() }),
+            Some(("reward", dir)) if !dir.is_empty() => Ok(JudgeSpec::Reward(PathBuf::from(dir))),
+            _ => Err(bad("unrecognised judge")),
+        }
+    }
+}
+
+/// Built-in rule judges: name → score(prompt, completion).
+pub const RULES: &[(&str, fn(&str, &str) -> u32)] = &[("polite-reply", crate::demo::task::score)];
+
+pub fn rule_score(name: &str, prompt: &str, completion: &str) -> Option<f64> {
+    RULES.iter().find(|(n, _)| *n == name).map(|(_, f)| f(prompt, completion) as f64)
+}
+
+/// A verdict from two scores: higher wins, equal ties.
+pub fn by_score(candidate: f64, baseline: f64) -> Verdict {
+    match candidate.partial_cmp(&baseline) {
+        Some(std::cmp::Ordering::Greater) => Verdict::Candidate,
+        Some(std::cmp::Ordering::Less) => Verdict::Baseline,
+        _ => Verdict::Tie,
+    }
+}
+
+/// Which shown position an LLM judge preferred.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Preference {
+    A,
+    B,
+    Tie,
+}
+
+/// Strict parsing of a judge's answer: `A`, `B` or `TIE`, ignoring case, surrounding white space and a
+/// trailing period. Anything else is `None` (unparseable).
+pub fn parse_preference(answer: &str) -> Option<Preference> {
+    let a = answer.trim().trim_end_matches('.').trim().to_ascii_uppercase();
+    match a.as_str() {
+        "A" => Some(Preference::A),
+        "B" => Some(Preference::B),
+        "TIE" => Some(Preference::Tie),
+        _ => None,
+    }
+}
+
+/// A client for an OpenAI-compatible `chat/completions` endpoint.
+pub struct LlmJudge {
+    pub url: String,
+    pub model: String,
+    pub api_key: Option<String>,
+    pub prompt_template: String,
+    rng: rand::rngs::StdRng,
+    agent: ureq::Agent,
+}
+
+/// One LLM judgement, with what is needed to audit it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlmJudgement {
+    pub verdict: Verdict,
+    /// Where the candidate was shown: "A" or "B".
+    pub candidate_position: String,
+    pub answer: String,
+    pub parsed: bool,
+}
+
+impl LlmJudge {
+    pub fn new(url: &str, model: &str, api_key: Option<String>, prompt_template: Option<String>, seed: u64) -> Self {
+        let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(120)).build();
+        Self {
+            url: url.to_string(),
+            model: model.to_string(),
+            api_key,
+            prompt_template: prompt_template.unwrap_or_else(|| DEFAULT_LLM_PROMPT.to_string()),
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            agent,
+        }
+    }
+
+    pub fn judge(&mut self, prompt: &str, candidate: &str, baseline: &str) -> Result<LlmJudgement> {
+        let candidate_first = self.rng.gen_bool(0.5);
+        let (a, b) = if candidate_first { (candidate, baseline) } else { (baseline, candidate) };
+        let content = self.prompt_template.replace("{prompt}", prompt).replace("{a}", a).replace("{b}", b);
+        let body = serde_json::json!({
+            "model": self.model,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": content}],
+        });
+        let mut req = self.agent.post(&self.url).set("Content-Type", "application/json");
+        if let Some(key) = &self.api_key {
+            req = req.set("Authorization", &format!("Bearer {key}"));
+        }
+        let err = |m: String| Error::Train(format!("judge {}: {m}", self.url));
+        let resp = req.send_string(&body.to_string()).map_err(|e| err(e.to_string()))?;
+        let text = resp.into_string().map_err(|e| err(e.to_string()))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(format!("response is not JSON ({e}): {text:.200}")))?;
+        let answer = json["choices"][0]["message"]["content"]
+            .as_str()
+            .ok_or_else(|| err(format!("no choices[0].message.content in {text:.200}")))?
+            .to_string();
+        let pref = parse_preference(&answer);
+        let verdict = match (pref, candidate_first) {
+            (Some(Preference::A), true) | (Some(Preference::B), false) => Verdict::Candidate,
+            (Some(Preference::A), false) | (Some(Preference::B), true) => Verdict::Baseline,
+            _ => Verdict::Tie,
+        };
+        Ok(LlmJudgement {
+            verdict,
+            candidate_position: if candidate_first { "A" } else { "B" }.to_string(),
+            answer,
+            parsed: pref.is_some(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_parse_strictly() {
+        assert_eq!(parse_preference(" a.\n"), Some(Preference::A));
+        assert_eq!(parse_preference("B"), Some(Preference::B));
+        assert_eq!(parse_preference("tie"), Some(Preference::Tie));
+        assert_eq!(parse_preference("A is better"), None);
+        assert_eq!(parse_preference("Response B"), None);
+        assert_eq!(parse_preference(""), None);
+    }
+
+    #[test]
+    fn specs_parse_and_name_what_is_wrong() {
+        assert_eq!(JudgeSpec::parse("rule:polite-reply").unwrap(), JudgeSpec::Rule("polite-reply".into()));
+        assert_eq!(JudgeSpec::parse("llm:http://127.0.0.1:8080/v1/chat/completions").unwrap(),
+                   JudgeSpec::Llm { url: "http://127.0.0.1:8080/v1/chat/completions".into() });
+        assert_eq!(JudgeSpec::parse("reward:runs/rm/final").unwrap(), JudgeSpec::Reward("runs/rm/final".into()));
+        let e = JudgeSpec::parse("rule:nope").unwrap_err().to_string();
+        assert!(e.contains("unknown rule `nope` (known: polite-reply)"), "{e}");
+        assert!(JudgeSpec::parse("gpt4").is_err());
+    }
+
+    #[test]
+    fn scores_decide_by_size() {
+        assert_eq!(by_score(3.0, 2.0), Verdict::Candidate);
+        assert_eq!(by_score(1.0, 2.0), Verdict::Baseline);
+        assert_eq!(by_score(2.0, 2.0), Verdict::Tie);
+    }
+}
