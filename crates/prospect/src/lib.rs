@@ -19,6 +19,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod fsio;
+pub mod import;
 pub mod loss;
 pub mod model;
 pub mod train;
