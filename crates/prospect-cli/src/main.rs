@@ -1,6 +1,8 @@
 //! `prospect`: the command-line face of the Prospect library. It parses arguments, wires library
 //! calls together and prints; all computation lives in the `prospect` crate.
 
+mod import;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,12 +34,16 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Convert a model from another format into a Hugging Face folder.
+    #[command(subcommand)]
+    Import(import::ImportCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train { config, set, resume } => run_train(&config, &set, resume),
+        Command::Import(command) => import::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
