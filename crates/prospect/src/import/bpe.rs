@@ -90,8 +90,8 @@ pub fn tokenizer_json(bpe: &GgufBpe) -> Result<Value, String> {
 mod tests {
     use super::*;
 
-    /// A toy byte-level vocabulary: the bytes of "a b1", merges "a b"→"ab" is not possible across the
-    /// space, so the merge tested is "Ġ b" → "Ġb".
+    /// A toy byte-level vocabulary (`Ġ` is GPT-2's stand-in for the space byte) with one merge,
+    /// `Ġ b` → `Ġb`, one control token (type 3) and one user-defined token (type 4).
     fn toy() -> (Vec<String>, Vec<String>, Vec<i64>) {
         let tokens: Vec<String> = ["<|endoftext|>", "a", "b", "Ġ", "1", "2", "Ġb", "<tool>"].iter().map(|s| s.to_string()).collect();
         let merges = vec!["Ġ b".to_string()];

@@ -126,7 +126,7 @@ pub fn import_gguf(src: &Path, dest: &Path, dtype: ImportDtype) -> Result<Import
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
-        let info = &content.tensor_infos[name];
+        let info = &content.tensor_infos[name]; // `name` is one of its keys
         let fail = |msg: String| {
             Error::model(src, format!("tensor `{name}` ({}, shape {:?}): {msg}", type_name(info.ggml_dtype), info.shape.dims()))
         };
