@@ -13,7 +13,7 @@ pub enum ImportCommand {
     /// Convert a llama.cpp GGUF file (Llama architecture, byte-level BPE tokenizer) into a Hugging Face
     /// folder: config.json, model.safetensors, tokenizer.json, tokenizer_config.json.
     Gguf {
-        /// The .gguf file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K tensors, among others).
+        /// The .gguf file (tensors in F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K).
         file: PathBuf,
         /// The folder to write; it must be new, empty, or a previous import.
         out_dir: PathBuf,
