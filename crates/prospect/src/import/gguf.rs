@@ -413,3 +413,197 @@ impl Meta<'_> {
         self.array(key)?.iter().map(|v| self.int(key, v)).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! A toy Llama written as GGUF with candle's writer (1 layer, hidden 8, 2 heads / 1 KV head), so the
+    //! whole import runs without the SmolLM2 download: names, Q/K un-permutation, config, tokenizer, and
+    //! that `Policy::load` accepts the result. The real file is compared in `tests/gguf_import.rs`.
+
+    use super::*;
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use candle_core::Device;
+
+    const HIDDEN: usize = 8;
+
+    /// llama.cpp's `permute` (convert_hf_to_gguf.py): the layout GGUF stores Q and K in.
+    fn permute(w: &Tensor, heads: usize) -> Tensor {
+        let (r, c) = w.dims2().unwrap();
+        w.reshape((heads, 2, r / heads / 2, c)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((r, c)).unwrap()
+    }
+
+    /// Distinct values per tensor, so that a swapped or mis-permuted tensor cannot pass.
+    fn filled(rows: usize, cols: usize, seed: f32) -> Tensor {
+        let t = Tensor::arange(0f32, (rows * cols) as f32, &Device::Cpu).unwrap();
+        ((t * 0.01).unwrap() + seed as f64).unwrap().reshape((rows, cols)).unwrap()
+    }
+
+    fn hf_tensors() -> Vec<(&'static str, Tensor)> {
+        vec![
+            ("model.embed_tokens.weight", filled(8, HIDDEN, 0.1)),
+            ("model.norm.weight", filled(1, HIDDEN, 1.0).squeeze(0).unwrap()),
+            ("model.layers.0.input_layernorm.weight", filled(1, HIDDEN, 0.9).squeeze(0).unwrap()),
+            ("model.layers.0.post_attention_layernorm.weight", filled(1, HIDDEN, 0.8).squeeze(0).unwrap()),
+            ("model.layers.0.self_attn.q_proj.weight", filled(8, HIDDEN, -0.2)),
+            ("model.layers.0.self_attn.k_proj.weight", filled(4, HIDDEN, -0.3)),
+            ("model.layers.0.self_attn.v_proj.weight", filled(4, HIDDEN, -0.4)),
+            ("model.layers.0.self_attn.o_proj.weight", filled(8, HIDDEN, -0.5)),
+            ("model.layers.0.mlp.gate_proj.weight", filled(16, HIDDEN, 0.2)),
+            ("model.layers.0.mlp.up_proj.weight", filled(16, HIDDEN, 0.3)),
+            ("model.layers.0.mlp.down_proj.weight", filled(8, 16, 0.4)),
+        ]
+    }
+
+    fn gguf_name(hf: &str) -> String {
+        hf.replace("model.embed_tokens", "token_embd")
+            .replace("model.norm", "output_norm")
+            .replace("model.layers.", "blk.")
+            .replace("input_layernorm", "attn_norm")
+            .replace("post_attention_layernorm", "ffn_norm")
+            .replace("self_attn.q_proj", "attn_q")
+            .replace("self_attn.k_proj", "attn_k")
+            .replace("self_attn.v_proj", "attn_v")
+            .replace("self_attn.o_proj", "attn_output")
+            .replace("mlp.gate_proj", "ffn_gate")
+            .replace("mlp.up_proj", "ffn_up")
+            .replace("mlp.down_proj", "ffn_down")
+    }
+
+    fn metadata() -> Vec<(String, Value)> {
+        let strings = |xs: &[&str]| Value::Array(xs.iter().map(|s| Value::String(s.to_string())).collect());
+        vec![
+            ("general.architecture".into(), Value::String("llama".into())),
+            ("general.name".into(), Value::String("toy".into())),
+            ("llama.block_count".into(), Value::U32(1)),
+            ("llama.context_length".into(), Value::U32(64)),
+            ("llama.embedding_length".into(), Value::U32(HIDDEN as u32)),
+            ("llama.feed_forward_length".into(), Value::U32(16)),
+            ("llama.attention.head_count".into(), Value::U32(2)),
+            ("llama.attention.head_count_kv".into(), Value::U32(1)),
+            ("llama.rope.freq_base".into(), Value::F32(10_000.0)),
+            ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(1e-5)),
+            ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+            ("tokenizer.ggml.pre".into(), Value::String("gpt-2".into())),
+            ("tokenizer.ggml.tokens".into(), strings(&["<|endoftext|>", "a", "b", "Ġ", "1", "2", "Ġb", "<|im_end|>"])),
+            ("tokenizer.ggml.token_type".into(), Value::Array([3, 1, 1, 1, 1, 1, 1, 3].map(Value::I32).to_vec())),
+            ("tokenizer.ggml.merges".into(), strings(&["Ġ b"])),
+            ("tokenizer.ggml.bos_token_id".into(), Value::U32(0)),
+            ("tokenizer.ggml.eos_token_id".into(), Value::U32(7)),
+            ("tokenizer.ggml.padding_token_id".into(), Value::U32(0)),
+            ("tokenizer.chat_template".into(), Value::String("{{ messages }}".into())),
+        ]
+    }
+
+    /// Write a toy GGUF with `edit` applied to its metadata and (GGUF-named) tensors.
+    fn write_gguf(path: &Path, edit: impl FnOnce(&mut Vec<(String, Value)>, &mut Vec<(String, Tensor)>)) {
+        let mut meta = metadata();
+        let mut tensors: Vec<(String, Tensor)> = hf_tensors()
+            .into_iter()
+            .map(|(hf, t)| {
+                let stored = match hf {
+                    n if n.ends_with("q_proj.weight") => permute(&t, 2),
+                    n if n.ends_with("k_proj.weight") => permute(&t, 1),
+                    _ => t,
+                };
+                (gguf_name(hf), stored)
+            })
+            .collect();
+        edit(&mut meta, &mut tensors);
+        let q: Vec<(String, QTensor)> =
+            tensors.iter().map(|(n, t)| (n.clone(), QTensor::quantize(t, GgmlDType::F32).unwrap())).collect();
+        let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> = q.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut file = File::create(path).unwrap();
+        gguf_file::write(&mut file, &meta_refs, &tensor_refs).unwrap();
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("prospect-gguf-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn toy_llama_round_trips_into_a_loadable_hf_folder() {
+        let dir = scratch("toy");
+        let (src, dest) = (dir.join("toy.gguf"), dir.join("hf"));
+        write_gguf(&src, |_, _| {});
+        let report = import_gguf(&src, &dest, ImportDtype::F32).unwrap();
+        assert_eq!((report.tensors, report.num_hidden_layers, report.vocab_size), (11, 1, 8));
+        assert_eq!(report.source_types.get("F32"), Some(&11));
+
+        // Every tensor under its Hugging Face name, Q and K back in Hugging Face's row order.
+        let got = crate::model::load_tensors(&dest, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(got.len(), 11);
+        for (hf, want) in hf_tensors() {
+            let diff = (&got[hf] - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(diff, 0.0, "{hf}");
+        }
+
+        let config = crate::model::LlamaConfig::load(&dest).unwrap();
+        assert_eq!((config.num_attention_heads, config.num_kv_heads(), config.head_dim()), (2, 1, 4));
+        assert!(config.tie_word_embeddings, "no output.weight: tied");
+        assert_eq!((config.rope_theta(), config.rms_norm_eps), (10_000.0, 1e-5f32 as f64));
+        let (policy, unused) = crate::model::Policy::load(&dest, &Device::Cpu).unwrap();
+        assert!(unused.is_empty() && policy.params.len() == 11);
+
+        let tok = crate::model::HfTokenizer::load(&dest).unwrap();
+        assert_eq!(tok.encode("a b12<|im_end|>").unwrap(), [1, 6, 4, 5, 7]);
+        assert_eq!((tok.eos_token.as_str(), tok.pad_token_id), ("<|im_end|>", 0));
+        assert_eq!(tok.chat_template.as_deref(), Some("{{ messages }}"));
+
+        // A second import may replace the first.
+        import_gguf(&src, &dest, ImportDtype::Bf16).unwrap();
+        let got = crate::model::load_tensors(&dest, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(got.len(), 11);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unsupported_files_are_rejected_with_the_key_or_tensor_named() {
+        let dir = scratch("errors");
+        let cases: Vec<(&str, Box<dyn FnOnce(&mut Vec<(String, Value)>, &mut Vec<(String, Tensor)>)>, &str)> = vec![
+            (
+                "arch",
+                Box::new(|m, _| m[0].1 = Value::String("qwen2".into())),
+                "`general.architecture` is `qwen2`",
+            ),
+            ("missing", Box::new(|m, _| m.retain(|(k, _)| k != "llama.block_count")), "GGUF metadata has no `llama.block_count`"),
+            (
+                "bias",
+                Box::new(|_, t| t.push(("blk.0.attn_q.bias".into(), filled(1, HIDDEN, 0.0).squeeze(0).unwrap()))),
+                "tensor `blk.0.attn_q.bias` (F32, shape [8]): not a Llama tensor name",
+            ),
+            (
+                "layer",
+                Box::new(|_, t| t.push(("blk.3.attn_norm.weight".into(), filled(1, HIDDEN, 0.0).squeeze(0).unwrap()))),
+                "layer 3 is past `llama.block_count` 1",
+            ),
+            (
+                "spm",
+                Box::new(|m, _| m.iter_mut().filter(|(k, _)| k == "tokenizer.ggml.model").for_each(|kv| kv.1 = Value::String("llama".into()))),
+                "only byte-level BPE (`gpt2`)",
+            ),
+            (
+                "pre",
+                Box::new(|m, _| m.iter_mut().filter(|(k, _)| k == "tokenizer.ggml.pre").for_each(|kv| kv.1 = Value::String("qwen2".into()))),
+                "pre-tokenizer `qwen2` (tokenizer.ggml.pre) is not supported",
+            ),
+            (
+                "type",
+                Box::new(|m, _| m.iter_mut().filter(|(k, _)| k == "llama.block_count").for_each(|kv| kv.1 = Value::String("1".into()))),
+                "`llama.block_count` should be an integer, got String",
+            ),
+        ];
+        for (name, edit, want) in cases {
+            let src = dir.join(format!("{name}.gguf"));
+            let dest = dir.join(format!("{name}-hf"));
+            write_gguf(&src, edit);
+            let err = import_gguf(&src, &dest, ImportDtype::F32).unwrap_err().to_string();
+            assert!(err.contains(want) && err.contains(&format!("{name}.gguf")), "{name}: {err}");
+            assert!(!dest.exists(), "{name}: no folder after a failed import");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
