@@ -494,6 +494,9 @@ mod tests {
         ]
     }
 
+    /// A change to a toy file's metadata and tensors.
+    type Edit = Box<dyn FnOnce(&mut Vec<(String, Value)>, &mut Vec<(String, Tensor)>)>;
+
     /// Write a toy GGUF with `edit` applied to its metadata and (GGUF-named) tensors.
     fn write_gguf(path: &Path, edit: impl FnOnce(&mut Vec<(String, Value)>, &mut Vec<(String, Tensor)>)) {
         let mut meta = metadata();
@@ -563,7 +566,7 @@ mod tests {
     #[test]
     fn unsupported_files_are_rejected_with_the_key_or_tensor_named() {
         let dir = scratch("errors");
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut Vec<(String, Value)>, &mut Vec<(String, Tensor)>)>, &str)> = vec![
+        let cases: Vec<(&str, Edit, &str)> = vec![
             (
                 "arch",
                 Box::new(|m, _| m[0].1 = Value::String("qwen2".into())),
