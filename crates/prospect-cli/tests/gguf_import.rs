@@ -161,7 +161,8 @@ fn smollm2_logits_and_greedy_tokens_match_transformers() {
     assert_eq!(policy.config.num_hidden_layers, 30);
     let tok = HfTokenizer::load(&dir).unwrap();
     let ids = tok.encode(fixture["prompt"].as_str().unwrap()).unwrap();
-    let want_ids: Vec<u32> = fixture["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let want_ids: Vec<u32> =
+        fixture["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
     assert_eq!(ids, want_ids, "prompt token ids vs transformers");
 
     let model = policy.frozen_model(&dev).unwrap();
@@ -182,7 +183,8 @@ fn smollm2_logits_and_greedy_tokens_match_transformers() {
         pairs.push((lse, pos["logsumexp"].as_f64().unwrap()));
         worst = pairs.iter().fold(worst, |m, (g, w)| m.max((g - w).abs()));
         // The top-1 token agrees.
-        let argmax = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, x)| if *x > b.1 { (i, *x) } else { b }).0;
+        let argmax =
+            row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, x)| if *x > b.1 { (i, *x) } else { b }).0;
         assert_eq!(argmax as u64, pos["top_ids"][0].as_u64().unwrap(), "argmax at position {}", pos["position"]);
     }
     eprintln!("largest logit difference vs transformers: {worst:e}");

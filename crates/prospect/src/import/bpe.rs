@@ -93,7 +93,8 @@ mod tests {
     /// A toy byte-level vocabulary (`Ġ` is GPT-2's stand-in for the space byte) with one merge,
     /// `Ġ b` → `Ġb`, one control token (type 3) and one user-defined token (type 4).
     fn toy() -> (Vec<String>, Vec<String>, Vec<i64>) {
-        let tokens: Vec<String> = ["<|endoftext|>", "a", "b", "Ġ", "1", "2", "Ġb", "<tool>"].iter().map(|s| s.to_string()).collect();
+        let tokens: Vec<String> =
+            ["<|endoftext|>", "a", "b", "Ġ", "1", "2", "Ġb", "<tool>"].iter().map(|s| s.to_string()).collect();
         let merges = vec!["Ġ b".to_string()];
         let types = vec![3, 1, 1, 1, 1, 1, 1, 4];
         (tokens, merges, types)
@@ -106,7 +107,9 @@ mod tests {
     #[test]
     fn smollm_splits_digits_and_merges() {
         let (tokens, merges, token_types) = toy();
-        let json = tokenizer_json(&GgufBpe { tokens: &tokens, merges: &merges, token_types: &token_types, pre: "smollm" }).unwrap();
+        let json =
+            tokenizer_json(&GgufBpe { tokens: &tokens, merges: &merges, token_types: &token_types, pre: "smollm" })
+                .unwrap();
         let tok = load(&json);
         let ids = |s: &str| tok.encode(s, true).unwrap().get_ids().to_vec();
         assert_eq!(ids("a b12"), [1, 6, 4, 5]); // a, Ġb, 1, 2: digits one by one
@@ -120,9 +123,13 @@ mod tests {
     #[test]
     fn unknown_pre_tokenizer_and_bad_lengths_are_errors() {
         let (tokens, merges, token_types) = toy();
-        let err = tokenizer_json(&GgufBpe { tokens: &tokens, merges: &merges, token_types: &token_types, pre: "qwen2" }).unwrap_err();
+        let err =
+            tokenizer_json(&GgufBpe { tokens: &tokens, merges: &merges, token_types: &token_types, pre: "qwen2" })
+                .unwrap_err();
         assert!(err.contains("`qwen2`") && err.contains("smollm"), "{err}");
-        let err = tokenizer_json(&GgufBpe { tokens: &tokens, merges: &merges, token_types: &token_types[..3], pre: "gpt-2" }).unwrap_err();
+        let err =
+            tokenizer_json(&GgufBpe { tokens: &tokens, merges: &merges, token_types: &token_types[..3], pre: "gpt-2" })
+                .unwrap_err();
         assert!(err.contains("3 entries for 8 tokens"), "{err}");
     }
 }

@@ -218,14 +218,18 @@ mod tests {
     fn unpermute_inverts_llama_cpp_permute() {
         // llama.cpp: permute(w, h) = w.reshape(h, 2, r/h/2, c).swapaxes(1, 2).reshape(r, c).
         // 2 heads of 4 rows: within a head, rows [a0 a1 b0 b1] were stored as [a0 b0 a1 b1].
-        let stored = Tensor::new(&[[0f32, 0.], [2., 2.], [1., 1.], [3., 3.], [4., 4.], [6., 6.], [5., 5.], [7., 7.]], &Device::Cpu)
-            .unwrap();
+        let stored = Tensor::new(
+            &[[0f32, 0.], [2., 2.], [1., 1.], [3., 3.], [4., 4.], [6., 6.], [5., 5.], [7., 7.]],
+            &Device::Cpu,
+        )
+        .unwrap();
         let hf: Vec<Vec<f32>> = unpermute_qk(&stored, 2).unwrap().to_vec2().unwrap();
         let rows: Vec<f32> = hf.iter().map(|r| r[0]).collect();
         assert_eq!(rows, [0., 1., 2., 3., 4., 5., 6., 7.]);
         // And it is the inverse of the permutation on a random-looking 12×3 matrix with 3 heads.
         let w = Tensor::arange(0f32, 36., &Device::Cpu).unwrap().reshape((12, 3)).unwrap();
-        let permuted = w.reshape((3, 2, 2, 3)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((12, 3)).unwrap();
+        let permuted =
+            w.reshape((3, 2, 2, 3)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((12, 3)).unwrap();
         let back = unpermute_qk(&permuted, 3).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
         assert!(unpermute_qk(&w, 5).is_err());

@@ -128,7 +128,10 @@ pub fn import_gguf(src: &Path, dest: &Path, dtype: ImportDtype) -> Result<Import
     for name in names {
         let info = &content.tensor_infos[name]; // `name` is one of its keys
         let fail = |msg: String| {
-            Error::model(src, format!("tensor `{name}` ({}, shape {:?}): {msg}", type_name(info.ggml_dtype), info.shape.dims()))
+            Error::model(
+                src,
+                format!("tensor `{name}` ({}, shape {:?}): {msg}", type_name(info.ggml_dtype), info.shape.dims()),
+            )
         };
         let (hf_name, heads) = hf_tensor_name(name, &hp).map_err(fail)?;
         let dims = info.shape.dims();
@@ -206,7 +209,8 @@ pub fn import_gguf(src: &Path, dest: &Path, dtype: ImportDtype) -> Result<Import
     };
     let config_bytes = to_bytes(&config, "config.json")?;
     let tokenizer_config_bytes = to_bytes(&serde_json::Value::Object(tokenizer_config), "tokenizer_config.json")?;
-    let tokenizer_bytes = serde_json::to_vec(&tokenizer).map_err(|e| Error::model(dest.join("tokenizer.json"), e.to_string()))?;
+    let tokenizer_bytes =
+        serde_json::to_vec(&tokenizer).map_err(|e| Error::model(dest.join("tokenizer.json"), e.to_string()))?;
     crate::fsio::replace_dir_atomic(dest, |tmp| {
         crate::fsio::write_atomic(&tmp.join("config.json"), &config_bytes)?;
         crate::fsio::write_atomic(&tmp.join("tokenizer.json"), &tokenizer_bytes)?;
@@ -231,7 +235,9 @@ fn check_destination(dest: &Path) -> Result<()> {
         if !IMPORT_FILES.contains(&name.as_str()) {
             return Err(Error::model(
                 dest,
-                format!("output folder already holds `{name}`, which an import would delete; choose a new or empty folder"),
+                format!(
+                    "output folder already holds `{name}`, which an import would delete; choose a new or empty folder"
+                ),
             ));
         }
     }
@@ -429,7 +435,14 @@ mod tests {
     /// llama.cpp's `permute` (convert_hf_to_gguf.py): the layout GGUF stores Q and K in.
     fn permute(w: &Tensor, heads: usize) -> Tensor {
         let (r, c) = w.dims2().unwrap();
-        w.reshape((heads, 2, r / heads / 2, c)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((r, c)).unwrap()
+        w.reshape((heads, 2, r / heads / 2, c))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((r, c))
+            .unwrap()
     }
 
     /// Distinct values per tensor, so that a swapped or mis-permuted tensor cannot pass.
@@ -567,12 +580,12 @@ mod tests {
     fn unsupported_files_are_rejected_with_the_key_or_tensor_named() {
         let dir = scratch("errors");
         let cases: Vec<(&str, Edit, &str)> = vec![
+            ("arch", Box::new(|m, _| m[0].1 = Value::String("qwen2".into())), "`general.architecture` is `qwen2`"),
             (
-                "arch",
-                Box::new(|m, _| m[0].1 = Value::String("qwen2".into())),
-                "`general.architecture` is `qwen2`",
+                "missing",
+                Box::new(|m, _| m.retain(|(k, _)| k != "llama.block_count")),
+                "GGUF metadata has no `llama.block_count`",
             ),
-            ("missing", Box::new(|m, _| m.retain(|(k, _)| k != "llama.block_count")), "GGUF metadata has no `llama.block_count`"),
             (
                 "bias",
                 Box::new(|_, t| t.push(("blk.0.attn_q.bias".into(), filled(1, HIDDEN, 0.0).squeeze(0).unwrap()))),
@@ -585,17 +598,29 @@ mod tests {
             ),
             (
                 "spm",
-                Box::new(|m, _| m.iter_mut().filter(|(k, _)| k == "tokenizer.ggml.model").for_each(|kv| kv.1 = Value::String("llama".into()))),
+                Box::new(|m, _| {
+                    m.iter_mut()
+                        .filter(|(k, _)| k == "tokenizer.ggml.model")
+                        .for_each(|kv| kv.1 = Value::String("llama".into()))
+                }),
                 "only byte-level BPE (`gpt2`)",
             ),
             (
                 "pre",
-                Box::new(|m, _| m.iter_mut().filter(|(k, _)| k == "tokenizer.ggml.pre").for_each(|kv| kv.1 = Value::String("qwen2".into()))),
+                Box::new(|m, _| {
+                    m.iter_mut()
+                        .filter(|(k, _)| k == "tokenizer.ggml.pre")
+                        .for_each(|kv| kv.1 = Value::String("qwen2".into()))
+                }),
                 "pre-tokenizer `qwen2` (tokenizer.ggml.pre) is not supported",
             ),
             (
                 "type",
-                Box::new(|m, _| m.iter_mut().filter(|(k, _)| k == "llama.block_count").for_each(|kv| kv.1 = Value::String("1".into()))),
+                Box::new(|m, _| {
+                    m.iter_mut()
+                        .filter(|(k, _)| k == "llama.block_count")
+                        .for_each(|kv| kv.1 = Value::String("1".into()))
+                }),
                 "`llama.block_count` should be an integer, got String",
             ),
         ];
