@@ -1,6 +1,8 @@
 //! `prospect`: the command-line face of the Prospect library. It parses arguments, wires library
 //! calls together and prints; all computation lives in the `prospect` crate.
 
+mod import;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +45,9 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Convert a model from another format into a Hugging Face folder.
+    #[command(subcommand)]
+    Import(import::ImportCommand),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +55,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train { config, set, resume } => run_train(&config, &set, resume),
         Command::Demo { output, quick, seed } => run_demo(&output, quick, seed),
+        Command::Import(command) => import::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,6 +21,7 @@ pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod fsio;
+pub mod import;
 pub mod loss;
 pub mod model;
 pub mod train;
