@@ -1,19 +1,11 @@
 //! The real binary, end to end: a training run, and bad input that must fail with FILE:LINE and a
 //! non-zero exit, never a panic.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use common::*;
 
 fn write_config(dir: &Path, data: &Path, extra: &str) -> PathBuf {
     let config = format!(
@@ -26,14 +18,6 @@ fn write_config(dir: &Path, data: &Path, extra: &str) -> PathBuf {
     let path = dir.join("run.toml");
     std::fs::write(&path, config).unwrap();
     path
-}
-
-fn prospect(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prospect")).args(args).output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]

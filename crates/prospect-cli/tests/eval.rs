@@ -1,25 +1,13 @@
 //! `prospect generate` and `prospect eval`, through the real binary: a rule judge with exact counts, and
 //! an LLM judge served by a small OpenAI-compatible server on loopback (random order, strict parsing).
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn prospect(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prospect")).args(args).output().unwrap()
-}
+use common::*;
 
 fn write(path: &Path, rows: &[&str]) {
     std::fs::write(path, rows.iter().map(|r| format!("{r}\n")).collect::<String>()).unwrap();

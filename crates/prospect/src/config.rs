@@ -100,6 +100,33 @@ mod defaults {
 }
 
 impl TrainConfig {
+    /// A config with every default filled in, for code that builds runs (the demo, tests).
+    pub fn with_defaults(model: PathBuf, train_data: PathBuf, output_dir: PathBuf, loss: LossConfig) -> Self {
+        Self {
+            model,
+            reference: None,
+            train_data,
+            output_dir,
+            batch_size: defaults::batch_size(),
+            microbatch_size: defaults::microbatch_size(),
+            max_steps: None,
+            epochs: defaults::epochs(),
+            learning_rate: defaults::learning_rate(),
+            lr_scheduler: LrScheduler::default(),
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            adam_beta1: defaults::adam_beta1(),
+            adam_beta2: defaults::adam_beta2(),
+            adam_epsilon: defaults::adam_epsilon(),
+            max_grad_norm: defaults::max_grad_norm(),
+            max_length: defaults::max_length(),
+            shuffle: defaults::shuffle(),
+            seed: defaults::seed(),
+            save_every: 0,
+            loss,
+        }
+    }
+
     /// Parse a TOML document, apply `key=value` overrides (dotted keys reach into tables, e.g.
     /// `loss.beta=0.2`), and validate. Relative paths are resolved against `base_dir`.
     pub fn from_toml(text: &str, overrides: &[String], base_dir: &Path) -> Result<Self> {
@@ -290,6 +317,13 @@ mod tests {
         let sets = vec!["microbatch_size=3".to_string()];
         let err = TrainConfig::from_toml(MINIMAL, &sets, Path::new("")).unwrap_err().to_string();
         assert!(err.contains("must divide batch_size (8), got 3"), "{err}");
+    }
+
+    #[test]
+    fn code_defaults_equal_file_defaults() {
+        let c = TrainConfig::from_toml(MINIMAL, &[], Path::new("")).unwrap();
+        let d = TrainConfig::with_defaults("m".into(), "d.jsonl".into(), "out".into(), c.loss.clone());
+        assert_eq!(c, d);
     }
 
     #[test]

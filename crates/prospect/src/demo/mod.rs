@@ -320,27 +320,15 @@ fn run(
 ) -> Result<PathBuf> {
     let run_dir = out.join("runs").join(name);
     let config = TrainConfig {
-        model: model.to_path_buf(),
         reference: reference.map(Path::to_path_buf),
-        train_data: data.to_path_buf(),
-        output_dir: run_dir.clone(),
         batch_size: batch,
         microbatch_size: microbatch,
-        max_steps: None,
         epochs,
         learning_rate: lr,
         lr_scheduler: LrScheduler::Cosine,
-        warmup_steps: 0,
-        weight_decay: 0.0,
-        adam_beta1: 0.9,
-        adam_beta2: 0.999,
-        adam_epsilon: 1e-8,
-        max_grad_norm: 1.0,
         max_length: 32,
-        shuffle: true,
         seed,
-        save_every: 0,
-        loss,
+        ..TrainConfig::with_defaults(model.to_path_buf(), data.to_path_buf(), run_dir.clone(), loss)
     };
     let mut last: Option<StepMetrics> = None;
     train(&config, &Device::Cpu, RunOptions::default(), &mut |e| match e {

@@ -35,27 +35,15 @@ pub fn close(a: f64, b: f64, rel: f64, abs: f64) -> bool {
 /// no weight decay, clipping at 1, max_length 32, file order, 3 steps.
 pub fn trl_config(data: &str, loss: LossConfig, out: &Path) -> TrainConfig {
     TrainConfig {
-        model: fixtures().join("tiny-llama"),
-        reference: None,
-        train_data: fixtures().join("data").join(data),
-        output_dir: out.to_path_buf(),
         batch_size: 8,
         microbatch_size: 2,
         max_steps: Some(3),
-        epochs: 1,
         learning_rate: 1e-2,
         lr_scheduler: LrScheduler::Constant,
-        warmup_steps: 0,
-        weight_decay: 0.0,
-        adam_beta1: 0.9,
-        adam_beta2: 0.999,
-        adam_epsilon: 1e-8,
-        max_grad_norm: 1.0,
         max_length: 32,
         shuffle: false,
         seed: 0,
-        save_every: 0,
-        loss,
+        ..TrainConfig::with_defaults(fixtures().join("tiny-llama"), fixtures().join("data").join(data), out.to_path_buf(), loss)
     }
 }
 
