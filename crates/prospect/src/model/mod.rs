@@ -9,7 +9,7 @@ pub mod ops;
 pub mod tokenizer;
 pub mod weights;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -85,11 +85,6 @@ pub fn load_frozen(dir: &Path, device: &Device) -> Result<Llama> {
     let config = LlamaConfig::load(dir)?;
     let tensors = load_tensors(dir, TRAIN_DTYPE, device)?;
     Ok(weights::build_with(tensors, TRAIN_DTYPE, device, |vb| Llama::new(&config, vb).map_err(|e| annotate(dir, e)))?.0)
-}
-
-/// Names of the tensors a Llama with this config reads (to check a checkpoint before training).
-pub fn used_names(config: &LlamaConfig, tensors: BTreeMap<String, Tensor>, device: &Device) -> Result<BTreeSet<String>> {
-    Ok(weights::build_with(tensors, TRAIN_DTYPE, device, |vb| Llama::new(config, vb))?.1)
 }
 
 /// Files copied from the source folder into a saved model.
