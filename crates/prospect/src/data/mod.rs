@@ -3,6 +3,7 @@
 //! Pipeline: `read_jsonl` → [`Rows`] → [`tokenize_text`] → [`Sequence`] → [`collate`] → [`SequenceBatch`].
 
 pub mod batch;
+pub mod chat;
 pub mod rows;
 pub mod tokenize;
 
