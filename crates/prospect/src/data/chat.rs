@@ -60,6 +60,32 @@ impl ChatTemplate {
         Ok(Self { env, special, origin: origin.to_string() })
     }
 
+    /// The template for `tok`'s conversations: from `override_path` when given (a `.jinja` file, or a
+    /// `tokenizer_config.json` whose `chat_template` is used), else the tokenizer's own.
+    pub fn for_tokenizer(tok: &crate::model::HfTokenizer, override_path: Option<&std::path::Path>) -> Result<Self> {
+        match override_path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+                let source = match serde_json::from_str::<serde_json::Value>(&text) {
+                    Ok(serde_json::Value::Object(o)) => match o.get("chat_template") {
+                        Some(serde_json::Value::String(s)) => s.clone(),
+                        _ => return Err(Error::config("chat_template", format!("{} is JSON without a `chat_template` string", path.display()))),
+                    },
+                    _ => text,
+                };
+                Self::new(&source, tok.template_tokens(), &path.display().to_string())
+            }
+            None => match &tok.chat_template {
+                Some(source) => Self::new(source, tok.template_tokens(), "the tokenizer's chat_template"),
+                None => Err(Error::config(
+                    "chat_template",
+                    "the data is conversational (lists of messages) but the model's tokenizer has no chat template \
+                     (no `chat_template` in tokenizer_config.json, no chat_template.jinja); set chat_template = \"path/to/template.jinja\"",
+                )),
+            },
+        }
+    }
+
     /// The text `apply_chat_template(messages, tokenize=False, add_generation_prompt=..)` returns.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let template = self

@@ -8,7 +8,9 @@
 use std::path::Path;
 
 use super::rows::{unpair, Rows};
-use super::tokenize::{tokenize_pair, tokenize_text, Sequence, TokenizeReport};
+use super::chat::ChatTemplate;
+use super::rows::Content;
+use super::tokenize::{Encoder, Sequence, TokenizeReport};
 use crate::error::{Error, Result};
 use crate::loss::DataKind;
 use crate::model::HfTokenizer;
@@ -60,11 +62,18 @@ pub struct PrepareReport {
     pub tokenize: TokenizeReport,
 }
 
-/// Tokenize `rows` for a loss that trains on `kind` data.
+/// Tokenize `rows` for a loss that trains on `kind` data, with the tokenizer's own chat template for
+/// conversational rows.
 pub fn prepare(rows: Rows, kind: DataKind, tok: &HfTokenizer, max_length: usize, path: &Path) -> Result<(Examples, PrepareReport)> {
+    let template = if rows.is_conversational() { Some(ChatTemplate::for_tokenizer(tok, None)?) } else { None };
+    prepare_with(rows, kind, Encoder { tok, template: template.as_ref() }, max_length, path)
+}
+
+/// Tokenize `rows` for a loss that trains on `kind` data with `encoder`.
+pub fn prepare_with(rows: Rows, kind: DataKind, encoder: Encoder, max_length: usize, path: &Path) -> Result<(Examples, PrepareReport)> {
     let mut report = PrepareReport { rows_read: rows.len(), ..Default::default() };
     let mut pair_report = TokenizeReport::default();
-    let mut seq = |prompt: &str, completion: &str| tokenize_text(tok, prompt, completion, &mut report.tokenize);
+    let mut seq = |prompt: &Content, completion: &Content| encoder.sequence(prompt, completion, &mut report.tokenize);
     let fits = |s: &Sequence| s.prompt_ids.len() < max_length;
     let examples = match (kind, rows) {
         (DataKind::Unpaired, Rows::Unpaired(rows)) => unpaired(&rows, &mut seq)?,
@@ -73,7 +82,7 @@ pub fn prepare(rows: Rows, kind: DataKind, tok: &HfTokenizer, max_length: usize,
             pairs
                 .iter()
                 .map(|p| {
-                    let (chosen, rejected) = tokenize_pair(tok, &p.prompt, &p.chosen, &p.rejected, &mut pair_report)?;
+                    let (chosen, rejected) = encoder.pair(&p.prompt, &p.chosen, &p.rejected, &mut pair_report)?;
                     Ok(PairedExample { chosen, rejected })
                 })
                 .collect::<Result<_>>()?,
@@ -135,7 +144,7 @@ pub fn prepare(rows: Rows, kind: DataKind, tok: &HfTokenizer, max_length: usize,
 
 fn unpaired(
     rows: &[super::rows::UnpairedRow],
-    seq: &mut impl FnMut(&str, &str) -> Result<Sequence>,
+    seq: &mut impl FnMut(&Content, &Content) -> Result<Sequence>,
 ) -> Result<Examples> {
     Ok(Examples::Unpaired(
         rows.iter()
