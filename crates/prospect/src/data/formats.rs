@@ -189,21 +189,22 @@ pub fn convert(container: Container, records: Vec<Result<Record>>, path: &Path, 
             Err(e)
         }
     };
-    let mut objects: Vec<(usize, Fields)> = Vec::new();
-    for record in records {
-        match record {
-            Ok(Record { line, value: Value::Object(obj) }) => objects.push((line, obj)),
-            Ok(Record { line, value }) => {
-                skip(&mut report, err(line, format!("expected a JSON object per row, got {}", kind(&value))))?
-            }
-            Err(e) => skip(&mut report, e)?,
-        }
-    }
     let label_from = options.label_from.as_ref();
     let mut first: Option<(Layout, usize)> = None;
     let mut converted: Vec<(usize, Converted)> = Vec::new();
     let mut oasst: Vec<(usize, Fields)> = Vec::new();
-    for (line, obj) in objects {
+    for record in records {
+        let (line, obj) = match record {
+            Ok(Record { line, value: Value::Object(obj) }) => (line, obj),
+            Ok(Record { line, value }) => {
+                skip(&mut report, err(line, format!("expected a JSON object per row, got {}", kind(&value))))?;
+                continue;
+            }
+            Err(e) => {
+                skip(&mut report, e)?;
+                continue;
+            }
+        };
         let layout = match options.format {
             Some(f) => forced(f, &obj, label_from),
             None => match detect(&obj, label_from) {
@@ -249,7 +250,6 @@ pub fn convert(container: Container, records: Vec<Result<Record>>, path: &Path, 
         for (line, c) in oasst1_pairs(&oasst, &mut |line, m| skip(&mut report, err(line, m)))? {
             converted.push((line, c));
         }
-        converted.sort_by_key(|(line, _)| *line);
     }
     let rows = assemble(layout.shape, converted, label_from, &mut report).map_err(|m| Error::DataFile { path: path.to_path_buf(), message: m })?;
     if rows.is_empty() {
