@@ -55,6 +55,16 @@ pub fn trl_config(data: &str, loss: LossConfig, out: &Path) -> TrainConfig {
         shuffle: false,
         seed: 0,
         save_every: 0,
+        data_format: None,
+        label_from: None,
+        skip_invalid: false,
+        chat_template: None,
+        desirable_fraction: 1.0,
+        undesirable_fraction: 1.0,
+        auto_weights: false,
+        eval_data: None,
+        eval_fraction: 0.0,
+        eval_every: 0,
         loss,
     }
 }
