@@ -99,3 +99,35 @@ fn conversational_rows_need_a_template() {
     config.chat_template = Some(path);
     train(&config, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
 }
+
+#[test]
+fn shuffling_after_unpairing_mixes_labels_in_batches() {
+    // TRL's block unpairing puts the 8 chosen rows before the 8 rejected ones: in file order every batch
+    // of 8 is one class. The seeded shuffle runs on the unpaired examples, so batches mix.
+    use prospect::data::{prepare, read_jsonl, Examples};
+    use prospect::model::HfTokenizer;
+    use prospect::train::epoch_order;
+    let tok = HfTokenizer::load(&fixtures().join("tiny-llama")).unwrap();
+    let path = fixtures().join("data/paired.jsonl");
+    let kind = LossConfig::Kto(KtoConfig::default()).data_kind();
+    let Examples::Unpaired(ex) = prepare(read_jsonl(&path).unwrap(), kind, &tok, 32, &path).unwrap().0 else { panic!() };
+    let labels = |order: &[usize]| order.chunks(8).map(|b| b.iter().filter(|&&i| ex[i].label).count()).collect::<Vec<_>>();
+    assert_eq!(labels(&epoch_order(16, 0, false, 42)), vec![8, 0]);
+    let shuffled = labels(&epoch_order(16, 0, true, 42));
+    assert!(shuffled.iter().all(|&d| d > 0 && d < 8), "{shuffled:?}");
+    assert_eq!(epoch_order(16, 0, true, 42), epoch_order(16, 0, true, 42));
+}
+
+#[test]
+fn eval_data_from_another_file_in_another_layout() {
+    let out = scratch("data-run-eval-data");
+    let mut config = trl_config("conv_unpaired.jsonl", LossConfig::Kto(KtoConfig::default()), &out);
+    config.max_length = 64;
+    config.max_steps = Some(1);
+    config.eval_data = Some(fixtures().join("data/sharegpt_kto.json"));
+    let mut events = vec![];
+    train(&config, &Device::Cpu, RunOptions::default(), &mut |e| events.push(e)).unwrap();
+    let evals: Vec<(usize, f64)> = events.iter().filter_map(|e| if let Event::Eval { step, loss, .. } = e { Some((*step, *loss)) } else { None }).collect();
+    assert_eq!(evals.len(), 1);
+    assert!(evals[0].0 == 1 && evals[0].1.is_finite() && evals[0].1 > 0.0, "{evals:?}");
+}
