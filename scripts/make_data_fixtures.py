@@ -23,6 +23,8 @@ It writes, under tests/fixtures/:
 * `data/sharegpt_kto.json`                the same rows as a LLaMA-Factory ShareGPT KTO JSON array
                                           (`{"messages": [...], "label": bool}`)
 * `data/conv_unpaired.parquet`            the same rows as Parquet (Snappy), as the HF hub serves them
+* `data/conv_paired.jsonl`                8 TRL conversational pairs (one multi-turn, one with a system message)
+* `trl_dpo_conv.json`                     3 steps of TRL 1.16's DPOTrainer on conv_paired.jsonl, same settings
 * `trl_kto_conv.json`                     3 steps of TRL 1.16's KTOTrainer on conv_unpaired.jsonl with
                                           tiny-llama's ChatML template, microbatch 2 x accumulation 4,
                                           max_length 64 (the prompts with a system message are ~40 tokens)
@@ -87,6 +89,24 @@ CONV_UNPAIRED = [
     {"prompt": [user("What do we buy at the market?")], "completion": [bot("Bread, milk and eggs.")], "label": True},
 ]
 
+CONV_PAIRED = [
+    {"prompt": [user("What color is the grass?")], "chosen": [bot("The grass is green.")],
+     "rejected": [bot("The grass is blue.")]},
+    {"prompt": [sys_("Be brief."), user("What is three plus four?")], "chosen": [bot("Seven.")],
+     "rejected": [bot("Three plus four is nine.")]},
+    {"prompt": [user("The capital of Spain?")], "chosen": [bot("Madrid.")], "rejected": [bot("Rome.")]},
+    {"prompt": [user("Name a season."), bot("Spring."), user("Another one?")], "chosen": [bot("Winter is cold.")],
+     "rejected": [bot("Bread and cheese.")]},
+    {"prompt": [user("Where does the sun set?")], "chosen": [bot("In the west.")],
+     "rejected": [bot("In the east, I think.")]},
+    {"prompt": [user("What does a dog like?")], "chosen": [bot("A dog likes to play and run.")],
+     "rejected": [bot("Fish.")]},
+    {"prompt": [user("Is water cold at zero degrees?")], "chosen": [bot("Yes, it freezes.")],
+     "rejected": [bot("It boils.")]},
+    {"prompt": [user("Tell me a fact about the moon.")], "chosen": [bot("The moon goes around the earth.")],
+     "rejected": [bot("No.")]},
+]
+
 # Conversations for the template check: single turn, multi-turn, a system message, surrounding whitespace
 # (Llama-3 trims), and a Qwen3 reasoning block in an assistant turn after the last user turn.
 CONVERSATIONS = {
@@ -147,6 +167,7 @@ def info() -> dict:
 
 def write_data() -> None:
     mf.write_jsonl(OUT / "data" / "conv_unpaired.jsonl", CONV_UNPAIRED)
+    mf.write_jsonl(OUT / "data" / "conv_paired.jsonl", CONV_PAIRED)
     sharegpt = [{"messages": r["prompt"] + r["completion"], "label": r["label"]} for r in CONV_UNPAIRED]
     (OUT / "data" / "sharegpt_kto.json").write_text(json.dumps(sharegpt, indent=2, ensure_ascii=False) + "\n")
     import pyarrow as pa
@@ -157,6 +178,12 @@ def write_data() -> None:
 
 def check_conv_rows(trainer, tokenizer, rows, rows_text) -> None:
     """TRL's ids decode to the template text: prompt with the generation prompt, prompt + completion without."""
+    if trainer == "DPOTrainer":
+        for r, t in zip(rows, rows_text):
+            for side in ("chosen", "rejected"):
+                full = tokenizer.apply_chat_template(t["prompt"] + t[side], tokenize=False)
+                assert tokenizer.decode(r["prompt_ids"] + r[f"{side}_ids"]) == full, (r, t)
+        return
     assert trainer == "KTOTrainer"
     for r, t in zip(rows, rows_text):
         full = tokenizer.apply_chat_template(t["prompt"] + t["completion"], tokenize=False)
@@ -164,34 +191,42 @@ def check_conv_rows(trainer, tokenizer, rows, rows_text) -> None:
         assert bool(r["label"]) == t["label"]
 
 
-def worker(result_path: Path) -> None:
-    mf.RUNS["kto_conv"] = dict(trainer="KTOTrainer", data="conv_unpaired.jsonl",
-                               extra=dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto"))
+RUNS = {
+    "kto_conv": dict(trainer="KTOTrainer", data="conv_unpaired.jsonl",
+                     extra=dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto")),
+    "dpo_conv": dict(trainer="DPOTrainer", data="conv_paired.jsonl", extra=dict(beta=0.1, loss_type=["sigmoid"])),
+}
+
+
+def worker(kind: str, result_path: Path) -> None:
+    mf.RUNS[kind] = RUNS[kind]
     mf.COMMON_ARGS["max_length"] = CONV_MAX_LENGTH
     mf.MAX_LENGTH = CONV_MAX_LENGTH
     mf._check_rows_against_text = check_conv_rows
-    mf.run_trl("kto_conv", OUT, result_path)
+    mf.run_trl(kind, OUT, result_path)
 
 
 def make_trl() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        res = Path(tmp) / "kto_conv.json"
-        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--trl-worker", "--result", str(res)],
-                       check=True)
-        result = json.loads(res.read_text())
-    result["generator"] = info()
-    mf.write_json(OUT / "trl_kto_conv.json", result)
+    for kind in RUNS:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = Path(tmp) / f"{kind}.json"
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--trl-worker", kind, "--result", str(res)],
+                           check=True)
+            result = json.loads(res.read_text())
+        result["generator"] = info()
+        result["config"]["max_length"] = CONV_MAX_LENGTH
+        mf.write_json(OUT / f"trl_{kind}.json", result)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--trl-worker", choices=sorted(RUNS), help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--only", choices=["templates", "data", "trl"], help="regenerate one part")
     args = ap.parse_args()
     mf.check_versions()
     if args.trl_worker:
-        worker(args.result)
+        worker(args.trl_worker, args.result)
         return
     if args.only in (None, "data"):
         write_data()

@@ -119,3 +119,40 @@ fn sharegpt_and_parquet_give_the_trl_rows() {
     assert_eq!(strip(read_jsonl(&fixtures().join("data/sharegpt_kto.json")).unwrap()), want);
     assert_eq!(strip(read_jsonl(&fixtures().join("data/conv_unpaired.parquet")).unwrap()), want);
 }
+
+#[test]
+fn dpo_on_conversational_rows_matches_trl() {
+    // `trl_dpo_conv.json`: 3 steps of DPOTrainer on data/conv_paired.jsonl, same settings.
+    let fixture = fixture_json("trl_dpo_conv.json");
+    let loss = LossConfig::Dpo(prospect::loss::DpoConfig::default());
+    let tok = HfTokenizer::load(&fixtures().join("tiny-llama")).unwrap();
+    let path = fixtures().join("data/conv_paired.jsonl");
+    let (examples, _) = prepare(read_jsonl(&path).unwrap(), loss.data_kind(), &tok, 64, &path).unwrap();
+    let Examples::Paired(ex) = examples else { panic!("DPO trains on pairs") };
+    for (e, row) in ex.iter().zip(fixture["rows"].as_array().unwrap()) {
+        assert_eq!(e.chosen.prompt_ids, ids(&row["prompt_ids"]));
+        assert_eq!(e.chosen.completion_ids, ids(&row["chosen_ids"]));
+        assert_eq!(e.rejected.completion_ids, ids(&row["rejected_ids"]));
+    }
+    let out = scratch("trl-dpo-conv");
+    let mut config = trl_config("conv_paired.jsonl", loss, &out);
+    config.max_length = 64;
+    let history = train(&config, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
+    let steps = fixture["steps"].as_array().unwrap();
+    assert_eq!(history.len(), steps.len());
+    for (m, s) in history.iter().zip(steps) {
+        let log = &s["log"];
+        let pairs = [
+            ("loss", Some(m.loss)),
+            ("grad_norm", Some(m.grad_norm)),
+            ("rewards/chosen", m.objective.rewards_chosen),
+            ("rewards/rejected", m.objective.rewards_rejected),
+            ("rewards/margins", m.objective.rewards_margins),
+        ];
+        for (key, got) in pairs {
+            let want = log[key].as_f64().unwrap();
+            let got = got.unwrap_or_else(|| panic!("step {}: missing `{key}`", m.step));
+            assert!(close(got, want, 1e-3, 1e-6), "step {} `{key}`: prospect {got} vs TRL {want}", m.step);
+        }
+    }
+}
