@@ -216,7 +216,7 @@ fn print_inspection(r: &Inspection) {
     println!("records:      {}", r.read.records);
     println!("rows:         {}", r.rows);
     if r.read.filtered > 0 {
-        println!("left out:     {} (the {} layout's rule)", r.read.filtered, r.format);
+        println!("left out:     {} ({})", r.read.filtered, r.read.filter_rule.unwrap_or("the layout's rule"));
     }
     if let Some(t) = r.read.label_threshold {
         println!("label from:   score >= {t}");
@@ -258,7 +258,7 @@ fn run_convert(input: &std::path::Path, output: &std::path::Path, read: &ReadArg
     let (n, report) = convert(input, output, &read.options()?).with_context(|| format!("cannot convert {}", input.display()))?;
     eprintln!("{}: {} format {}; wrote {n} rows to {}", input.display(), report.container, report.format, output.display());
     if report.filtered > 0 {
-        eprintln!("left out {} records by the {} rule", report.filtered, report.format);
+        eprintln!("left out {} records: {}", report.filtered, report.filter_rule.unwrap_or("the layout's rule"));
     }
     if !report.skipped.is_empty() {
         eprintln!("skipped {} invalid rows; first: {}", report.skipped.len(), report.skipped[0]);

@@ -140,6 +140,8 @@ fn oasst1_adjacent_rank_siblings() {
 {"message_id": "x", "parent_id": "p2", "role": "assistant", "text": "removed", "rank": 2, "deleted": true}"#;
     let (rows, report) = read(text);
     assert_eq!(report.format, DataFormat::Oasst1);
+    assert_eq!((report.records, report.filtered), (8, 1)); // the deleted message is counted
+    assert_eq!(report.filter_rule, Some("oasst1 messages marked deleted"));
     let a = |t: &str| msgs(&[("assistant", t)]);
     assert_eq!(
         rows,

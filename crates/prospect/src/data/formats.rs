@@ -246,19 +246,35 @@ pub fn convert(container: Container, records: Vec<Result<Record>>, path: &Path, 
         return Err(Error::DataFile { path: path.to_path_buf(), message });
     };
     report.format = layout.format;
+    report.filter_rule = filter_rule(layout.format);
     if layout.format == DataFormat::Oasst1 {
-        for (line, c) in oasst1_pairs(&oasst, &mut |line, m| skip(&mut report, err(line, m)))? {
-            converted.push((line, c));
-        }
+        let (pairs, deleted) = oasst1_pairs(&oasst, &mut |line, m| skip(&mut report, err(line, m)))?;
+        report.filtered += deleted;
+        converted.extend(pairs);
     }
     let rows = assemble(layout.shape, converted, label_from, &mut report).map_err(|m| Error::DataFile { path: path.to_path_buf(), message: m })?;
     if rows.is_empty() {
         return Err(Error::DataFile {
             path: path.to_path_buf(),
-            message: format!("no usable rows: {} records, {} left out by the {} rule", report.records, report.filtered, layout.format),
+            message: format!(
+                "no usable rows: {} records, {} left out ({})",
+                report.records,
+                report.filtered,
+                report.filter_rule.unwrap_or("no rule applies")
+            ),
         });
     }
     Ok((rows, report))
+}
+
+/// What a layout leaves out by its own rule, in words.
+fn filter_rule(format: DataFormat) -> Option<&'static str> {
+    match format {
+        DataFormat::Shp => Some("SHP pairs whose score ratio is below 2, as in the KTO paper"),
+        DataFormat::Ultrafeedback => Some("UltraFeedback rows whose completions all have the same overall_score"),
+        DataFormat::Oasst1 => Some("oasst1 messages marked deleted"),
+        _ => None,
+    }
 }
 
 fn assemble(shape: RowFormat, converted: Vec<(usize, Converted)>, label_from: Option<&LabelFrom>, report: &mut ReadReport) -> std::result::Result<Rows, String> {
@@ -381,7 +397,8 @@ fn convert_one(layout: Layout, obj: &Fields, label_from: Option<&LabelFrom>) -> 
             };
             // The KTO paper's SHP filter (from HALOs): keep pairs whose score ratio is at least 2.
             let (hi, lo) = (sa.max(sb), sa.min(sb));
-            if !(hi >= 2.0 * lo) || hi <= 0.0 {
+            let keep = hi > 0.0 && hi >= 2.0 * lo;
+            if !keep {
                 return Ok(Converted::Filtered);
             }
             let prompt = Content::Messages(vec![Message::new("user", &history)]);
@@ -594,16 +611,20 @@ fn hh_turns(text: &str) -> std::result::Result<Vec<Message>, String> {
 fn oasst1_pairs(
     records: &[(usize, Fields)],
     skip: &mut dyn FnMut(usize, String) -> Result<()>,
-) -> Result<Vec<(usize, Converted)>> {
+) -> Result<(Vec<(usize, Converted)>, usize)> {
+    let mut deleted = 0;
     let mut by_id: HashMap<&str, (usize, &Fields)> = HashMap::new();
-    let mut children: HashMap<&str, Vec<(i64, usize, &Fields)>> = HashMap::new();
+    // parent id → its ranked assistant replies as (rank, line, record)
+    type Replies<'a> = Vec<(i64, usize, &'a Fields)>;
+    let mut children: HashMap<&str, Replies> = HashMap::new();
     for (line, obj) in records {
         let Some(id) = obj.get("message_id").and_then(Value::as_str) else {
             skip(*line, "field `message_id` must be a string".into())?;
             continue;
         };
         if obj.get("deleted").and_then(Value::as_bool) == Some(true) {
-            continue; // oasst1 marks removed messages; they are not part of the tree.
+            deleted += 1; // oasst1 marks removed messages; they are not part of the tree (counted).
+            continue;
         }
         by_id.insert(id, (*line, obj));
         let parent = obj.get("parent_id").and_then(Value::as_str);
@@ -635,7 +656,7 @@ fn oasst1_pairs(
         out.reverse();
         Ok(out)
     };
-    let mut parents: Vec<(&str, Vec<(i64, usize, &Fields)>)> = children.into_iter().filter(|(_, c)| c.len() >= 2).collect();
+    let mut parents: Vec<(&str, Replies)> = children.into_iter().filter(|(_, c)| c.len() >= 2).collect();
     parents.sort_by_key(|(_, c)| c.iter().map(|x| x.1).min());
     let mut out = Vec::new();
     for (parent, mut replies) in parents {
@@ -659,7 +680,7 @@ fn oasst1_pairs(
             ));
         }
     }
-    Ok(out)
+    Ok((out, deleted))
 }
 
 pub(crate) fn kind(v: &Value) -> String {

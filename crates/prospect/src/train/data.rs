@@ -60,7 +60,7 @@ pub fn load(config: &TrainConfig, tok: &HfTokenizer, on_event: &mut dyn FnMut(Ev
             let unpaired = match rows {
                 Rows::Paired(p) => unpair(&p),
                 Rows::Unpaired(u) => u,
-                other => return Ok(prepare_only(config, other, encoder, on_event, skipped_invalid, eval_rows)?),
+                other => return prepare_only(config, other, encoder, on_event, skipped_invalid, eval_rows),
             };
             let count = |v: &[crate::data::UnpairedRow]| (v.iter().filter(|r| r.label).count(), v.iter().filter(|r| !r.label).count());
             let before = count(&unpaired);
@@ -123,7 +123,11 @@ fn report_read(path: &Path, rows: &Rows, report: &ReadReport, on_event: &mut dyn
         rows.len()
     )));
     if report.filtered > 0 {
-        on_event(Event::Notice(format!("{path}: left out {} records by the {} rule", report.filtered, report.format)));
+        on_event(Event::Notice(format!(
+            "{path}: left out {} records: {}",
+            report.filtered,
+            report.filter_rule.unwrap_or("the layout's rule")
+        )));
     }
     if let Some(t) = report.label_threshold {
         on_event(Event::Notice(format!("{path}: label_from threshold {t}: a row is desirable when its score is >= {t}")));
