@@ -80,4 +80,7 @@ fn convert_sharegpt_to_canonical_jsonl() {
     let got = parse(&std::fs::read_to_string(&output).unwrap());
     let want = parse(&std::fs::read_to_string(repo().join("tests/fixtures/data/conv_unpaired.jsonl")).unwrap());
     assert_eq!(got, want);
+    // And byte for byte: TRL's key order, Python's `json.dumps` separators.
+    let bytes = std::fs::read(&output).unwrap();
+    assert_eq!(bytes, std::fs::read(repo().join("tests/fixtures/data/conv_unpaired.jsonl")).unwrap());
 }

@@ -508,10 +508,9 @@ fn content(obj: &Fields, name: &str) -> std::result::Result<Content, String> {
 fn reply(obj: &Fields, name: &str, prompt: &Content) -> std::result::Result<Content, String> {
     match (content(obj, name)?, prompt) {
         (Content::Text(t), Content::Messages(_)) => Ok(Content::Messages(vec![Message::new("assistant", &t)])),
-        (c @ Content::Messages(_), Content::Text(_)) => Err(format!(
-            "field `{name}` is a list of messages but `prompt` is a string; expected both text or both messages, got {}",
-            c.to_json()
-        )),
+        (Content::Messages(_), Content::Text(_)) => {
+            Err(format!("field `{name}` is a list of messages but `prompt` is a string; expected both text or both messages"))
+        }
         (c, _) => Ok(c),
     }
 }

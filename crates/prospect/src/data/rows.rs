@@ -15,7 +15,7 @@
 
 use std::path::Path;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::chat::Message;
 use crate::error::Result;
@@ -58,20 +58,16 @@ impl Content {
         }
     }
 
-    /// As TRL writes it in JSON: a string or a list of `{"role", "content"}` objects.
-    pub fn to_json(&self) -> Value {
+    /// As TRL writes it in JSON: a string or a list of `{"role", "content"}` objects (in that key order).
+    pub fn to_json(&self) -> String {
+        let quote = |s: &str| Value::String(s.to_string()).to_string();
         match self {
-            Content::Text(s) => Value::String(s.clone()),
-            Content::Messages(m) => Value::Array(
-                m.iter()
-                    .map(|m| {
-                        let mut o = Map::new();
-                        o.insert("role".into(), Value::String(m.role.clone()));
-                        o.insert("content".into(), Value::String(m.content.clone()));
-                        Value::Object(o)
-                    })
-                    .collect(),
-            ),
+            Content::Text(s) => quote(s),
+            Content::Messages(m) => {
+                let items: Vec<String> =
+                    m.iter().map(|m| format!("{{\"role\": {}, \"content\": {}}}", quote(&m.role), quote(&m.content))).collect();
+                format!("[{}]", items.join(", "))
+            }
         }
     }
 }
@@ -160,24 +156,22 @@ impl Rows {
         }
     }
 
-    /// The rows as canonical JSONL (TRL's format), one object per line; the `line` numbers are not kept.
+    /// The rows as canonical JSONL (TRL's format, TRL's key order), one object per line; the `line`
+    /// numbers are not kept.
     pub fn to_jsonl(&self) -> String {
         let mut out = String::new();
-        let mut push = |fields: Vec<(&str, Value)>| {
-            let obj: Map<String, Value> = fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-            out.push_str(&Value::Object(obj).to_string());
-            out.push('\n');
+        let mut push = |fields: &[(&str, String)]| {
+            let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
+            out.push_str(&format!("{{{}}}\n", body.join(", ")));
         };
         match self {
             Rows::Unpaired(rows) => rows.iter().for_each(|r| {
-                push(vec![("prompt", r.prompt.to_json()), ("completion", r.completion.to_json()), ("label", Value::Bool(r.label))])
+                push(&[("prompt", r.prompt.to_json()), ("completion", r.completion.to_json()), ("label", r.label.to_string())])
             }),
             Rows::Paired(rows) => rows.iter().for_each(|r| {
-                push(vec![("prompt", r.prompt.to_json()), ("chosen", r.chosen.to_json()), ("rejected", r.rejected.to_json())])
+                push(&[("prompt", r.prompt.to_json()), ("chosen", r.chosen.to_json()), ("rejected", r.rejected.to_json())])
             }),
-            Rows::Sft(rows) => {
-                rows.iter().for_each(|r| push(vec![("prompt", r.prompt.to_json()), ("completion", r.completion.to_json())]))
-            }
+            Rows::Sft(rows) => rows.iter().for_each(|r| push(&[("prompt", r.prompt.to_json()), ("completion", r.completion.to_json())])),
         }
         out
     }
