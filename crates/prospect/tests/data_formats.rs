@@ -240,3 +240,16 @@ fn skip_invalid_counts_what_it_skips() {
     let e = parse_rows(b"oops\n", Path::new("s.jsonl"), &options).unwrap_err().to_string();
     assert_eq!(e, "s.jsonl: no valid rows: all 1 were skipped as invalid; the first: s.jsonl:1: malformed JSON: expected value (column 1)");
 }
+
+#[test]
+fn canonical_jsonl_reads_back_to_the_same_rows() {
+    let text = r#"{"prompt": "Say \"hi\"\n", "completion": " caf\u00e9 \ud83d\ude42", "label": true}
+{"prompt": "tab\there", "completion": "", "label": false}"#;
+    let (rows, _) = read(text);
+    let (back, _) = read(&rows.to_jsonl());
+    assert_eq!(rows, back);
+    let (rows, _) = read(r#"{"conversations": [{"from": "human", "value": "Q \"x\""}], "chosen": {"from": "gpt", "value": "a\nb"}, "rejected": {"from": "gpt", "value": "c"}}"#);
+    let (back, report) = read(&rows.to_jsonl());
+    assert_eq!(report.format, DataFormat::Trl);
+    assert_eq!(rows, back);
+}

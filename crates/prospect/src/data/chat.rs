@@ -250,6 +250,18 @@ mod tests {
     }
 
     #[test]
+    fn strftime_now_formats_today() {
+        // Llama 3.1's templates print `strftime_now("%d %b %Y")`, e.g. "26 Jul 2024".
+        let t = ChatTemplate::new("{{ strftime_now('%d %b %Y') }}|{{ strftime_now('%Y-%m-%d %%') }}", vec![], "t").unwrap();
+        let text = t.render(&[], false).unwrap();
+        let (a, b) = text.split_once('|').unwrap();
+        let parts: Vec<&str> = a.split(' ').collect();
+        assert_eq!(parts.len(), 3, "{text}");
+        assert!(parts[0].len() == 2 && parts[1].len() == 3 && parts[2].len() == 4, "{text}");
+        assert!(b.len() == 12 && b.ends_with(" %") && b.starts_with(parts[2]), "{text}");
+    }
+
+    #[test]
     fn special_tokens_and_python_methods() {
         let src = "{{ bos_token }}{% for m in messages %}{{ m.content.strip().upper() }}{% if not loop.last %},{% endif %}{% endfor %}";
         let t = ChatTemplate::new(src, vec![("bos_token", "<s>".into())], "t").unwrap();

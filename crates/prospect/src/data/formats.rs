@@ -346,10 +346,7 @@ fn convert_one(layout: Layout, obj: &Fields, label_from: Option<&LabelFrom>) -> 
             let prompt = content(obj, "prompt")?;
             let a = reply(obj, "output_A", &prompt)?;
             let b = reply(obj, "output_B", &prompt)?;
-            let a_wins = match label(obj, None, true)? {
-                Label::Known(x) => x,
-                Label::Score(_) => unreachable!("label(.., None, ..) reads `label` only"),
-            };
+            let a_wins = known_label(obj, true)?;
             Ok(if a_wins { Converted::Paired(prompt, a, b) } else { Converted::Paired(prompt, b, a) })
         }
         (DataFormat::Sharegpt, shape) => {
@@ -468,9 +465,14 @@ fn label(obj: &Fields, label_from: Option<&LabelFrom>, allow_int: bool) -> std::
     if let Some(lf) = label_from {
         return Ok(Label::Score(number(obj, &lf.field)?));
     }
+    known_label(obj, allow_int).map(Label::Known)
+}
+
+/// The `label` field: a boolean, or (HALOs) 1 / 0 when `allow_int`.
+fn known_label(obj: &Fields, allow_int: bool) -> std::result::Result<bool, String> {
     match obj.get("label") {
-        Some(Value::Bool(b)) => Ok(Label::Known(*b)),
-        Some(Value::Number(n)) if allow_int && (n.as_f64() == Some(1.0) || n.as_f64() == Some(0.0)) => Ok(Label::Known(n.as_f64() == Some(1.0))),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(Value::Number(n)) if allow_int && (n.as_f64() == Some(1.0) || n.as_f64() == Some(0.0)) => Ok(n.as_f64() == Some(1.0)),
         Some(other) if allow_int => Err(format!("field `label` must be 1, 0, true or false, got {}", kind(other))),
         Some(other) => Err(format!("field `label` must be true or false, got {}", kind(other))),
         None => Err("field `label` is missing; expected true or false".into()),
