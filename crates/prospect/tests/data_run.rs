@@ -131,3 +131,21 @@ fn eval_data_from_another_file_in_another_layout() {
     assert_eq!(evals.len(), 1);
     assert!(evals[0].0 == 1 && evals[0].1.is_finite() && evals[0].1 > 0.0, "{evals:?}");
 }
+
+#[test]
+fn evaluation_does_not_change_training() {
+    // Eval after every step on a separate file: the training trajectory is bit-for-bit the one without.
+    let run = |eval: bool, name: &str| {
+        let out = scratch(name);
+        let mut config = trl_config("unpaired.jsonl", LossConfig::Kto(KtoConfig::default()), &out);
+        if eval {
+            config.eval_data = Some(fixtures().join("data/paired.jsonl"));
+            config.eval_every = 1;
+        }
+        train(&config, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap()
+    };
+    let (with, without) = (run(true, "data-run-with-eval"), run(false, "data-run-without-eval"));
+    for (a, b) in with.iter().zip(&without) {
+        assert_eq!((a.loss, a.grad_norm, a.objective.kl), (b.loss, b.grad_norm, b.objective.kl), "step {}", a.step);
+    }
+}
