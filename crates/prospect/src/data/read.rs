@@ -140,7 +140,14 @@ fn json_array(bytes: &[u8], path: &Path) -> Result<Vec<Result<Record>>> {
         let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
         data_err(path, line, "invalid UTF-8; the file must be UTF-8 text".into())
     })?;
-    let line_at = |pos: usize| text.as_bytes()[..pos].iter().filter(|&&b| b == b'\n').count() + 1;
+    // Line numbers are counted incrementally (positions only move forward), so a large array stays linear.
+    let (mut seen, mut lines_before) = (0usize, 0usize);
+    let mut line_at = |pos: usize| {
+        let pos = pos.min(text.len());
+        lines_before += text.as_bytes()[seen.min(pos)..pos].iter().filter(|&&b| b == b'\n').count();
+        seen = seen.max(pos);
+        lines_before + 1
+    };
     let skip_ws = |mut pos: usize| {
         while pos < text.len() && text.as_bytes()[pos].is_ascii_whitespace() {
             pos += 1;
