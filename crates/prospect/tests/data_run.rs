@@ -149,3 +149,23 @@ fn evaluation_does_not_change_training() {
         assert_eq!((a.loss, a.grad_norm, a.objective.kl), (b.loss, b.grad_norm, b.objective.kl), "step {}", a.step);
     }
 }
+
+#[test]
+fn a_template_that_rejects_a_row_names_its_line() {
+    // Gemma-style templates raise on a system message; line 2 of conv_unpaired.jsonl has one.
+    let out = scratch("data-run-template-raises");
+    let jinja = out.join("no_system.jinja");
+    std::fs::write(
+        &jinja,
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}\
+         {{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}\
+         {% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+    )
+    .unwrap();
+    let mut config = trl_config("conv_unpaired.jsonl", LossConfig::Kto(KtoConfig::default()), &out);
+    config.max_length = 64;
+    config.chat_template = Some(jinja.clone());
+    let err = train(&config, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap_err().to_string();
+    let want = format!("conv_unpaired.jsonl:2: chat template ({}): cannot render: ", jinja.display());
+    assert!(err.contains(&want) && err.contains("System role not supported"), "{err}");
+}
