@@ -91,7 +91,7 @@ fn prepare_only(
         Some(rows) => {
             let path = config.eval_data.as_deref().unwrap_or(&config.train_data);
             let (eval, eval_report) = prepare_with(rows, kind, encoder, config.max_length, path)?;
-            report_prepare(config, path, &eval, &eval_report, &config.loss, on_event);
+            report_prepare(config, path, &eval, &eval_report, None, on_event);
             Some(eval)
         }
         None => None,
@@ -108,7 +108,7 @@ fn prepare_only(
             v.len() - nd
         )));
     }
-    report_prepare(config, &config.train_data, &train, &report, &loss, on_event);
+    report_prepare(config, &config.train_data, &train, &report, Some(&loss), on_event);
     Ok(RunData { train, eval, loss, skipped_invalid })
 }
 
@@ -141,11 +141,16 @@ fn report_read(path: &Path, rows: &Rows, report: &ReadReport, on_event: &mut dyn
     }
 }
 
-fn report_prepare(config: &TrainConfig, path: &Path, examples: &Examples, report: &PrepareReport, loss: &LossConfig, on_event: &mut dyn FnMut(Event)) {
+/// `loss` is the training loss for the training file (class-weight advice), `None` for eval files.
+fn report_prepare(config: &TrainConfig, path: &Path, examples: &Examples, report: &PrepareReport, loss: Option<&LossConfig>, on_event: &mut dyn FnMut(Event)) {
     let path = path.display();
     on_event(Event::Notice(format!("{path}: {} rows read, {} examples", report.rows_read, examples.len())));
     if report.rows_unused > 0 {
-        on_event(Event::Notice(format!("{path}: {} rows not used by `{}` (SFT keeps desirable/chosen completions)", report.rows_unused, loss.name())));
+        on_event(Event::Notice(format!(
+            "{path}: {} rows not used by `{}` (SFT keeps desirable/chosen completions)",
+            report.rows_unused,
+            config.loss.name()
+        )));
     }
     if report.dropped_long_prompt > 0 {
         on_event(Event::Notice(format!(
@@ -161,7 +166,7 @@ fn report_prepare(config: &TrainConfig, path: &Path, examples: &Examples, report
             report.tokenize.first_mismatch.as_deref().unwrap_or("")
         )));
     }
-    if let (LossConfig::Kto(kto), Examples::Unpaired(v), false) = (loss, examples, config.auto_weights) {
+    if let (Some(LossConfig::Kto(kto)), Examples::Unpaired(v), false) = (loss, examples, config.auto_weights) {
         let nd = v.iter().filter(|e| e.label).count();
         if let Some(advice) = class_weight_advice(kto, nd, v.len() - nd) {
             on_event(Event::Notice(advice));
