@@ -11,6 +11,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use prospect::data::inspect::{convert, inspect, Inspection, Percentiles};
+use prospect::data::{DataFormat, LabelFrom, ReadOptions, Statistic, Threshold};
+use prospect::model::HfTokenizer;
 use prospect::train::{train, Event, RunOptions};
 use prospect::TrainConfig;
 
@@ -53,6 +56,80 @@ enum Command {
     /// Convert a model from another format into a Hugging Face folder.
     #[command(subcommand)]
     Import(import::ImportCommand),
+    /// Look at a data file, or convert it to canonical JSONL.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+}
+
+/// How to read a data file (the same keys as the config's data section).
+#[derive(clap::Args)]
+struct ReadArgs {
+    /// The layout, instead of detecting it: trl, sharegpt, sharegpt_dpo, halos_binary, halos_pairwise,
+    /// hh_rlhf, shp, oasst1, ultrafeedback.
+    #[arg(long = "format", value_name = "FORMAT")]
+    format: Option<String>,
+    /// Labels from a score field: `FIELD:THRESHOLD`, THRESHOLD a number, `mean` or `median`.
+    #[arg(long = "label-from", value_name = "FIELD:THRESHOLD")]
+    label_from: Option<String>,
+    /// Skip invalid rows (and count them) instead of stopping at the first.
+    #[arg(long)]
+    skip_invalid: bool,
+}
+
+impl ReadArgs {
+    fn options(&self) -> Result<ReadOptions> {
+        let format = match &self.format {
+            Some(f) => Some(
+                serde_json::from_value::<DataFormat>(serde_json::Value::String(f.clone()))
+                    .with_context(|| format!("unknown --format {f:?}"))?,
+            ),
+            None => None,
+        };
+        let label_from = match &self.label_from {
+            Some(spec) => {
+                let (field, threshold) = spec
+                    .rsplit_once(':')
+                    .with_context(|| format!("--label-from must look like FIELD:THRESHOLD, got {spec:?}"))?;
+                let threshold = match threshold {
+                    "mean" => Threshold::Statistic(Statistic::Mean),
+                    "median" => Threshold::Statistic(Statistic::Median),
+                    t => Threshold::Value(t.parse().with_context(|| format!("--label-from threshold must be a number, mean or median, got {t:?}"))?),
+                };
+                Some(LabelFrom { field: field.to_string(), threshold })
+            }
+            None => None,
+        };
+        Ok(ReadOptions { format, label_from, skip_invalid: self.skip_invalid })
+    }
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Print a data file's layout, rows, label balance, token lengths and the KTO weights it calls for.
+    /// Exits non-zero when the file is invalid.
+    Inspect {
+        file: PathBuf,
+        /// A model folder: measure token lengths with its tokenizer and chat template.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The max_length to check rows against.
+        #[arg(long, default_value_t = 1024)]
+        max_length: usize,
+        /// A chat template (`.jinja` or tokenizer_config.json) instead of the model's.
+        #[arg(long)]
+        chat_template: Option<PathBuf>,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Write a data file in any supported layout as canonical JSONL (TRL's format).
+    Convert {
+        input: PathBuf,
+        output: PathBuf,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -63,6 +140,10 @@ fn main() -> ExitCode {
         Command::Import(command) => import::run(command),
         Command::Generate(args) => eval::run_generate(args),
         Command::Eval(args) => eval::run_eval(args),
+        Command::Data { command: DataCommand::Inspect { file, model, max_length, chat_template, read } } => {
+            run_inspect(&file, model.as_deref(), max_length, chat_template.as_deref(), &read)
+        }
+        Command::Data { command: DataCommand::Convert { input, output, read } } => run_convert(&input, &output, &read),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -129,6 +210,14 @@ fn run_train(path: &PathBuf, set: &[String], resume: bool) -> Result<()> {
                 None => eprintln!("{line}"),
             }
         }
+        Event::Eval { step, loss, metrics } => {
+            let kl = metrics.kl.map(|k| format!(" kl {k:.4}")).unwrap_or_default();
+            let msg = format!("eval after step {step}: loss {loss:.6}{kl}");
+            match &bar {
+                Some(b) => b.println(msg),
+                None => eprintln!("{msg}"),
+            }
+        }
         Event::Checkpoint(dir) => {
             let msg = format!("checkpoint: {}", dir.display());
             match &bar {
@@ -144,5 +233,73 @@ fn run_train(path: &PathBuf, set: &[String], resume: bool) -> Result<()> {
         }
     };
     train(&config, &device, RunOptions { resume }, &mut on_event)?;
+    Ok(())
+}
+
+fn run_inspect(file: &std::path::Path, model: Option<&std::path::Path>, max_length: usize, chat_template: Option<&std::path::Path>, read: &ReadArgs) -> Result<()> {
+    let options = read.options()?;
+    let tok = match model {
+        Some(dir) => Some(HfTokenizer::load(dir).with_context(|| format!("cannot load the tokenizer of {}", dir.display()))?),
+        None => None,
+    };
+    let report = inspect(file, &options, tok.as_ref(), chat_template, max_length).with_context(|| format!("{} is not valid training data", file.display()))?;
+    print_inspection(&report);
+    Ok(())
+}
+
+fn print_inspection(r: &Inspection) {
+    println!("file:         {}", r.path.display());
+    println!("container:    {}", r.container);
+    println!("format:       {} -> {}{}", r.format, r.shape, if r.conversational { ", conversational" } else { "" });
+    println!("records:      {}", r.read.records);
+    println!("rows:         {}", r.rows);
+    if r.read.filtered > 0 {
+        println!("left out:     {} ({})", r.read.filtered, r.read.filter_rule.unwrap_or("the layout's rule"));
+    }
+    if let Some(t) = r.read.label_threshold {
+        println!("label from:   score >= {t}");
+    }
+    if !r.read.skipped.is_empty() {
+        println!("skipped:      {} invalid rows; first: {}", r.read.skipped.len(), r.read.skipped[0]);
+    }
+    if let (Some(nd), Some(nu)) = (r.desirable, r.undesirable) {
+        let total = (nd + nu).max(1) as f64;
+        let what = if r.shape == prospect::data::RowFormat::Paired { " (each pair unpairs into one of each for KTO)" } else { "" };
+        println!("labels:       {nd} desirable ({:.1}%), {nu} undesirable ({:.1}%){what}", 100.0 * nd as f64 / total, 100.0 * nu as f64 / total);
+    }
+    if let Some((ld, lu)) = r.recommended_weights {
+        let (nd, nu) = (r.desirable.unwrap_or(0).max(1) as f64, r.undesirable.unwrap_or(0).max(1) as f64);
+        let ratio = nd / nu;
+        let state = if (1.0..=4.0 / 3.0).contains(&ratio) { "inside" } else { "outside" };
+        println!(
+            "KTO weights:  with λ_D = λ_U = 1, λ_D·n_D/(λ_U·n_U) = {ratio:.3} is {state} the paper's [1, 4/3]; \
+             auto_weights = true sets desirable_weight = {ld:.4}, undesirable_weight = {lu:.4} (ratio 7/6)"
+        );
+    }
+    match &r.tokens {
+        Some(t) => {
+            let row = |name: &str, p: &Percentiles| {
+                println!("{name}  min {} p50 {} p90 {} p99 {} max {} mean {:.1}", p.min, p.p50, p.p90, p.p99, p.max, p.mean)
+            };
+            row("prompt tokens:    ", &t.prompt);
+            row("completion tokens:", &t.completion);
+            println!("max_length {}: {} rows truncated, {} rows dropped (prompt alone fills it)", t.max_length, t.truncated, t.dropped);
+            if t.prompt_not_prefix > 0 {
+                println!("warning: in {} rows the tokenized prompt is not a prefix of prompt + completion", t.prompt_not_prefix);
+            }
+        }
+        None => println!("token lengths: pass --model DIR to measure them"),
+    }
+}
+
+fn run_convert(input: &std::path::Path, output: &std::path::Path, read: &ReadArgs) -> Result<()> {
+    let (n, report) = convert(input, output, &read.options()?).with_context(|| format!("cannot convert {}", input.display()))?;
+    eprintln!("{}: {} format {}; wrote {n} rows to {}", input.display(), report.container, report.format, output.display());
+    if report.filtered > 0 {
+        eprintln!("left out {} records: {}", report.filtered, report.filter_rule.unwrap_or("the layout's rule"));
+    }
+    if !report.skipped.is_empty() {
+        eprintln!("skipped {} invalid rows; first: {}", report.skipped.len(), report.skipped[0]);
+    }
     Ok(())
 }

@@ -43,7 +43,7 @@ fn bad_label_names_file_line_and_field() {
     let out = prospect(&["train", "--config", config.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains("bad.jsonl:2: field `label` must be true or false, got \"yes\""), "{err}");
+    assert!(err.contains("bad.jsonl:2: field `label` must be true or false, got the string \"yes\""), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
 

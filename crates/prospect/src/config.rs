@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::{DataFormat, LabelFrom};
 use crate::error::{Error, Result};
 use crate::loss::LossConfig;
 
@@ -19,7 +20,7 @@ pub struct TrainConfig {
     /// Hugging Face folder of the frozen reference model. Default: the starting policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<PathBuf>,
-    /// JSONL file of training rows (unpaired, paired or SFT, as the loss needs).
+    /// Training rows: JSONL, a JSON array or Parquet, in any layout of `docs/data.md`.
     pub train_data: PathBuf,
     /// Where `metrics.jsonl`, checkpoints and `final/` go.
     pub output_dir: PathBuf,
@@ -71,6 +72,40 @@ pub struct TrainConfig {
     #[serde(default)]
     pub save_every: usize,
 
+    // ---- Data (docs/data.md) ----
+    /// The layout of the data files (`trl`, `sharegpt`, `hh_rlhf`, ...); detected from the fields if unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_format: Option<DataFormat>,
+    /// Turn a score field into labels: `{ field = "rating", threshold = 7.0 | "mean" | "median" }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_from: Option<LabelFrom>,
+    /// Skip malformed rows (each is counted and reported) instead of stopping at the first.
+    #[serde(default)]
+    pub skip_invalid: bool,
+    /// A `.jinja` file (or tokenizer_config.json) whose chat template renders conversational rows,
+    /// instead of the tokenizer's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<PathBuf>,
+    /// KTO: keep this fraction of the desirable side (of the pairs, for paired data), chosen by `seed`.
+    #[serde(default = "defaults::one")]
+    pub desirable_fraction: f64,
+    /// KTO: keep this fraction of the undesirable side.
+    #[serde(default = "defaults::one")]
+    pub undesirable_fraction: f64,
+    /// KTO: set λ_D (fewer desirable rows) or λ_U (fewer undesirable) so that λ_D·n_D / (λ_U·n_U) = 7/6,
+    /// the middle of the paper's recommended [1, 4/3]; the run logs the weights it chose.
+    #[serde(default)]
+    pub auto_weights: bool,
+    /// Held-out rows, in any supported layout. Exclusive with `eval_fraction`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_data: Option<PathBuf>,
+    /// Hold out this fraction of the training rows (pairs stay whole), chosen by `seed`.
+    #[serde(default)]
+    pub eval_fraction: f64,
+    /// Evaluate every this many steps (and after the last); 0: only after the last step.
+    #[serde(default)]
+    pub eval_every: usize,
+
     /// The objective and its hyperparameters.
     pub loss: LossConfig,
 }
@@ -97,6 +132,7 @@ mod defaults {
     pub fn max_length() -> usize { 1024 } // TRL's default
     pub fn shuffle() -> bool { true }
     pub fn seed() -> u64 { 42 }
+    pub fn one() -> f64 { 1.0 }
 }
 
 impl TrainConfig {
@@ -123,6 +159,16 @@ impl TrainConfig {
             shuffle: defaults::shuffle(),
             seed: defaults::seed(),
             save_every: 0,
+            data_format: None,
+            label_from: None,
+            skip_invalid: false,
+            chat_template: None,
+            desirable_fraction: defaults::one(),
+            undesirable_fraction: defaults::one(),
+            auto_weights: false,
+            eval_data: None,
+            eval_fraction: 0.0,
+            eval_every: 0,
             loss,
         }
     }
@@ -143,9 +189,9 @@ impl TrainConfig {
                 *path = base_dir.join(&*path);
             }
         }
-        if let Some(reference) = config.reference.as_mut() {
-            if reference.is_relative() {
-                *reference = base_dir.join(&*reference);
+        for path in [config.reference.as_mut(), config.chat_template.as_mut(), config.eval_data.as_mut()].into_iter().flatten() {
+            if path.is_relative() {
+                *path = base_dir.join(&*path);
             }
         }
         config.validate()?;
@@ -209,7 +255,42 @@ impl TrainConfig {
         if self.max_length < 2 {
             return Err(Error::config("max_length", "must be at least 2 tokens"));
         }
+        for (key, value) in [("desirable_fraction", self.desirable_fraction), ("undesirable_fraction", self.undesirable_fraction)] {
+            if !(value > 0.0 && value <= 1.0) {
+                return Err(Error::config(key, format!("must be in (0, 1], got {value}")));
+            }
+        }
+        let kto = matches!(self.loss, LossConfig::Kto(_));
+        if !kto && (self.desirable_fraction != 1.0 || self.undesirable_fraction != 1.0 || self.auto_weights) {
+            return Err(Error::config(
+                "desirable_fraction",
+                "desirable_fraction, undesirable_fraction and auto_weights apply to unpaired feedback, i.e. loss.type = \"kto\"",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.eval_fraction) {
+            return Err(Error::config("eval_fraction", format!("must be in [0, 1), got {}", self.eval_fraction)));
+        }
+        if self.eval_fraction > 0.0 && self.eval_data.is_some() {
+            return Err(Error::config("eval_fraction", "set eval_data or eval_fraction, not both"));
+        }
+        if let Some(lf) = &self.label_from {
+            if let crate::data::Threshold::Value(t) = lf.threshold {
+                if !t.is_finite() {
+                    return Err(Error::config("label_from.threshold", format!("must be a finite number, \"mean\" or \"median\", got {t}")));
+                }
+            }
+        }
         self.loss.validate(self.microbatch_size)
+    }
+
+    /// How the data files are read, from `data_format`, `label_from` and `skip_invalid`.
+    pub fn read_options(&self) -> crate::data::ReadOptions {
+        crate::data::ReadOptions { format: self.data_format, label_from: self.label_from.clone(), skip_invalid: self.skip_invalid }
+    }
+
+    /// Whether the run holds out rows for evaluation.
+    pub fn has_eval(&self) -> bool {
+        self.eval_data.is_some() || self.eval_fraction > 0.0
     }
 }
 
@@ -324,6 +405,33 @@ mod tests {
         let c = TrainConfig::from_toml(MINIMAL, &[], Path::new("")).unwrap();
         let d = TrainConfig::with_defaults("m".into(), "d.jsonl".into(), "out".into(), c.loss.clone());
         assert_eq!(c, d);
+    }
+
+    #[test]
+    fn data_keys_parse() {
+        let sets = vec![
+            "data_format=sharegpt".to_string(),
+            "label_from={ field = \"rating\", threshold = \"median\" }".to_string(),
+            "desirable_fraction=0.1".to_string(),
+            "auto_weights=true".to_string(),
+            "eval_fraction=0.2".to_string(),
+            "eval_every=5".to_string(),
+            "skip_invalid=true".to_string(),
+        ];
+        let c = TrainConfig::from_toml(MINIMAL, &sets, Path::new("base")).unwrap();
+        assert_eq!(c.data_format, Some(DataFormat::Sharegpt));
+        assert_eq!(
+            c.label_from,
+            Some(LabelFrom { field: "rating".into(), threshold: crate::data::Threshold::Statistic(crate::data::Statistic::Median) })
+        );
+        assert_eq!((c.desirable_fraction, c.undesirable_fraction, c.auto_weights), (0.1, 1.0, true));
+        assert_eq!((c.eval_fraction, c.eval_every, c.skip_invalid), (0.2, 5, true));
+        let err = TrainConfig::from_toml(MINIMAL, &["data_format=csv".into()], Path::new("")).unwrap_err().to_string();
+        assert!(err.contains("unknown variant `csv`"), "{err}");
+        let err = TrainConfig::from_toml(MINIMAL, &["eval_fraction=0.1".into(), "eval_data=\"e.jsonl\"".into()], Path::new(""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not both"), "{err}");
     }
 
     #[test]

@@ -26,6 +26,10 @@ pub enum Error {
     #[error("shape of `{name}`: expected {expected:?}, got {got:?}")]
     Shape { name: String, expected: Vec<usize>, got: Vec<usize> },
 
+    /// A chat template failed to compile or render. `origin` says where the template came from.
+    #[error("chat template ({origin}): {message}")]
+    Template { origin: String, message: String },
+
     /// A tokenizer failed on some input.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -4,8 +4,10 @@
 //! The whole path, one module per stage:
 //!
 //! ```text
-//! data::read_jsonl(path)                    -> Rows        (unpaired / paired / sft, FILE:LINE errors)
-//! data::prepare(rows, kind, tokenizer, ..)  -> Examples    (TRL's tokenization, prompt/completion split)
+//! data::read_rows(path, options)            -> Rows        (JSONL / JSON / Parquet; TRL, ShareGPT, HALOs, HH,
+//!                                                          SHP, oasst1, UltraFeedback; FILE:LINE errors)
+//! data::balance::{hold_out, keep_fractions} -> Rows        (eval split, KTO class fractions; seeded)
+//! data::prepare(rows, kind, tokenizer, ..)  -> Examples    (TRL's tokenization; chat template for messages)
 //! data::collate(..)                         -> SequenceBatch  [b, t] ids + completion mask
 //! model::Llama::forward(ids)                -> logits      [b, t, v], differentiable end to end
 //! model::sequence_logps(logits, ids, mask)  -> logps       [b], summed over completion tokens

@@ -8,7 +8,9 @@
 use std::path::Path;
 
 use super::rows::{unpair, Rows};
-use super::tokenize::{tokenize_pair, tokenize_text, Sequence, TokenizeReport};
+use super::chat::ChatTemplate;
+use super::rows::Content;
+use super::tokenize::{Encoder, Sequence, TokenizeReport};
 use crate::error::{Error, Result};
 use crate::loss::DataKind;
 use crate::model::HfTokenizer;
@@ -60,11 +62,30 @@ pub struct PrepareReport {
     pub tokenize: TokenizeReport,
 }
 
-/// Tokenize `rows` for a loss that trains on `kind` data.
+/// Tokenize `rows` for a loss that trains on `kind` data, with the tokenizer's own chat template for
+/// conversational rows.
 pub fn prepare(rows: Rows, kind: DataKind, tok: &HfTokenizer, max_length: usize, path: &Path) -> Result<(Examples, PrepareReport)> {
+    let template = if rows.is_conversational() { Some(ChatTemplate::for_tokenizer(tok, None)?) } else { None };
+    prepare_with(rows, kind, Encoder { tok, template: template.as_ref() }, max_length, path)
+}
+
+/// Tokenize `rows` for a loss that trains on `kind` data with `encoder`.
+pub fn prepare_with(rows: Rows, kind: DataKind, encoder: Encoder, max_length: usize, path: &Path) -> Result<(Examples, PrepareReport)> {
     let mut report = PrepareReport { rows_read: rows.len(), ..Default::default() };
     let mut pair_report = TokenizeReport::default();
-    let mut seq = |prompt: &str, completion: &str| tokenize_text(tok, prompt, completion, &mut report.tokenize);
+    // A template or tokenizer failure names the row's file and line.
+    let at = |line: usize| {
+        move |e: Error| match e {
+            Error::Template { origin, message } => {
+                Error::Data { path: path.to_path_buf(), line, message: format!("chat template ({origin}): {message}") }
+            }
+            Error::Tokenizer(message) => Error::Data { path: path.to_path_buf(), line, message },
+            other => other,
+        }
+    };
+    let mut seq = |prompt: &Content, completion: &Content, line: usize| {
+        encoder.sequence(prompt, completion, &mut report.tokenize).map_err(at(line))
+    };
     let fits = |s: &Sequence| s.prompt_ids.len() < max_length;
     let examples = match (kind, rows) {
         (DataKind::Unpaired, Rows::Unpaired(rows)) => unpaired(&rows, &mut seq)?,
@@ -73,19 +94,19 @@ pub fn prepare(rows: Rows, kind: DataKind, tok: &HfTokenizer, max_length: usize,
             pairs
                 .iter()
                 .map(|p| {
-                    let (chosen, rejected) = tokenize_pair(tok, &p.prompt, &p.chosen, &p.rejected, &mut pair_report)?;
+                    let (chosen, rejected) = encoder.pair(&p.prompt, &p.chosen, &p.rejected, &mut pair_report).map_err(at(p.line))?;
                     Ok(PairedExample { chosen, rejected })
                 })
                 .collect::<Result<_>>()?,
         ),
         (DataKind::Sft, Rows::Sft(rows)) => {
-            Examples::Sft(rows.iter().map(|r| seq(&r.prompt, &r.completion)).collect::<Result<_>>()?)
+            Examples::Sft(rows.iter().map(|r| seq(&r.prompt, &r.completion, r.line)).collect::<Result<_>>()?)
         }
         (DataKind::Sft, Rows::Unpaired(rows)) => Examples::Sft(
-            rows.iter().filter(|r| r.label).map(|r| seq(&r.prompt, &r.completion)).collect::<Result<_>>()?,
+            rows.iter().filter(|r| r.label).map(|r| seq(&r.prompt, &r.completion, r.line)).collect::<Result<_>>()?,
         ),
         (DataKind::Sft, Rows::Paired(pairs)) => {
-            Examples::Sft(pairs.iter().map(|p| seq(&p.prompt, &p.chosen)).collect::<Result<_>>()?)
+            Examples::Sft(pairs.iter().map(|p| seq(&p.prompt, &p.chosen, p.line)).collect::<Result<_>>()?)
         }
         (DataKind::Paired, other) => {
             return Err(Error::DataFile {
@@ -135,11 +156,11 @@ pub fn prepare(rows: Rows, kind: DataKind, tok: &HfTokenizer, max_length: usize,
 
 fn unpaired(
     rows: &[super::rows::UnpairedRow],
-    seq: &mut impl FnMut(&str, &str) -> Result<Sequence>,
+    seq: &mut impl FnMut(&Content, &Content, usize) -> Result<Sequence>,
 ) -> Result<Examples> {
     Ok(Examples::Unpaired(
         rows.iter()
-            .map(|r| Ok(UnpairedExample { seq: seq(&r.prompt, &r.completion)?, label: r.label }))
+            .map(|r| Ok(UnpairedExample { seq: seq(&r.prompt, &r.completion, r.line)?, label: r.label }))
             .collect::<Result<_>>()?,
     ))
 }

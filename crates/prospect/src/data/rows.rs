@@ -1,47 +1,103 @@
-//! Reading training rows from JSONL in TRL's standard (plain-text) formats:
+//! Training rows in Prospect's canonical shapes, which are TRL's:
 //!
-//! | format   | fields                                  |
+//! | shape    | fields                                  |
 //! |----------|-----------------------------------------|
 //! | unpaired | `prompt`, `completion`, `label` (bool)  |
 //! | paired   | `prompt`, `chosen`, `rejected`          |
 //! | sft      | `prompt`, `completion`                  |
 //!
-//! The format is detected from the first row's fields, and every later row must have the same one.
-//! Every error names the file, the 1-based line and the field. Blank lines are skipped; extra fields
-//! are ignored.
+//! Each text field is either plain text (TRL's "standard" format) or a list of `{role, content}`
+//! messages (TRL's "conversational" format, rendered later with the model's chat template). Within a
+//! row, prompt and completions are both text or both messages.
+//!
+//! Reading files and converting public layouts into these rows is `read.rs` and `formats.rs`;
+//! [`read_jsonl`] is the short path for a file already in TRL's format.
 
 use std::path::Path;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use crate::error::{Error, Result};
+use super::chat::Message;
+use crate::error::Result;
+
+/// A prompt or a completion: plain text, or chat messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    Text(String),
+    Messages(Vec<Message>),
+}
+
+impl From<&str> for Content {
+    fn from(s: &str) -> Self {
+        Content::Text(s.to_string())
+    }
+}
+
+impl From<String> for Content {
+    fn from(s: String) -> Self {
+        Content::Text(s)
+    }
+}
+
+impl From<Vec<Message>> for Content {
+    fn from(m: Vec<Message>) -> Self {
+        Content::Messages(m)
+    }
+}
+
+impl Content {
+    pub fn is_messages(&self) -> bool {
+        matches!(self, Content::Messages(_))
+    }
+
+    /// The text, for plain-text content.
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            Content::Text(s) => Some(s),
+            Content::Messages(_) => None,
+        }
+    }
+
+    /// As TRL writes it in JSON: a string or a list of `{"role", "content"}` objects (in that key order).
+    pub fn to_json(&self) -> String {
+        let quote = |s: &str| Value::String(s.to_string()).to_string();
+        match self {
+            Content::Text(s) => quote(s),
+            Content::Messages(m) => {
+                let items: Vec<String> =
+                    m.iter().map(|m| format!("{{\"role\": {}, \"content\": {}}}", quote(&m.role), quote(&m.content))).collect();
+                format!("[{}]", items.join(", "))
+            }
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct UnpairedRow {
-    pub prompt: String,
-    pub completion: String,
+    pub prompt: Content,
+    pub completion: Content,
     /// `true` for desirable feedback.
     pub label: bool,
-    /// 1-based line in the source file.
+    /// 1-based line (for Parquet: row) of the source record.
     pub line: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PairedRow {
-    pub prompt: String,
-    pub chosen: String,
-    pub rejected: String,
+    pub prompt: Content,
+    pub chosen: Content,
+    pub rejected: Content,
     pub line: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SftRow {
-    pub prompt: String,
-    pub completion: String,
+    pub prompt: Content,
+    pub completion: Content,
     pub line: usize,
 }
 
-/// The rows of one file, all in one format.
+/// The rows of one file, all in one shape.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Rows {
     Unpaired(Vec<UnpairedRow>),
@@ -90,6 +146,35 @@ impl Rows {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Whether the rows hold chat messages (and so need a chat template).
+    pub fn is_conversational(&self) -> bool {
+        match self {
+            Rows::Unpaired(r) => r.iter().any(|r| r.prompt.is_messages()),
+            Rows::Paired(r) => r.iter().any(|r| r.prompt.is_messages()),
+            Rows::Sft(r) => r.iter().any(|r| r.prompt.is_messages()),
+        }
+    }
+
+    /// The rows as canonical JSONL (TRL's format, TRL's key order), one object per line; the `line`
+    /// numbers are not kept.
+    pub fn to_jsonl(&self) -> String {
+        let mut out = String::new();
+        let mut push = |fields: &[(&str, String)]| {
+            let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
+            out.push_str(&format!("{{{}}}\n", body.join(", ")));
+        };
+        match self {
+            Rows::Unpaired(rows) => rows.iter().for_each(|r| {
+                push(&[("prompt", r.prompt.to_json()), ("completion", r.completion.to_json()), ("label", r.label.to_string())])
+            }),
+            Rows::Paired(rows) => rows.iter().for_each(|r| {
+                push(&[("prompt", r.prompt.to_json()), ("chosen", r.chosen.to_json()), ("rejected", r.rejected.to_json())])
+            }),
+            Rows::Sft(rows) => rows.iter().for_each(|r| push(&[("prompt", r.prompt.to_json()), ("completion", r.completion.to_json())])),
+        }
+        out
+    }
 }
 
 /// Paired rows as unpaired feedback: 2n rows, chosen → desirable, rejected → undesirable.
@@ -111,116 +196,14 @@ pub fn unpair(pairs: &[PairedRow]) -> Vec<UnpairedRow> {
     out
 }
 
-/// Read a JSONL file of rows.
+/// Read a file of rows in TRL's format (JSONL, a JSON array or Parquet), every row valid.
 pub fn read_jsonl(path: &Path) -> Result<Rows> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    parse_jsonl(&bytes, path)
+    Ok(super::read::read_rows(path, &super::read::ReadOptions::default())?.0)
 }
 
-/// Parse JSONL bytes; `path` is only used in error messages.
+/// Parse JSONL bytes in TRL's format; `path` is only used in error messages.
 pub fn parse_jsonl(bytes: &[u8], path: &Path) -> Result<Rows> {
-    let err = |line: usize, message: String| Error::Data { path: path.to_path_buf(), line, message };
-    let mut rows: Option<(Rows, usize)> = None;
-    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
-        let line = i + 1;
-        let text = std::str::from_utf8(raw)
-            .map_err(|e| err(line, format!("invalid UTF-8 at byte {} of the line", e.valid_up_to())))?;
-        let text = text.trim();
-        if text.is_empty() {
-            continue;
-        }
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| err(line, format!("malformed JSON: {e}")))?;
-        let Value::Object(obj) = value else {
-            return Err(err(line, format!("expected a JSON object per line, got {}", kind(&value))));
-        };
-        let format = detect(&obj).ok_or_else(|| {
-            err(
-                line,
-                format!(
-                    "cannot tell the row format from its fields {:?}; expected prompt+completion+label, \
-                     prompt+chosen+rejected, or prompt+completion",
-                    obj.keys().collect::<Vec<_>>()
-                ),
-            )
-        })?;
-        let field = |name: &str| -> Result<String> { string_field(&obj, name).map_err(|m| err(line, m)) };
-        match &mut rows {
-            None => {
-                rows = Some((
-                    match format {
-                        RowFormat::Unpaired => Rows::Unpaired(vec![]),
-                        RowFormat::Paired => Rows::Paired(vec![]),
-                        RowFormat::Sft => Rows::Sft(vec![]),
-                    },
-                    line,
-                ))
-            }
-            Some((r, first)) if r.format() != format => {
-                return Err(err(
-                    line,
-                    format!("this row is {format}, but the file started as {} at line {first}", r.format()),
-                ));
-            }
-            _ => {}
-        }
-        let Some((rows, _)) = rows.as_mut() else { unreachable!("set just above") };
-        match rows {
-            Rows::Unpaired(v) => {
-                let label = match obj.get("label") {
-                    Some(Value::Bool(b)) => *b,
-                    Some(other) => {
-                        return Err(err(line, format!("field `label` must be true or false, got {other}")))
-                    }
-                    None => unreachable!("detect() saw `label`"),
-                };
-                v.push(UnpairedRow { prompt: field("prompt")?, completion: field("completion")?, label, line })
-            }
-            Rows::Paired(v) => v.push(PairedRow {
-                prompt: field("prompt")?,
-                chosen: field("chosen")?,
-                rejected: field("rejected")?,
-                line,
-            }),
-            Rows::Sft(v) => v.push(SftRow { prompt: field("prompt")?, completion: field("completion")?, line }),
-        }
-    }
-    match rows {
-        Some((rows, _)) => Ok(rows),
-        None => Err(Error::DataFile { path: path.to_path_buf(), message: "the file has no rows".into() }),
-    }
-}
-
-fn detect(obj: &Map<String, Value>) -> Option<RowFormat> {
-    let has = |k: &str| obj.contains_key(k);
-    if has("chosen") || has("rejected") {
-        Some(RowFormat::Paired)
-    } else if has("label") {
-        Some(RowFormat::Unpaired)
-    } else if has("completion") || has("prompt") {
-        Some(RowFormat::Sft)
-    } else {
-        None
-    }
-}
-
-fn string_field(obj: &Map<String, Value>, name: &str) -> std::result::Result<String, String> {
-    match obj.get(name) {
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(other) => Err(format!("field `{name}` must be a string, got {}", kind(other))),
-        None => Err(format!("field `{name}` is missing; expected a string")),
-    }
-}
-
-fn kind(v: &Value) -> String {
-    match v {
-        Value::Null => "null".into(),
-        Value::Bool(b) => format!("{b}"),
-        Value::Number(n) => format!("the number {n}"),
-        Value::String(s) => format!("the string {s:?}"),
-        Value::Array(_) => "an array".into(),
-        Value::Object(_) => "an object".into(),
-    }
+    Ok(super::read::parse_rows(bytes, path, &super::read::ReadOptions::default())?.0)
 }
 
 #[cfg(test)]
@@ -251,16 +234,16 @@ mod tests {
     fn errors_name_file_line_and_field() {
         let cases = [
             ("{\"prompt\":\"a\",\"completion\":\"b\",\"label\":\"yes\"}",
-             "feedback.jsonl:1: field `label` must be true or false, got \"yes\""),
+             "feedback.jsonl:1: field `label` must be true or false, got the string \"yes\""),
             ("{\"prompt\":\"a\",\"completion\":\"b\",\"label\":true}\n{\"prompt\":\"a\",\"label\":false}",
-             "feedback.jsonl:2: field `completion` is missing; expected a string"),
+             "feedback.jsonl:2: field `completion` is missing; expected a string or a list of {role, content} messages"),
             ("{\"prompt\":\"a\",\"completion\":3,\"label\":true}",
-             "feedback.jsonl:1: field `completion` must be a string, got the number 3"),
+             "feedback.jsonl:1: field `completion` must be a string or a list of {role, content} messages, got the number 3"),
             ("{\"prompt\":\"a\",\"completion\":\"b\",\"label\":true}\n{\"prompt\":\"p\",\"chosen\":\"c\",\"rejected\":\"r\"}",
-             "feedback.jsonl:2: this row is paired (prompt, chosen, rejected), but the file started as unpaired (prompt, completion, label) at line 1"),
+             "feedback.jsonl:2: this row is TRL paired (prompt, chosen, rejected), but the file started as TRL unpaired (prompt, completion, label) at line 1"),
             ("\n\n", "feedback.jsonl: the file has no rows"),
-            ("[1, 2]", "feedback.jsonl:1: expected a JSON object per line, got an array"),
-            ("{\"text\":\"x\"}", "feedback.jsonl:1: cannot tell the row format"),
+            ("[1, 2]", "feedback.jsonl:1: expected a JSON object per row, got the number 1"),
+            ("{\"text\":\"x\"}", "feedback.jsonl:1: cannot tell the data format from the fields [\"text\"]"),
         ];
         for (text, want) in cases {
             let got = parse(text).unwrap_err().to_string();
@@ -269,17 +252,22 @@ mod tests {
         let got = parse("{\"prompt\": \"a\",").unwrap_err().to_string();
         assert!(got.starts_with("feedback.jsonl:1: malformed JSON"), "{got}");
         let got = parse_jsonl(b"{\"prompt\":\"a\",\"completion\":\"b\"}\n\xff\xfe", Path::new("f.jsonl")).unwrap_err().to_string();
-        assert_eq!(got, "f.jsonl:2: invalid UTF-8 at byte 0 of the line");
+        assert_eq!(got, "f.jsonl:2: invalid UTF-8 at byte 0 of the line; the file must be UTF-8 text");
     }
 
     #[test]
     fn unpairing_follows_trl_block_order() {
         let pairs: Vec<PairedRow> = (0..3)
-            .map(|i| PairedRow { prompt: format!("p{i}"), chosen: format!("c{i}"), rejected: format!("r{i}"), line: i + 1 })
+            .map(|i| PairedRow {
+                prompt: format!("p{i}").into(),
+                chosen: format!("c{i}").into(),
+                rejected: format!("r{i}").into(),
+                line: i + 1,
+            })
             .collect();
         let rows = unpair(&pairs);
-        let seen: Vec<(&str, bool)> = rows.iter().map(|r| (r.completion.as_str(), r.label)).collect();
+        let seen: Vec<(&str, bool)> = rows.iter().map(|r| (r.completion.as_text().unwrap(), r.label)).collect();
         assert_eq!(seen, vec![("c0", true), ("c1", true), ("c2", true), ("r0", false), ("r1", false), ("r2", false)]);
-        assert_eq!(rows[4].prompt, "p1");
+        assert_eq!(rows[4].prompt, "p1".into());
     }
 }

@@ -3,10 +3,18 @@
 //! 1. append the tokenizer's eos text to the completion unless it already ends with it;
 //! 2. `prompt_ids = tok(prompt)`, `full = tok(prompt + completion)` (special tokens added by the
 //!    tokenizer's post-processor, as `tokenizer(text)` does);
+//!
+//! Conversational rows (lists of messages) follow TRL's conversational path instead:
+//! `prompt_ids = tok(template(prompt, add_generation_prompt=True))` and
+//! `full = tok(template(prompt + completion))`, both with `add_special_tokens=False` and no eos
+//! appended, because the rendered template already carries every special token. Then:
+//!
 //! 3. the completion starts where the two diverge (their common prefix), which is not always the end of
 //!    `prompt_ids`: tokens can merge across the boundary.
 
-use crate::error::Result;
+use super::chat::{ChatTemplate, Message};
+use super::rows::Content;
+use crate::error::{Error, Result};
 use crate::model::HfTokenizer;
 
 /// One prompt + completion, split at the common prefix. Not yet truncated.
@@ -80,6 +88,59 @@ pub fn tokenize_pair(
     report.note(tok, &prompt_ids, n)?;
     let side = |full: &[u32]| Sequence { prompt_ids: prompt_ids[..n].to_vec(), completion_ids: full[n..].to_vec() };
     Ok((side(&full_c), side(&full_r)))
+}
+
+/// What turns a row's content into ids: the tokenizer, and the chat template for conversations.
+#[derive(Clone, Copy)]
+pub struct Encoder<'a> {
+    pub tok: &'a HfTokenizer,
+    pub template: Option<&'a ChatTemplate>,
+}
+
+impl Encoder<'_> {
+    fn template(&self) -> Result<&ChatTemplate> {
+        self.template.ok_or_else(|| {
+            Error::config("chat_template", "conversational rows need a chat template; set chat_template = \"path/to/template.jinja\"")
+        })
+    }
+
+    /// `tok(template(messages, add_generation_prompt))` without added special tokens.
+    fn chat_ids(&self, messages: &[&Message], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        let owned: Vec<Message> = messages.iter().map(|m| (*m).clone()).collect();
+        self.tok.encode_raw(&self.template()?.render(&owned, add_generation_prompt)?)
+    }
+
+    /// One prompt + completion as TRL's KTO and SFT trainers tokenize it (text or conversational).
+    pub fn sequence(&self, prompt: &Content, completion: &Content, report: &mut TokenizeReport) -> Result<Sequence> {
+        match (prompt, completion) {
+            (Content::Text(p), Content::Text(c)) => tokenize_text(self.tok, p, c, report),
+            (Content::Messages(p), Content::Messages(c)) => {
+                let prompt_ids = self.chat_ids(&p.iter().collect::<Vec<_>>(), true)?;
+                let full = self.chat_ids(&p.iter().chain(c).collect::<Vec<_>>(), false)?;
+                let n = common_prefix_len(&prompt_ids, &full);
+                report.note(self.tok, &prompt_ids, n)?;
+                Ok(Sequence { prompt_ids: prompt_ids[..n].to_vec(), completion_ids: full[n..].to_vec() })
+            }
+            _ => Err(Error::Tokenizer("a row mixes plain text and messages; prompt and completion must be the same kind".into())),
+        }
+    }
+
+    /// A preference pair as TRL's DPO trainer tokenizes it: one prompt, cut at the shorter common prefix.
+    pub fn pair(&self, prompt: &Content, chosen: &Content, rejected: &Content, report: &mut TokenizeReport) -> Result<(Sequence, Sequence)> {
+        match (prompt, chosen, rejected) {
+            (Content::Text(p), Content::Text(c), Content::Text(r)) => tokenize_pair(self.tok, p, c, r, report),
+            (Content::Messages(p), Content::Messages(c), Content::Messages(r)) => {
+                let prompt_ids = self.chat_ids(&p.iter().collect::<Vec<_>>(), true)?;
+                let full_c = self.chat_ids(&p.iter().chain(c).collect::<Vec<_>>(), false)?;
+                let full_r = self.chat_ids(&p.iter().chain(r).collect::<Vec<_>>(), false)?;
+                let n = common_prefix_len(&prompt_ids, &full_c).min(common_prefix_len(&prompt_ids, &full_r));
+                report.note(self.tok, &prompt_ids, n)?;
+                let side = |full: &[u32]| Sequence { prompt_ids: prompt_ids[..n].to_vec(), completion_ids: full[n..].to_vec() };
+                Ok((side(&full_c), side(&full_r)))
+            }
+            _ => Err(Error::Tokenizer("a row mixes plain text and messages; prompt and completions must be the same kind".into())),
+        }
+    }
 }
 
 pub fn common_prefix_len(a: &[u32], b: &[u32]) -> usize {

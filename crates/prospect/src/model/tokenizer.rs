@@ -16,6 +16,8 @@ pub struct HfTokenizer {
     /// Padding id; falls back to eos, as TRL does when a tokenizer has no pad token.
     pub pad_token_id: u32,
     pub bos_token: Option<String>,
+    pub pad_token: Option<String>,
+    pub unk_token: Option<String>,
     /// The Jinja chat template, when the tokenizer has one.
     pub chat_template: Option<String>,
 }
@@ -56,6 +58,12 @@ impl HfTokenizer {
         };
         let chat_template = match cfg.get("chat_template") {
             Some(Value::String(s)) => Some(s.clone()),
+            // Some configs hold named templates: [{"name": "default", "template": "..."}, ...].
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template").and_then(Value::as_str))
+                .map(str::to_string),
             _ => {
                 let jinja = dir.join("chat_template.jinja");
                 if jinja.exists() {
@@ -65,7 +73,16 @@ impl HfTokenizer {
                 }
             }
         };
-        Ok(Self { inner, eos_token, eos_token_id, pad_token_id, bos_token: token_text(cfg.get("bos_token")), chat_template })
+        Ok(Self {
+            inner,
+            eos_token,
+            eos_token_id,
+            pad_token_id,
+            bos_token: token_text(cfg.get("bos_token")),
+            pad_token: token_text(cfg.get("pad_token")),
+            unk_token: token_text(cfg.get("unk_token")),
+            chat_template,
+        })
     }
 
     /// Token ids of `text`, with the tokenizer's post-processor applied (`add_special_tokens=True`,
@@ -73,6 +90,24 @@ impl HfTokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` with no special tokens added (`add_special_tokens=False`): how
+    /// `apply_chat_template(tokenize=True)` tokenizes a rendered chat, whose text already carries them.
+    pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The special tokens a chat template may refer to, by the names `transformers` passes them under.
+    pub fn template_tokens(&self) -> Vec<(&'static str, String)> {
+        let mut out = vec![("eos_token", self.eos_token.clone())];
+        for (name, value) in [("bos_token", &self.bos_token), ("pad_token", &self.pad_token), ("unk_token", &self.unk_token)] {
+            if let Some(v) = value {
+                out.push((name, v.clone()));
+            }
+        }
+        out
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {

@@ -22,6 +22,9 @@ pub struct StepMetrics {
     pub num_tokens: usize,
     pub step_time_s: f64,
     pub tokens_per_s: f64,
+    /// Rows skipped as invalid when `skip_invalid = true` (absent otherwise).
+    #[serde(default, rename = "data/skipped_invalid", skip_serializing_if = "Option::is_none")]
+    pub skipped_invalid: Option<usize>,
 }
 
 /// Loss-specific metrics, each averaged over the microbatches that define it (as TRL does).

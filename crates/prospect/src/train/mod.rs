@@ -13,6 +13,7 @@
 //! The library reports progress as [`Event`]s; printing is the binary's business.
 
 pub mod checkpoint;
+pub mod data;
 pub mod metrics;
 pub mod microbatch;
 pub mod optim;
@@ -28,9 +29,9 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use crate::config::TrainConfig;
-use crate::data::{prepare, read_jsonl, Examples, PrepareReport};
+use crate::data::Examples;
 use crate::error::{Error, Result};
-use crate::loss::{kto::class_weight_advice, LossConfig};
+use crate::loss::LossConfig;
 use crate::model::{load_frozen, HfTokenizer, Policy};
 pub use metrics::{ObjectiveMetrics, StepMetrics};
 use metrics::ObjectiveAccumulator;
@@ -44,6 +45,8 @@ pub enum Event {
     Notice(String),
     Started { start_step: usize, total_steps: usize, examples: usize, parameters: usize },
     Step(StepMetrics),
+    /// Metrics on the held-out rows after `step` (the same keys as training, logged under `eval/`).
+    Eval { step: usize, loss: f64, metrics: ObjectiveMetrics },
     Checkpoint(PathBuf),
     Finished(PathBuf),
 }
@@ -80,10 +83,10 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
         None
     };
 
-    // Data.
-    let rows = read_jsonl(&config.train_data)?;
-    let (examples, report) = prepare(rows, config.loss.data_kind(), &tok, config.max_length, &config.train_data)?;
-    report_data(config, &examples, &report, on_event);
+    // Data: read (any layout), hold out, unpair + balance, tokenize; λ from the class counts if asked.
+    let run_data = data::load(config, &tok, on_event)?;
+    let (examples, eval_examples, loss) = (run_data.train, run_data.eval, run_data.loss);
+    let skipped_invalid = config.skip_invalid.then_some(run_data.skipped_invalid);
 
     // Schedule.
     let n = examples.len();
@@ -143,8 +146,8 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
         let mut objective = ObjectiveAccumulator::default();
         let mut num_tokens = 0;
         for rows in &microbatches {
-            let out = microbatch::run(&config.loss, &examples, rows, &models, &settings)?;
-            let weight = config.loss.microbatch_weight(microbatches.len(), out.completion_tokens, step_tokens);
+            let out = microbatch::run(&loss, &examples, rows, &models, &settings)?;
+            let weight = loss.microbatch_weight(microbatches.len(), out.completion_tokens, step_tokens);
             let scaled = (&out.loss * weight)?;
             let value = scaled.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
@@ -185,6 +188,7 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
             num_tokens,
             step_time_s: elapsed,
             tokens_per_s: num_tokens as f64 / elapsed.max(1e-9),
+            skipped_invalid,
         };
         let mut line = serde_json::to_string(&m).map_err(|e| Error::Train(e.to_string()))?;
         line.push('\n');
@@ -193,12 +197,35 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
         on_event(Event::Step(m.clone()));
         history.push(m);
 
+        if let Some(eval) = &eval_examples {
+            if (config.eval_every > 0 && (step + 1) % config.eval_every == 0) || step + 1 == total_steps {
+                let eval_models = Models { policy: &frozen, policy_frozen: &frozen, reference: reference.as_ref() };
+                let (eval_loss, metrics) = evaluate(&loss, eval, &eval_models, &settings, config.microbatch_size)?;
+                let mut line = serde_json::Map::new();
+                line.insert("step".into(), (step + 1).into());
+                line.insert("eval/loss".into(), eval_loss.into());
+                if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(&metrics) {
+                    for (k, v) in fields {
+                        line.insert(format!("eval/{k}"), v);
+                    }
+                }
+                let mut text = serde_json::Value::Object(line).to_string();
+                text.push('\n');
+                metrics_file.write_all(text.as_bytes()).map_err(|e| Error::io(&metrics_path, e))?;
+                metrics_file.flush().map_err(|e| Error::io(&metrics_path, e))?;
+                on_event(Event::Eval { step: step + 1, loss: eval_loss, metrics });
+            }
+        }
+
         if config.save_every > 0 && (step + 1) % config.save_every == 0 {
             let dir = checkpoint::save(&config.output_dir, &policy.params, &opt, &checkpoint::TrainerState { step: step + 1 }, &config_toml)?;
             on_event(Event::Checkpoint(dir));
         }
     }
 
+    if let Some(n) = skipped_invalid {
+        on_event(Event::Notice(format!("skip_invalid: {n} invalid rows were skipped (metrics.jsonl: `data/skipped_invalid`)")));
+    }
     let final_dir = config.output_dir.join("final");
     policy.save_hf(&final_dir, &[("prospect.toml", config_toml.as_bytes())])?;
     on_event(Event::Finished(final_dir));
@@ -217,32 +244,19 @@ fn step_completion_tokens(examples: &Examples, rows: &[usize], max_length: usize
     }
 }
 
-fn report_data(config: &TrainConfig, examples: &Examples, report: &PrepareReport, on_event: &mut dyn FnMut(Event)) {
-    let path = config.train_data.display();
-    on_event(Event::Notice(format!("{path}: {} rows read, {} training examples", report.rows_read, examples.len())));
-    if report.rows_unused > 0 {
-        on_event(Event::Notice(format!("{path}: {} rows not used by `{}` (SFT keeps desirable/chosen completions)", report.rows_unused, config.loss.name())));
+/// The loss and metrics on held-out examples, with no gradient: the policy's current weights run
+/// frozen, in microbatches of `microbatch_size` in file order; the loss is the mean over microbatches.
+fn evaluate(loss: &LossConfig, examples: &Examples, models: &Models, settings: &BatchSettings, microbatch_size: usize) -> Result<(f64, ObjectiveMetrics)> {
+    let order: Vec<usize> = (0..examples.len()).collect();
+    let mut objective = ObjectiveAccumulator::default();
+    let (mut sum, mut count) = (0f64, 0usize);
+    for rows in order.chunks(microbatch_size) {
+        let out = microbatch::run(loss, examples, rows, models, settings)?;
+        sum += out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        count += 1;
+        objective.add(&out.metrics);
     }
-    if report.dropped_long_prompt > 0 {
-        on_event(Event::Notice(format!(
-            "{path}: dropped {} examples whose prompt alone fills max_length = {}",
-            report.dropped_long_prompt, config.max_length
-        )));
-    }
-    if report.tokenize.prompt_not_prefix > 0 {
-        on_event(Event::Notice(format!(
-            "{path}: in {} rows the tokenized prompt is not a prefix of prompt + completion (tokens merge across the boundary); \
-             the completion starts where they diverge. First dropped prompt text: {:?}",
-            report.tokenize.prompt_not_prefix,
-            report.tokenize.first_mismatch.as_deref().unwrap_or("")
-        )));
-    }
-    if let (LossConfig::Kto(kto), Examples::Unpaired(v)) = (&config.loss, examples) {
-        let nd = v.iter().filter(|e| e.label).count();
-        if let Some(advice) = class_weight_advice(kto, nd, v.len() - nd) {
-            on_event(Event::Notice(advice));
-        }
-    }
+    Ok((sum / count.max(1) as f64, objective.finish()))
 }
 
 /// On resume: keep only the metrics lines of steps already checkpointed.
@@ -250,8 +264,9 @@ fn keep_metrics_through(path: &Path, step: usize) -> Result<()> {
     let text = if path.exists() { std::fs::read_to_string(path).map_err(|e| Error::io(path, e))? } else { String::new() };
     let mut kept = String::new();
     for line in text.lines() {
-        let Ok(m) = serde_json::from_str::<StepMetrics>(line) else { continue };
-        if m.step <= step {
+        // Step lines and `eval/` lines both carry `step`.
+        let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if m.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s as usize <= step) {
             kept.push_str(line);
             kept.push('\n');
         }

@@ -1,0 +1,175 @@
+//! The data half of a run: read the files (any layout), hold out eval rows, unpair and balance KTO
+//! feedback, tokenize with the chat template, and choose λ when `auto_weights` asks. Everything it
+//! decides is reported as [`Event::Notice`]s, so nothing is dropped or reweighted silently.
+
+use std::path::Path;
+
+use super::Event;
+use crate::config::TrainConfig;
+use crate::data::balance::{auto_weights, hold_out, keep_fractions};
+use crate::data::examples::prepare_with;
+use crate::data::tokenize::Encoder;
+use crate::data::{read_rows, unpair, ChatTemplate, Examples, PrepareReport, ReadReport, Rows};
+use crate::error::Result;
+use crate::loss::{kto::class_weight_advice, DataKind, LossConfig};
+use crate::model::HfTokenizer;
+
+/// What a run trains and evaluates on.
+pub struct RunData {
+    pub train: Examples,
+    pub eval: Option<Examples>,
+    /// The loss as configured, with λ_D / λ_U replaced when `auto_weights` is on.
+    pub loss: LossConfig,
+    /// Rows skipped as invalid (`skip_invalid`), over the train and eval files.
+    pub skipped_invalid: usize,
+}
+
+pub fn load(config: &TrainConfig, tok: &HfTokenizer, on_event: &mut dyn FnMut(Event)) -> Result<RunData> {
+    let options = config.read_options();
+    let (rows, report) = read_rows(&config.train_data, &options)?;
+    let mut skipped_invalid = report.skipped.len();
+    report_read(&config.train_data, &rows, &report, on_event);
+    let (rows, eval_rows) = match &config.eval_data {
+        Some(path) => {
+            let (eval, eval_report) = read_rows(path, &options)?;
+            skipped_invalid += eval_report.skipped.len();
+            report_read(path, &eval, &eval_report, on_event);
+            (rows, Some(eval))
+        }
+        None if config.eval_fraction > 0.0 => {
+            let (train, eval) = hold_out(rows, config.eval_fraction, config.seed);
+            on_event(Event::Notice(format!(
+                "held out {} of {} rows for evaluation (eval_fraction = {}, seed {})",
+                eval.len(),
+                train.len() + eval.len(),
+                config.eval_fraction,
+                config.seed
+            )));
+            (train, Some(eval))
+        }
+        None => (rows, None),
+    };
+    let conversational = rows.is_conversational() || eval_rows.as_ref().is_some_and(Rows::is_conversational);
+    let template = if conversational { Some(ChatTemplate::for_tokenizer(tok, config.chat_template.as_deref())?) } else { None };
+    let encoder = Encoder { tok, template: template.as_ref() };
+    let kind = config.loss.data_kind();
+
+    // KTO: unpair (TRL's block order), then keep the configured fraction of each side.
+    let rows = match (kind, rows) {
+        (DataKind::Unpaired, rows) if config.desirable_fraction < 1.0 || config.undesirable_fraction < 1.0 => {
+            let unpaired = match rows {
+                Rows::Paired(p) => unpair(&p),
+                Rows::Unpaired(u) => u,
+                other => return prepare_only(config, other, encoder, on_event, skipped_invalid, eval_rows),
+            };
+            let count = |v: &[crate::data::UnpairedRow]| (v.iter().filter(|r| r.label).count(), v.iter().filter(|r| !r.label).count());
+            let before = count(&unpaired);
+            let kept = keep_fractions(unpaired, config.desirable_fraction, config.undesirable_fraction, config.seed);
+            let after = count(&kept);
+            on_event(Event::Notice(format!(
+                "kept {} of {} desirable rows (desirable_fraction = {}) and {} of {} undesirable (undesirable_fraction = {}), seed {}",
+                after.0, before.0, config.desirable_fraction, after.1, before.1, config.undesirable_fraction, config.seed
+            )));
+            Rows::Unpaired(kept)
+        }
+        (_, rows) => rows,
+    };
+    prepare_only(config, rows, encoder, on_event, skipped_invalid, eval_rows)
+}
+
+fn prepare_only(
+    config: &TrainConfig,
+    rows: Rows,
+    encoder: Encoder,
+    on_event: &mut dyn FnMut(Event),
+    skipped_invalid: usize,
+    eval_rows: Option<Rows>,
+) -> Result<RunData> {
+    let kind = config.loss.data_kind();
+    let (train, report) = prepare_with(rows, kind, encoder, config.max_length, &config.train_data)?;
+    let eval = match eval_rows {
+        Some(rows) => {
+            let path = config.eval_data.as_deref().unwrap_or(&config.train_data);
+            let (eval, eval_report) = prepare_with(rows, kind, encoder, config.max_length, path)?;
+            report_prepare(config, path, &eval, &eval_report, None, on_event);
+            Some(eval)
+        }
+        None => None,
+    };
+    let mut loss = config.loss.clone();
+    if let (true, LossConfig::Kto(kto), Examples::Unpaired(v)) = (config.auto_weights, &mut loss, &train) {
+        let nd = v.iter().filter(|e| e.label).count();
+        let (ld, lu) = auto_weights(nd, v.len() - nd);
+        kto.desirable_weight = ld;
+        kto.undesirable_weight = lu;
+        on_event(Event::Notice(format!(
+            "auto_weights: {nd} desirable and {} undesirable examples; desirable_weight = {ld:.4}, undesirable_weight = {lu:.4} \
+             (λ_D·n_D/(λ_U·n_U) = 7/6, the middle of the paper's [1, 4/3])",
+            v.len() - nd
+        )));
+    }
+    report_prepare(config, &config.train_data, &train, &report, Some(&loss), on_event);
+    Ok(RunData { train, eval, loss, skipped_invalid })
+}
+
+fn report_read(path: &Path, rows: &Rows, report: &ReadReport, on_event: &mut dyn FnMut(Event)) {
+    let path = path.display();
+    on_event(Event::Notice(format!(
+        "{path}: {} {}, format {}{}, {} rows",
+        report.records,
+        if report.records == 1 { "record" } else { "records" },
+        report.format,
+        if rows.is_conversational() { " (conversational)" } else { "" },
+        rows.len()
+    )));
+    if report.filtered > 0 {
+        on_event(Event::Notice(format!(
+            "{path}: left out {} records: {}",
+            report.filtered,
+            report.filter_rule.unwrap_or("the layout's rule")
+        )));
+    }
+    if let Some(t) = report.label_threshold {
+        on_event(Event::Notice(format!("{path}: label_from threshold {t}: a row is desirable when its score is >= {t}")));
+    }
+    if !report.skipped.is_empty() {
+        on_event(Event::Notice(format!(
+            "{path}: skipped {} invalid rows (skip_invalid = true); first: {}",
+            report.skipped.len(),
+            report.skipped[0]
+        )));
+    }
+}
+
+/// `loss` is the training loss for the training file (class-weight advice), `None` for eval files.
+fn report_prepare(config: &TrainConfig, path: &Path, examples: &Examples, report: &PrepareReport, loss: Option<&LossConfig>, on_event: &mut dyn FnMut(Event)) {
+    let path = path.display();
+    on_event(Event::Notice(format!("{path}: {} rows read, {} examples", report.rows_read, examples.len())));
+    if report.rows_unused > 0 {
+        on_event(Event::Notice(format!(
+            "{path}: {} rows not used by `{}` (SFT keeps desirable/chosen completions)",
+            report.rows_unused,
+            config.loss.name()
+        )));
+    }
+    if report.dropped_long_prompt > 0 {
+        on_event(Event::Notice(format!(
+            "{path}: dropped {} examples whose prompt alone fills max_length = {}",
+            report.dropped_long_prompt, config.max_length
+        )));
+    }
+    if report.tokenize.prompt_not_prefix > 0 {
+        on_event(Event::Notice(format!(
+            "{path}: in {} rows the tokenized prompt is not a prefix of prompt + completion (the chat template renders the prompt \
+             differently, or tokens merge across the boundary); the completion starts where they diverge. First dropped prompt text: {:?}",
+            report.tokenize.prompt_not_prefix,
+            report.tokenize.first_mismatch.as_deref().unwrap_or("")
+        )));
+    }
+    if let (Some(LossConfig::Kto(kto)), Examples::Unpaired(v), false) = (loss, examples, config.auto_weights) {
+        let nd = v.iter().filter(|e| e.label).count();
+        if let Some(advice) = class_weight_advice(kto, nd, v.len() - nd) {
+            on_event(Event::Notice(advice));
+        }
+    }
+}
