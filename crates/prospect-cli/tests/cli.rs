@@ -75,3 +75,17 @@ fn unknown_config_key_is_an_error() {
     let out = prospect(&["train", "--config", config.to_str().unwrap(), "--set", "microbatch_size=3"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn every_example_config_parses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            prospect::TrainConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 4, "only {seen} configs found in {}", dir.display());
+}

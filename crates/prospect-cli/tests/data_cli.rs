@@ -1,23 +1,23 @@
 //! `prospect data inspect` and `prospect data convert`, driving the real binary.
 //!
-//! The two LLaMA-Factory demo files come from the development checkout's `../shared/data/` (see
-//! `../shared/README.md`: `pip download --no-deps --no-binary :all: llamafactory==0.9.5`, then `data/`).
-//! Only these tests read them; the project never does.
+//! The two LLaMA-Factory demo files are fetched from the PyPI sdist of llamafactory 0.9.5 by
+//! `scripts/fetch_llamafactory_data.sh` (sha256-checked, cached under target/llamafactory/), which
+//! `scripts/test.sh` runs first. Only these tests read them; the project never does.
+
+mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn prospect(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prospect")).args(args).output().expect("run prospect")
-}
+use common::prospect;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn shared_data(name: &str) -> String {
-    let path = repo().join("../shared/data").join(name);
-    assert!(path.exists(), "{} is missing; fetch it as ../shared/README.md says", path.display());
+    let path = repo().join("target/llamafactory/data").join(name);
+    assert!(path.exists(), "{} is missing; run `scripts/fetch_llamafactory_data.sh` first", path.display());
     path.to_string_lossy().into_owned()
 }
 

@@ -146,3 +146,26 @@ fn generate_writes_completions_and_carries_fields() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("bad.jsonl:1: field `prompt` is missing"));
 }
+
+#[test]
+fn generate_renders_conversational_prompts_with_the_chat_template() {
+    // tiny-llama's ChatML template: the prompt the model sees is exactly what
+    // apply_chat_template(messages, add_generation_prompt=True) renders, tokenized without extras.
+    let dir = scratch("generate-chat");
+    let prompts = dir.join("prompts.jsonl");
+    write(&prompts, &["{\"prompt\": [{\"role\": \"user\", \"content\": \"What color is the sky?\"}]}"]);
+    let out = dir.join("gen.jsonl");
+    let model = fixtures().join("tiny-llama");
+    let o = prospect(&["generate", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--output", out.to_str().unwrap(), "--max-new-tokens", "4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let row: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&out).unwrap().lines().next().unwrap()).unwrap();
+    // Greedy decoding of the rendered text must equal greedy decoding of the same text given as a string.
+    let plain = dir.join("plain.jsonl");
+    write(&plain, &[&serde_json::json!({"prompt": "<|im_start|>user\nWhat color is the sky?<|im_end|>\n<|im_start|>assistant\n"}).to_string()]);
+    let out2 = dir.join("gen2.jsonl");
+    let o = prospect(&["generate", "--model", model.to_str().unwrap(), "--prompts", plain.to_str().unwrap(), "--output", out2.to_str().unwrap(), "--max-new-tokens", "4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let row2: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&out2).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(row["completion_ids"], row2["completion_ids"]);
+    assert_eq!(row["completion_ids"].as_array().unwrap().len(), 4);
+}
