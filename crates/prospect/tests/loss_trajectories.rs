@@ -16,7 +16,8 @@ use candle_core::{DType, Device};
 use common::{close, fixture_json, fixtures, scratch, trl_config};
 use prospect::data::{collate_sequences, prepare, read_jsonl, Examples, Sequence};
 use prospect::loss::*;
-use prospect::model::{load_frozen_reward, load_tensors, HfTokenizer};
+use prospect::eval::{generate, GenerateConfig};
+use prospect::model::{load_frozen, load_frozen_reward, load_tensors, HfTokenizer};
 use prospect::train::{train, RunOptions, StepMetrics};
 use prospect::TrainConfig;
 use serde_json::Value;
@@ -223,6 +224,18 @@ fn csft_matches_pytorch_and_saves_the_control_tokens() {
     assert_eq!(tensors["model.embed_tokens.weight"].dims(), &[402, 32]);
     let config: Value = serde_json::from_str(&std::fs::read_to_string(final_dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["vocab_size"], 402);
+
+    // Generation conditions on <|good|>: the suffix option equals writing the token after the prompt.
+    let model = load_frozen(&final_dir, &Device::Cpu).unwrap();
+    let suffix = CsftConfig::default().generation_suffix(&tok).unwrap();
+    assert_eq!(suffix, vec![400]);
+    let prompts = vec![tok.encode("What do birds do?").unwrap()];
+    let with_option = GenerateConfig { max_new_tokens: 6, prompt_suffix: suffix, ..Default::default() };
+    let a = generate(&model, &tok, &prompts, &with_option, &Device::Cpu, &mut |_| {}).unwrap();
+    let by_hand: Vec<Vec<u32>> = prompts.iter().map(|p| p.iter().copied().chain([400]).collect()).collect();
+    let plain = GenerateConfig { max_new_tokens: 6, ..Default::default() };
+    let b = generate(&model, &tok, &by_hand, &plain, &Device::Cpu, &mut |_| {}).unwrap();
+    assert_eq!(a, b);
 }
 
 #[test]
@@ -279,3 +292,57 @@ fn sft_then_kto_chains_through_final() {
 }
 
 
+
+#[test]
+fn reward_model_starts_from_a_causal_lm_folder() {
+    // tiny-llama has no score.weight: it is initialised (and said so), trained, and saved without lm_head.
+    let out = scratch("reward-from-lm");
+    let mut c = config(&tiny_llama(), "paired.jsonl", LossConfig::Reward(RewardConfig::default()), &out, 64);
+    c.max_steps = Some(1);
+    let mut notices = vec![];
+    let history = train(&c, &Device::Cpu, RunOptions::default(), &mut |e| {
+        if let prospect::train::Event::Notice(n) = e {
+            notices.push(n)
+        }
+    })
+    .unwrap();
+    assert!(history[0].loss.is_finite() && history[0].objective.accuracy.is_some());
+    assert!(notices.iter().any(|n| n.contains("score.weight")), "{notices:?}");
+    let tensors = load_tensors(&out.join("final"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(tensors["score.weight"].dims(), &[1, 32]);
+    assert!(!tensors.contains_key("lm_head.weight"));
+}
+
+#[test]
+fn ppo_offline_takes_rewards_from_a_reward_model() {
+    // Same first step as with ±1 labels except for the rewards: the critic loss must change, the
+    // first-step KL (policy = reference) stays 0.
+    let with_labels = run(&config(&tiny_llama(), "unpaired.jsonl", LossConfig::PpoOffline(PpoOfflineConfig::default()), &scratch("ppo-labels"), 32));
+    let scored = PpoOfflineConfig { reward_model: Some(fixtures().join("tiny-llama-rm")), ..Default::default() };
+    let with_rm = run(&config(&tiny_llama(), "unpaired.jsonl", LossConfig::PpoOffline(scored), &scratch("ppo-rm"), 32));
+    assert_eq!(with_rm[0].objective.kl, Some(0.0));
+    let (a, b) = (with_labels[0].objective.critic_loss.unwrap(), with_rm[0].objective.critic_loss.unwrap());
+    assert!((a - b).abs() > 1e-3, "critic loss {a} vs {b}");
+    // A folder without a score head is refused with a message that says what to do.
+    let bad = PpoOfflineConfig { reward_model: Some(tiny_llama()), ..Default::default() };
+    let c = config(&tiny_llama(), "unpaired.jsonl", LossConfig::PpoOffline(bad), &scratch("ppo-bad-rm"), 32);
+    let err = train(&c, &Device::Cpu, RunOptions::default(), &mut |_| {}).err().unwrap().to_string();
+    assert!(err.contains("not a reward model"), "{err}");
+}
+
+#[test]
+fn every_example_config_parses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut seen = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let c = TrainConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        seen.insert(c.loss.name());
+    }
+    for name in ["kto", "dpo", "sft", "csft", "cdpo", "ipo", "slic", "simpo", "orpo", "kto_zero", "apo_zero_unpaired", "reward", "ppo_offline"] {
+        assert!(seen.contains(name), "configs/ has no example for `{name}`");
+    }
+}

@@ -19,11 +19,15 @@ pub struct GenerateConfig {
     pub seed: u64,
     /// Prompts decoded together.
     pub batch_size: usize,
+    /// Token ids appended to every prompt before decoding. A CSFT model is sampled with its good
+    /// control token here ([`crate::loss::CsftConfig::generation_suffix`]).
+    #[serde(default)]
+    pub prompt_suffix: Vec<u32>,
 }
 
 impl Default for GenerateConfig {
     fn default() -> Self {
-        Self { max_new_tokens: 64, sampling: SamplingConfig::default(), stop: vec![], seed: 0, batch_size: 8 }
+        Self { max_new_tokens: 64, sampling: SamplingConfig::default(), stop: vec![], seed: 0, batch_size: 8, prompt_suffix: vec![] }
     }
 }
 
@@ -56,6 +60,13 @@ pub fn generate(
 ) -> Result<Vec<Generation>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let mut out = Vec::with_capacity(prompts.len());
+    let suffixed: Vec<Vec<u32>>;
+    let prompts = if cfg.prompt_suffix.is_empty() {
+        prompts
+    } else {
+        suffixed = prompts.iter().map(|p| p.iter().chain(&cfg.prompt_suffix).copied().collect()).collect();
+        &suffixed
+    };
     for chunk in prompts.chunks(cfg.batch_size.max(1)) {
         out.extend(generate_batch(model, tok, chunk, cfg, device, &mut rng, on_tokens)?);
     }
