@@ -541,6 +541,7 @@ def roundtrip(out: Path, folder: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--check", action="store_true", help="regenerate into a temp dir and compare byte for byte")
     ap.add_argument("--roundtrip", type=Path, help="score a Prospect reward model folder with transformers")
     ap.add_argument("--only", help="comma-separated subset: rm,trl,reference,torch")
     ap.add_argument("--runs", help="with --only torch: comma-separated subset of the PyTorch trajectories")
@@ -554,18 +555,51 @@ def main() -> None:
     if args.roundtrip:
         roundtrip(args.out, args.roundtrip)
         return
-    only = set(args.only.split(",")) if args.only else {"rm", "trl", "reference", "torch"}
-    runs = set(args.runs.split(",")) if args.runs else set(TORCH_RUNS)
+    if args.check:
+        check(args.out)
+        return
+    generate(args.out, args.only, args.runs)
+
+
+GENERATED = ["tiny-llama-rm", "trl_ipo.json", "trl_reward.json", "loss_reference.json", "ppo_value_head.safetensors"] + [
+    f"torch_{k}.json" for k in TORCH_RUNS]
+
+
+def check(out: Path) -> None:
+    """Regenerate into a temporary copy of the inputs and compare byte for byte."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        shutil.copytree(out / "tiny-llama", t / "tiny-llama")
+        shutil.copytree(out / "data", t / "data")
+        generate(t, None, None)
+        diffs = [name for name in GENERATED if _differs(out / name, t / name)]
+    if diffs:
+        print("DIFFERENT:", *diffs, sep="\n  ")
+        sys.exit(1)
+    print("loss fixtures are byte-identical")
+
+
+def _differs(a: Path, b: Path) -> bool:
+    import filecmp
+
+    if a.is_dir():
+        return bool(mf.compare_trees(a, b))
+    return not (b.exists() and filecmp.cmp(a, b, shallow=False))
+
+
+def generate(out: Path, only_arg, runs_arg) -> None:
+    only = set(only_arg.split(",")) if only_arg else {"rm", "trl", "reference", "torch"}
+    runs = set(runs_arg.split(",")) if runs_arg else set(TORCH_RUNS)
     if "rm" in only:
-        build_reward_folder(args.out)
+        build_reward_folder(out)
     if "trl" in only:
         for kind in TRL_RUNS:
-            make_trl(args.out, kind)
+            make_trl(out, kind)
     if "reference" in only:
-        make_loss_reference(args.out)
+        make_loss_reference(out)
     if "torch" in only:
         for kind in [k for k in TORCH_RUNS if k in runs]:
-            mf.write_json(args.out / f"torch_{kind}.json", run_torch(kind, args.out))
+            mf.write_json(out / f"torch_{kind}.json", run_torch(kind, out))
 
 
 if __name__ == "__main__":
