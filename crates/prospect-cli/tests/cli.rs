@@ -75,3 +75,26 @@ fn unknown_config_key_is_an_error() {
     let out = prospect(&["train", "--config", config.to_str().unwrap(), "--set", "microbatch_size=3"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn sft_then_kto_chains_through_the_example_configs() {
+    // The Archangel "SFT+X" pipeline as a user runs it: configs/sft-tiny.toml, then
+    // configs/kto-after-sft.toml with `model` and `reference` at the SFT run's final/.
+    let dir = scratch("cli-chain");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let (sft_out, kto_out) = (dir.join("sft"), dir.join("kto"));
+    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_prospect")).args(args).current_dir(&root).output().unwrap();
+    let out = run(&["train", "--config", "configs/sft-tiny.toml", "--set", "max_steps=1", "--set", &format!("output_dir={:?}", sft_out)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let final_dir = format!("{:?}", sft_out.join("final"));
+    let out = run(&[
+        "train", "--config", "configs/kto-after-sft.toml", "--set", "max_steps=1",
+        "--set", &format!("model={final_dir}"), "--set", &format!("reference={final_dir}"),
+        "--set", &format!("output_dir={:?}", kto_out),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Policy = reference at the first step: every log-ratio is 0 and KTO's loss is 1 − σ(0).
+    assert!(stderr(&out).contains("step 1 loss 0.500000"), "{}", stderr(&out));
+    let saved = std::fs::read_to_string(kto_out.join("final/prospect.toml")).unwrap();
+    assert!(saved.contains("reference = ") && saved.contains("sft/final"), "{saved}");
+}
