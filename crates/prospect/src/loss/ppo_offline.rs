@@ -12,7 +12,8 @@
 //! δ_t      = r_t + γ·V̄_{t+1} − V̄_t                                 (V̄ = V detached and masked, V̄_T = 0)
 //! A_t      = δ_t + γλ·A_{t+1}                                       (GAE, right to left, A_T = 0)
 //! Â_t      = (A_t − mean_m A) / sqrt(var_m A + 1e-8)                (mean/var over masked tokens of the
-//!                                                                   microbatch, biased var; no gradient)
+//!                                                                   microbatch; biased var, as HALOs'
+//!                                                                   `train/utils.py` masked_var; no gradient)
 //! G_t      = Σ_{k>t} γ^{k−t−1} r_k                                  (rewards-to-go *after* t, HALOs'
 //!                                                                   `discounted_future_rewards`)
 //! ρ_t      = exp(log π_θ(y_t) − log π_ref(y_t))
@@ -125,8 +126,11 @@ pub struct PpoOutput {
     pub clipfrac: f64,
 }
 
-/// GAE advantages (normalised) and rewards-to-go, computed without gradient. Returns `[b][n]` rows.
-pub(crate) fn advantages_and_returns(values: &[Vec<f32>], mask: &[Vec<f32>], rewards: &[f32], gamma: f64, lam: f64) -> Result<(Vec<Vec<f64>>, Vec<Vec<f64>>)> {
+/// `[b][n]` per-token values, one row per sequence.
+type Rows = Vec<Vec<f64>>;
+
+/// GAE advantages (normalised) and rewards-to-go, computed without gradient.
+pub(crate) fn advantages_and_returns(values: &[Vec<f32>], mask: &[Vec<f32>], rewards: &[f32], gamma: f64, lam: f64) -> Result<(Rows, Rows)> {
     let mut adv = Vec::with_capacity(values.len());
     let mut ret = Vec::with_capacity(values.len());
     for ((v, m), &r) in values.iter().zip(mask).zip(rewards) {
@@ -189,7 +193,7 @@ pub fn ppo_offline_loss(config: &PpoOfflineConfig, inputs: &PpoInputs) -> Result
     let values_now: Vec<Vec<f32>> = inputs.values.detach().to_dtype(DType::F32)?.to_vec2()?;
     let mask_rows: Vec<Vec<f32>> = mask.to_dtype(DType::F32)?.to_vec2()?;
     let (adv, ret) = advantages_and_returns(&values_now, &mask_rows, inputs.rewards, config.gamma, config.lam)?;
-    let to_tensor = |rows: Vec<Vec<f64>>| -> Result<Tensor> {
+    let to_tensor = |rows: Rows| -> Result<Tensor> {
         let flat: Vec<f32> = rows.into_iter().flatten().map(|x| x as f32).collect();
         Ok(Tensor::from_vec(flat, (b, n), device)?.to_dtype(dtype)?)
     };

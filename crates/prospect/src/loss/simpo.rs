@@ -9,8 +9,8 @@
 //! No reference model. On the same log-probs this equals TRL's `CPOTrainer` loss with
 //! `loss_type = "simpo"`, `cpo_alpha = 0`, `label_smoothing = 0` (TRL writes γ/β inside the β·(...)).
 //!
-//! Hyperparameters: `beta` β = 2.0 (the SimPO paper's setting; TRL's `CPOConfig.beta` = 0.1 is CPO's),
-//! `gamma` γ = 0.5 (TRL's `simpo_gamma`). Reported rewards are β·avg.
+//! Hyperparameters: `beta` β = 2.0, `gamma` γ = 0.5 (HALOs' `config/loss/simpo.yaml`; TRL's
+//! `simpo_gamma` is also 0.5, its `CPOConfig.beta` = 0.1 is CPO's). Reported rewards are β·avg.
 //!
 //! Shapes: log-probs `[b]`, token counts one per pair (an empty completion counts as 1).
 
