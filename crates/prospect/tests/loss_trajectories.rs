@@ -346,3 +346,36 @@ fn every_example_config_parses() {
         assert!(seen.contains(name), "configs/ has no example for `{name}`");
     }
 }
+
+#[test]
+fn the_split_into_microbatches_does_not_change_the_step() {
+    // TRL's invariance habit: 4 × accumulation 1 equals 2 × accumulation 2 for every loss whose step
+    // objective is a mean over pairs/rows (or, for CSFT, over tokens). ORPO (its NLL is a per-microbatch
+    // token mean, as in the paper) and PPO (advantages whitened per microbatch) are split-dependent by
+    // definition and are left out.
+    let cases: Vec<(LossConfig, &str, PathBuf)> = vec![
+        (LossConfig::Ipo(IpoConfig::default()), "paired.jsonl", tiny_llama()),
+        (LossConfig::Cdpo(CdpoConfig::default()), "paired.jsonl", tiny_llama()),
+        (LossConfig::Slic(SlicConfig::default()), "paired.jsonl", tiny_llama()),
+        (LossConfig::Simpo(SimpoConfig::default()), "paired.jsonl", tiny_llama()),
+        (LossConfig::KtoZero(KtoZeroConfig::default()), "unpaired.jsonl", tiny_llama()),
+        (LossConfig::ApoZeroUnpaired(ApoZeroUnpairedConfig::default()), "unpaired.jsonl", tiny_llama()),
+        (LossConfig::Csft(CsftConfig::default()), "unpaired.jsonl", tiny_llama()),
+        (LossConfig::Reward(RewardConfig::default()), "paired.jsonl", fixtures().join("tiny-llama-rm")),
+    ];
+    for (loss, data, model) in cases {
+        let name = loss.name();
+        let whole = config(&model, data, loss.clone(), &scratch(&format!("split-{name}-1")), 64);
+        let mut split = config(&model, data, loss, &scratch(&format!("split-{name}-2")), 64);
+        let mut whole = whole;
+        whole.microbatch_size = 4;
+        split.microbatch_size = 2;
+        whole.max_steps = Some(2);
+        split.max_steps = Some(2);
+        let (a, b) = (run(&whole), run(&split));
+        for (x, y) in a.iter().zip(&b) {
+            assert!(close(x.loss, y.loss, 1e-5, 1e-7), "{name} step {}: loss {} vs {}", x.step, x.loss, y.loss);
+            assert!(close(x.grad_norm, y.grad_norm, 1e-4, 1e-7), "{name} step {}: grad_norm {} vs {}", x.step, x.grad_norm, y.grad_norm);
+        }
+    }
+}
