@@ -227,10 +227,10 @@ fn csft_matches_pytorch_and_saves_the_control_tokens() {
 
     // Generation conditions on <|good|>: the suffix option equals writing the token after the prompt.
     let model = load_frozen(&final_dir, &Device::Cpu).unwrap();
-    let suffix = CsftConfig::default().generation_suffix(&tok).unwrap();
-    assert_eq!(suffix, vec![400]);
+    let suffix = CsftConfig::default().generation_suffix();
+    assert_eq!(suffix, vec!["<|good|>".to_string()]);
     let prompts = vec![tok.encode("What do birds do?").unwrap()];
-    let with_option = GenerateConfig { max_new_tokens: 6, prompt_suffix: suffix, ..Default::default() };
+    let with_option = GenerateConfig { max_new_tokens: 6, append_tokens: suffix, ..Default::default() };
     let a = generate(&model, &tok, &prompts, &with_option, &Device::Cpu, &mut |_| {}).unwrap();
     let by_hand: Vec<Vec<u32>> = prompts.iter().map(|p| p.iter().copied().chain([400]).collect()).collect();
     let plain = GenerateConfig { max_new_tokens: 6, ..Default::default() };
@@ -331,12 +331,15 @@ fn ppo_offline_takes_rewards_from_a_reward_model() {
 }
 
 #[test]
-fn every_example_config_parses() {
+fn every_loss_example_config_parses() {
+    // The per-loss examples (`NAME-tiny.toml`) and the chaining example; other configs (e.g. the SmolLM2
+    // demo's) belong to other features.
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
     let mut seen = std::collections::BTreeSet::new();
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
-        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if !(name.ends_with("-tiny.toml") || name == "kto-after-sft.toml") {
             continue;
         }
         let c = TrainConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

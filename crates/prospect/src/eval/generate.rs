@@ -19,15 +19,15 @@ pub struct GenerateConfig {
     pub seed: u64,
     /// Prompts decoded together.
     pub batch_size: usize,
-    /// Token ids appended to every prompt before decoding. A CSFT model is sampled with its good
-    /// control token here ([`crate::loss::CsftConfig::generation_suffix`]).
+    /// Vocabulary tokens appended (by id) to every prompt before decoding: a CSFT model is sampled
+    /// with its good control token, `["<|good|>"]` ([`crate::loss::CsftConfig::generation_suffix`]).
     #[serde(default)]
-    pub prompt_suffix: Vec<u32>,
+    pub append_tokens: Vec<String>,
 }
 
 impl Default for GenerateConfig {
     fn default() -> Self {
-        Self { max_new_tokens: 64, sampling: SamplingConfig::default(), stop: vec![], seed: 0, batch_size: 8, prompt_suffix: vec![] }
+        Self { max_new_tokens: 64, sampling: SamplingConfig::default(), stop: vec![], seed: 0, batch_size: 8, append_tokens: vec![] }
     }
 }
 
@@ -61,10 +61,11 @@ pub fn generate(
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let mut out = Vec::with_capacity(prompts.len());
     let suffixed: Vec<Vec<u32>>;
-    let prompts = if cfg.prompt_suffix.is_empty() {
+    let prompts = if cfg.append_tokens.is_empty() {
         prompts
     } else {
-        suffixed = prompts.iter().map(|p| p.iter().chain(&cfg.prompt_suffix).copied().collect()).collect();
+        let ids: Vec<u32> = cfg.append_tokens.iter().map(|t| tok.token_id(t)).collect::<Result<_>>()?;
+        suffixed = prompts.iter().map(|p| p.iter().chain(&ids).copied().collect()).collect();
         &suffixed
     };
     for chunk in prompts.chunks(cfg.batch_size.max(1)) {

@@ -10,7 +10,7 @@
 //! The control token is the first completion token, so the model learns p(y | x, <|good|>) and
 //! p(y | x, <|bad|>); at generation time `<|good|>` is appended to the prompt
 //! ([`CsftConfig::generation_prompt`] for text, [`CsftConfig::generation_suffix`] for
-//! `eval::GenerateConfig::prompt_suffix`). The token strings are configurable; when the tokenizer lacks
+//! `eval::GenerateConfig::append_tokens`, `prospect generate --append-token "<|good|>"`). The token strings are configurable; when the tokenizer lacks
 //! them they are added as special tokens and the embedding matrix grows by one row each (see
 //! [`crate::model::Policy::add_tokens`]). The loss itself is [`super::sft_loss`]; N counts the
 //! completion tokens of the optimizer batch, control tokens included. No reference model.
@@ -20,7 +20,6 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::HfTokenizer;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,10 +57,10 @@ impl CsftConfig {
         format!("{prompt}{}", self.good_token)
     }
 
-    /// The good control token's id, for `GenerateConfig::prompt_suffix` (the tokenizer of a CSFT run's
-    /// `final/` has it).
-    pub fn generation_suffix(&self, tok: &HfTokenizer) -> Result<Vec<u32>> {
-        Ok(vec![tok.token_id(&self.good_token)?])
+    /// What to append to prompts when sampling, for `GenerateConfig::append_tokens`: the good control
+    /// token (the tokenizer of a CSFT run's `final/` has it).
+    pub fn generation_suffix(&self) -> Vec<String> {
+        vec![self.good_token.clone()]
     }
 }
 
