@@ -64,7 +64,18 @@ pub fn generate(
     let prompts = if cfg.append_tokens.is_empty() {
         prompts
     } else {
-        let ids: Vec<u32> = cfg.append_tokens.iter().map(|t| tok.token_id(t)).collect::<Result<_>>()?;
+        let ids: Vec<u32> = cfg
+            .append_tokens
+            .iter()
+            .map(|t| {
+                tok.token_id(t).map_err(|_| {
+                    crate::error::Error::Tokenizer(format!(
+                        "cannot append {t:?} to the prompts: the model's tokenizer has no such token \
+                         (a CSFT run's final/ has its control tokens)"
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
         suffixed = prompts.iter().map(|p| p.iter().chain(&ids).copied().collect()).collect();
         &suffixed
     };
