@@ -83,7 +83,7 @@ fn sft_then_kto_chains_through_the_example_configs() {
     let dir = scratch("cli-chain");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let (sft_out, kto_out) = (dir.join("sft"), dir.join("kto"));
-    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_prospect")).args(args).current_dir(&root).output().unwrap();
+    let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_prospect")).args(args).current_dir(&root).output().unwrap();
     let out = run(&["train", "--config", "configs/sft-tiny.toml", "--set", "max_steps=1", "--set", &format!("output_dir={:?}", sft_out)]);
     assert!(out.status.success(), "{}", stderr(&out));
     let final_dir = format!("{:?}", sft_out.join("final"));
