@@ -45,6 +45,9 @@ pub struct GenerateArgs {
     /// Prompts decoded together.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    /// Append this vocabulary token to every prompt (repeatable), e.g. `<|good|>` for a CSFT model.
+    #[arg(long = "append-token", value_name = "TOKEN")]
+    append_token: Vec<String>,
 }
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
@@ -58,6 +61,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         stop: a.stop,
         seed: a.seed,
         batch_size: a.batch_size,
+        append_tokens: a.append_token,
     };
     let started = Instant::now();
     let bar = std::io::stderr().is_terminal().then(|| {

@@ -89,3 +89,57 @@ fn every_example_config_parses() {
     }
     assert!(seen >= 4, "only {seen} configs found in {}", dir.display());
 }
+
+#[test]
+fn sft_then_kto_chains_through_the_example_configs() {
+    // The Archangel "SFT+X" pipeline as a user runs it: configs/sft-tiny.toml, then
+    // configs/kto-after-sft.toml with `model` and `reference` at the SFT run's final/.
+    let dir = scratch("cli-chain");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let (sft_out, kto_out) = (dir.join("sft"), dir.join("kto"));
+    let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_prospect")).args(args).current_dir(&root).output().unwrap();
+    let out = run(&["train", "--config", "configs/sft-tiny.toml", "--set", "max_steps=1", "--set", &format!("output_dir={:?}", sft_out)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let final_dir = format!("{:?}", sft_out.join("final"));
+    let out = run(&[
+        "train", "--config", "configs/kto-after-sft.toml", "--set", "max_steps=1",
+        "--set", &format!("model={final_dir}"), "--set", &format!("reference={final_dir}"),
+        "--set", &format!("output_dir={:?}", kto_out),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Policy = reference at the first step: every log-ratio is 0 and KTO's loss is 1 − σ(0).
+    assert!(stderr(&out).contains("step 1 loss 0.500000"), "{}", stderr(&out));
+    let saved = std::fs::read_to_string(kto_out.join("final/prospect.toml")).unwrap();
+    assert!(saved.contains("reference = ") && saved.contains("sft/final"), "{saved}");
+}
+
+#[test]
+fn generate_appends_a_control_token_to_every_prompt() {
+    // CSFT models are sampled with `--append-token "<|good|>"`; on tiny-llama, `<|im_start|>` (id 1)
+    // stands in for it. Greedy decoding with the option equals greedy decoding of the prompt text with the
+    // token written after it (the tokenizer never splits a special token).
+    let dir = scratch("cli-append-token");
+    let model = fixtures().join("tiny-llama");
+    let (plain, suffixed) = (dir.join("plain.jsonl"), dir.join("suffixed.jsonl"));
+    std::fs::write(&plain, "{\"prompt\": \"The sky is\"}\n").unwrap();
+    std::fs::write(&suffixed, "{\"prompt\": \"The sky is<|im_start|>\"}\n").unwrap();
+    let gen = |prompts: &Path, out: &Path, extra: &[&str]| {
+        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap()];
+        args.extend_from_slice(&["--output", out.to_str().unwrap(), "--max-new-tokens", "6"]);
+        args.extend_from_slice(extra);
+        prospect(&args)
+    };
+    let (a, b) = (dir.join("a.jsonl"), dir.join("b.jsonl"));
+    let o = gen(&plain, &a, &["--append-token", "<|im_start|>"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = gen(&suffixed, &b, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ids = |p: &Path| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(std::fs::read_to_string(p).unwrap().lines().next().unwrap()).unwrap()["completion_ids"].clone()
+    };
+    assert_eq!(ids(&a), ids(&b));
+    // A token the vocabulary lacks is an error, not a silent no-op.
+    let o = gen(&plain, &a, &["--append-token", "<|good|>"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("<|good|>"), "{}", stderr(&o));
+}

@@ -11,7 +11,7 @@
 //! data::collate(..)                         -> SequenceBatch  [b, t] ids + completion mask
 //! model::Llama::forward(ids)                -> logits      [b, t, v], differentiable end to end
 //! model::sequence_logps(logits, ids, mask)  -> logps       [b], summed over completion tokens
-//! loss::{kto_loss, dpo_loss, sft_loss}      -> loss        pure functions of log-probs
+//! loss::{kto_loss, dpo_loss, ipo_loss, ..} -> loss        pure functions of log-probs, one file per method
 //! train::optim::AdamW::step                 -> updated Vars, then `final/` in Hugging Face layout
 //! ```
 //!

@@ -64,3 +64,32 @@ fn trained_folder_loads_in_transformers_with_equal_logits() {
     let moved = start[0].iter().flatten().zip(want[0].iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
     assert!(moved > 1e-3, "training did not change the logits ({moved:e})");
 }
+
+#[test]
+fn reward_model_folder_loads_in_transformers_with_equal_scores() {
+    // A reward model trained from a causal-LM folder (the score head is initialised) saves as a
+    // sequence classifier that `AutoModelForSequenceClassification` loads and scores as Prospect does.
+    use prospect::loss::RewardConfig;
+    use prospect::model::load_frozen_reward;
+
+    let out = scratch("roundtrip-reward");
+    let mut config = trl_config("paired.jsonl", LossConfig::Reward(RewardConfig::default()), &out);
+    config.batch_size = 4;
+    train(&config, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
+    let final_dir = out.join("final");
+
+    // Right-padded with pad = eos = 0: the score sits on the token before the final eos.
+    let ids = vec![vec![330u32, 28, 355, 319, 298, 263, 0], vec![54, 307, 201, 0, 0, 0, 0]];
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/hf_scores.py");
+    let run = Command::new(python()).arg(&script).arg(&final_dir).arg(serde_json::to_string(&ids).unwrap()).env("HF_HUB_OFFLINE", "1").output().unwrap();
+    assert!(run.status.success(), "transformers failed to load {}:\n{}", final_dir.display(), String::from_utf8_lossy(&run.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(json["class"], "LlamaForSequenceClassification");
+    assert_eq!(json["num_labels"], 1);
+    let want: Vec<f64> = serde_json::from_value(json["scores"].clone()).unwrap();
+
+    let dev = Device::Cpu;
+    let got: Vec<f32> = load_frozen_reward(&final_dir, &dev).unwrap().scores(&Tensor::new(ids, &dev).unwrap(), 0).unwrap().to_vec1().unwrap();
+    let worst = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0f64, f64::max);
+    assert!(worst < 1e-4, "largest score difference Prospect vs transformers: {worst:e} ({got:?} vs {want:?})");
+}

@@ -298,6 +298,7 @@ fn sample(model_dir: &Path, tok: &HfTokenizer, prompts: &[String], samples: usiz
         stop: vec![],
         seed,
         batch_size: 64,
+        append_tokens: vec![],
     };
     let gens = generate(&model, tok, &repeated, &cfg, device, &mut |_| {})?;
     Ok(gens.chunks(samples).map(|c| c.iter().map(|g| g.completion.clone()).collect()).collect())

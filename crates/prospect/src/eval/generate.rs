@@ -19,11 +19,15 @@ pub struct GenerateConfig {
     pub seed: u64,
     /// Prompts decoded together.
     pub batch_size: usize,
+    /// Vocabulary tokens appended (by id) to every prompt before decoding: a CSFT model is sampled
+    /// with its good control token, `["<|good|>"]` ([`crate::loss::CsftConfig::generation_suffix`]).
+    #[serde(default)]
+    pub append_tokens: Vec<String>,
 }
 
 impl Default for GenerateConfig {
     fn default() -> Self {
-        Self { max_new_tokens: 64, sampling: SamplingConfig::default(), stop: vec![], seed: 0, batch_size: 8 }
+        Self { max_new_tokens: 64, sampling: SamplingConfig::default(), stop: vec![], seed: 0, batch_size: 8, append_tokens: vec![] }
     }
 }
 
@@ -56,6 +60,25 @@ pub fn generate(
 ) -> Result<Vec<Generation>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let mut out = Vec::with_capacity(prompts.len());
+    let suffixed: Vec<Vec<u32>>;
+    let prompts = if cfg.append_tokens.is_empty() {
+        prompts
+    } else {
+        let ids: Vec<u32> = cfg
+            .append_tokens
+            .iter()
+            .map(|t| {
+                tok.token_id(t).map_err(|_| {
+                    crate::error::Error::Tokenizer(format!(
+                        "cannot append {t:?} to the prompts: the model's tokenizer has no such token \
+                         (a CSFT run's final/ has its control tokens)"
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
+        suffixed = prompts.iter().map(|p| p.iter().chain(&ids).copied().collect()).collect();
+        &suffixed
+    };
     for chunk in prompts.chunks(cfg.batch_size.max(1)) {
         out.extend(generate_batch(model, tok, chunk, cfg, device, &mut rng, on_tokens)?);
     }

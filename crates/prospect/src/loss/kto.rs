@@ -106,8 +106,6 @@ pub fn kto_loss(config: &KtoConfig, inputs: &KtoInputs) -> Result<KtoOutput> {
             return Err(Error::Shape { name: name.into(), expected: vec![b], got: t.dims().to_vec() });
         }
     }
-    let device = inputs.policy_logps.device();
-
     // z0: no gradient, clamped at 0.
     let kl_raw = (inputs.policy_kl_logps - inputs.reference_kl_logps)?
         .detach()
@@ -117,31 +115,40 @@ pub fn kto_loss(config: &KtoConfig, inputs: &KtoInputs) -> Result<KtoOutput> {
     let kl = kl_raw.max(0.0);
 
     let logratios = (inputs.policy_logps - inputs.reference_logps)?; // [b]
+    let losses = value_losses(config, &logratios, inputs.labels, kl)?; // [b]
+    let (rewards_chosen, rewards_rejected) = class_rewards(config.beta, &logratios, inputs.labels)?;
+    Ok(KtoOutput { loss: losses.mean(D::Minus1)?, kl, kl_raw, rewards_chosen, rewards_rejected })
+}
+
+/// The per-row KTO value loss against reference point `z0`: `λ·(1 − σ(β·s·(r − z0)))` with s = +1 for
+/// desirable rows and −1 for undesirable ones. `[b]`. Shared with [`super::kto_zero`] (z0 = 0).
+pub(crate) fn value_losses(config: &KtoConfig, logratios: &Tensor, labels: &[bool], z0: f64) -> Result<Tensor> {
+    let b = labels.len();
+    let device = logratios.device();
     // Desirable rows push r above z0, undesirable rows push it below: sign ±1 folds both cases into
     // one expression, 1 − σ(β·s·(r − z0)).
-    let sign: Vec<f32> = inputs.labels.iter().map(|&l| if l { 1.0 } else { -1.0 }).collect();
-    let weight: Vec<f32> = inputs
-        .labels
-        .iter()
-        .map(|&l| if l { config.desirable_weight } else { config.undesirable_weight } as f32)
-        .collect();
+    let sign: Vec<f32> = labels.iter().map(|&l| if l { 1.0 } else { -1.0 }).collect();
+    let weight: Vec<f32> =
+        labels.iter().map(|&l| if l { config.desirable_weight } else { config.undesirable_weight } as f32).collect();
     let sign = Tensor::from_vec(sign, b, device)?.to_dtype(logratios.dtype())?; // [b]
     let weight = Tensor::from_vec(weight, b, device)?.to_dtype(logratios.dtype())?; // [b]
-    let value = sigmoid(&((logratios.clone() - kl)? * config.beta)?.mul(&sign)?)?; // [b]
-    let losses = (value.neg()? + 1.0)?.mul(&weight)?; // [b]
-    let loss = losses.mean(D::Minus1)?;
+    let value = sigmoid(&((logratios.clone() - z0)? * config.beta)?.mul(&sign)?)?; // [b]
+    Ok((value.neg()? + 1.0)?.mul(&weight)?) // [b]
+}
 
-    let rewards = (logratios.detach() * config.beta)?; // [b]
+/// Mean β·r over desirable and over undesirable rows (`None` for a class the microbatch lacks).
+pub(crate) fn class_rewards(beta: f64, logratios: &Tensor, labels: &[bool]) -> Result<(Option<f64>, Option<f64>)> {
+    let device = logratios.device();
+    let rewards = (logratios.detach() * beta)?; // [b]
     let pick = |want: bool| -> Result<Option<f64>> {
-        let idx: Vec<u32> =
-            inputs.labels.iter().enumerate().filter(|(_, &l)| l == want).map(|(i, _)| i as u32).collect();
+        let idx: Vec<u32> = labels.iter().enumerate().filter(|(_, &l)| l == want).map(|(i, _)| i as u32).collect();
         if idx.is_empty() {
             return Ok(None);
         }
         let idx = Tensor::new(idx.as_slice(), device)?;
         mean_f64(&rewards.index_select(&idx, 0)?)
     };
-    Ok(KtoOutput { loss, kl, kl_raw, rewards_chosen: pick(true)?, rewards_rejected: pick(false)? })
+    Ok((pick(true)?, pick(false)?))
 }
 
 /// The paper's advice on class weights (its Eq. 8): with n_D desirable and n_U undesirable rows,

@@ -4,18 +4,38 @@
 //! The set of losses is closed: [`LossConfig`] is the `[loss]` table of the config, tagged by `type`,
 //! and the trainer dispatches on it once per microbatch.
 
+pub mod apo_zero_unpaired;
+pub mod cdpo;
+pub mod csft;
 pub mod dpo;
+pub mod ipo;
 pub mod kto;
+pub mod kto_zero;
+pub mod orpo;
+pub mod ppo_offline;
+pub mod reward;
 pub mod sft;
+pub mod simpo;
+pub mod slic;
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+pub use apo_zero_unpaired::{apo_zero_unpaired_loss, ApoZeroUnpairedConfig};
+pub use cdpo::{cdpo_loss, CdpoConfig};
+pub use csft::CsftConfig;
 pub use dpo::{dpo_loss, DpoConfig, DpoInputs, DpoOutput};
+pub use ipo::{ipo_loss, IpoConfig};
 pub use kto::{kto_loss, KtoConfig, KtoInputs, KtoOutput};
+pub use kto_zero::{kto_zero_loss, KtoZeroConfig};
+pub use orpo::{orpo_loss, OrpoConfig};
+pub use ppo_offline::{ppo_offline_loss, PpoInputs, PpoOfflineConfig, PpoOutput};
+pub use reward::{reward_loss, RewardConfig, RewardOutput};
 pub use sft::{sft_loss, SftConfig};
+pub use simpo::{simpo_loss, SimpoConfig};
+pub use slic::{slic_loss, SlicConfig};
 
 /// The `[loss]` table: `type` picks the objective, the other keys are its hyperparameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,6 +44,16 @@ pub enum LossConfig {
     Kto(KtoConfig),
     Dpo(DpoConfig),
     Sft(SftConfig),
+    Csft(CsftConfig),
+    Cdpo(CdpoConfig),
+    Ipo(IpoConfig),
+    Slic(SlicConfig),
+    Simpo(SimpoConfig),
+    Orpo(OrpoConfig),
+    KtoZero(KtoZeroConfig),
+    ApoZeroUnpaired(ApoZeroUnpairedConfig),
+    Reward(RewardConfig),
+    PpoOffline(PpoOfflineConfig),
 }
 
 /// The shape of data a loss trains on.
@@ -43,20 +73,48 @@ impl LossConfig {
             LossConfig::Kto(_) => "kto",
             LossConfig::Dpo(_) => "dpo",
             LossConfig::Sft(_) => "sft",
+            LossConfig::Csft(_) => "csft",
+            LossConfig::Cdpo(_) => "cdpo",
+            LossConfig::Ipo(_) => "ipo",
+            LossConfig::Slic(_) => "slic",
+            LossConfig::Simpo(_) => "simpo",
+            LossConfig::Orpo(_) => "orpo",
+            LossConfig::KtoZero(_) => "kto_zero",
+            LossConfig::ApoZeroUnpaired(_) => "apo_zero_unpaired",
+            LossConfig::Reward(_) => "reward",
+            LossConfig::PpoOffline(_) => "ppo_offline",
         }
     }
 
     pub fn data_kind(&self) -> DataKind {
         match self {
-            LossConfig::Kto(_) => DataKind::Unpaired,
-            LossConfig::Dpo(_) => DataKind::Paired,
+            LossConfig::Kto(_)
+            | LossConfig::KtoZero(_)
+            | LossConfig::ApoZeroUnpaired(_)
+            | LossConfig::Csft(_)
+            | LossConfig::PpoOffline(_) => DataKind::Unpaired,
+            LossConfig::Dpo(_)
+            | LossConfig::Cdpo(_)
+            | LossConfig::Ipo(_)
+            | LossConfig::Slic(_)
+            | LossConfig::Simpo(_)
+            | LossConfig::Orpo(_)
+            | LossConfig::Reward(_) => DataKind::Paired,
             LossConfig::Sft(_) => DataKind::Sft,
         }
     }
 
     /// Whether the loss compares against a frozen reference model.
     pub fn needs_reference(&self) -> bool {
-        !matches!(self, LossConfig::Sft(_))
+        !matches!(
+            self,
+            LossConfig::Sft(_)
+                | LossConfig::Csft(_)
+                | LossConfig::Slic(_)
+                | LossConfig::Simpo(_)
+                | LossConfig::Orpo(_)
+                | LossConfig::Reward(_)
+        )
     }
 
     pub(crate) fn validate(&self, microbatch_size: usize) -> Result<()> {
@@ -64,24 +122,35 @@ impl LossConfig {
             LossConfig::Kto(c) => c.validate(microbatch_size),
             LossConfig::Dpo(c) => c.validate(),
             LossConfig::Sft(_) => Ok(()),
+            LossConfig::Csft(c) => c.validate(),
+            LossConfig::Cdpo(c) => c.validate(),
+            LossConfig::Ipo(c) => c.validate(),
+            LossConfig::Slic(c) => c.validate(),
+            LossConfig::Simpo(c) => c.validate(),
+            LossConfig::Orpo(c) => c.validate(),
+            LossConfig::KtoZero(c) => c.validate(),
+            LossConfig::ApoZeroUnpaired(c) => c.validate(),
+            LossConfig::Reward(c) => c.validate(),
+            LossConfig::PpoOffline(c) => c.validate(),
         }
     }
 
     /// How much one microbatch's loss counts towards the optimizer step's objective.
     ///
-    /// KTO and DPO average their microbatch losses (TRL divides each by the accumulation count). SFT
-    /// averages over every completion token of the optimizer batch, so a microbatch counts in
-    /// proportion to its tokens; that makes the update independent of how the batch is split.
+    /// The preference losses average their microbatch losses (TRL divides each by the accumulation
+    /// count). SFT and CSFT average over every completion token of the optimizer batch, so a
+    /// microbatch counts in proportion to its tokens; that makes the update independent of how the
+    /// batch is split.
     pub fn microbatch_weight(&self, microbatches_in_step: usize, tokens_in_microbatch: usize, tokens_in_step: usize) -> f64 {
         match self {
-            LossConfig::Kto(_) | LossConfig::Dpo(_) => 1.0 / microbatches_in_step as f64,
-            LossConfig::Sft(_) => {
+            LossConfig::Sft(_) | LossConfig::Csft(_) => {
                 if tokens_in_step == 0 {
                     0.0
                 } else {
                     tokens_in_microbatch as f64 / tokens_in_step as f64
                 }
             }
+            _ => 1.0 / microbatches_in_step as f64,
         }
     }
 }
@@ -108,6 +177,46 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::sigmoid(x)?)
 }
 
+/// What a paired loss reports besides the loss, averaged over the pairs of the microbatch (TRL's
+/// `rewards/*` keys). Each loss says what its "reward" is (β·log-ratio for DPO-like losses, β·average
+/// log-prob for SimPO/ORPO, log π for SLiC, the score for the reward model).
+pub struct PairedOutput {
+    /// Scalar: the microbatch loss.
+    pub loss: Tensor,
+    pub rewards_chosen: f64,
+    pub rewards_rejected: f64,
+    pub rewards_margins: f64,
+    /// Fraction of pairs whose chosen reward is strictly above the rejected one.
+    pub rewards_accuracies: f64,
+}
+
+impl PairedOutput {
+    /// Build the metrics from per-pair rewards `[b]` (detached here).
+    pub(crate) fn new(loss: Tensor, chosen_rewards: &Tensor, rejected_rewards: &Tensor) -> Result<Self> {
+        let (c, r) = (chosen_rewards.detach(), rejected_rewards.detach());
+        let margins = (&c - &r)?;
+        let accuracies = c.gt(&r)?.to_dtype(candle_core::DType::F32)?;
+        let mean = |t: &Tensor| -> Result<f64> { Ok(mean_f64(t)?.unwrap_or(0.0)) };
+        Ok(Self {
+            loss,
+            rewards_chosen: mean(&c)?,
+            rewards_rejected: mean(&r)?,
+            rewards_margins: mean(&margins)?,
+            rewards_accuracies: mean(&accuracies)?,
+        })
+    }
+}
+
+/// Every tensor must be `[b]`: one value per row or pair.
+pub(crate) fn check_rows(b: usize, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    for (name, t) in tensors {
+        if t.dims() != [b] {
+            return Err(Error::Shape { name: (*name).into(), expected: vec![b], got: t.dims().to_vec() });
+        }
+    }
+    Ok(())
+}
+
 /// Mean of a 1-D tensor's values as `f64`, or `None` when it is empty (metrics over an empty class).
 pub(crate) fn mean_f64(x: &Tensor) -> Result<Option<f64>> {
     let v: Vec<f32> = x.to_dtype(candle_core::DType::F32)?.to_vec1()?;
@@ -122,6 +231,14 @@ pub(crate) fn check_positive(key: &str, value: f64) -> Result<()> {
         Ok(())
     } else {
         Err(Error::config(key, format!("must be a finite number > 0, got {value}")))
+    }
+}
+
+pub(crate) fn check_probability(key: &str, value: f64) -> Result<()> {
+    if (0.0..=1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(Error::config(key, format!("must be in [0, 1], got {value}")))
     }
 }
 

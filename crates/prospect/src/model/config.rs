@@ -52,6 +52,9 @@ pub struct LlamaConfig {
     pub sliding_window: Option<usize>,
     #[serde(default)]
     pub use_sliding_window: Option<bool>,
+    /// Standard deviation of HF's normal initialisation (new heads are initialised with it).
+    #[serde(default)]
+    pub initializer_range: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

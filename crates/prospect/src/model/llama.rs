@@ -158,12 +158,24 @@ pub struct Llama {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: Tensor,
-    /// `[v, d]`; the embedding matrix itself when embeddings are tied.
-    lm_head: Tensor,
+    /// `[v, d]`; the embedding matrix itself when embeddings are tied. `None` for a backbone built
+    /// under a scalar head (a reward model has no LM head).
+    lm_head: Option<Tensor>,
 }
 
 impl Llama {
+    /// The causal LM: backbone plus LM head.
     pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        Self::build(config, vb, true)
+    }
+
+    /// The backbone alone (embeddings, layers, final norm), for a model whose head is a scalar
+    /// (`LlamaForSequenceClassification`); it reads no `lm_head.weight`.
+    pub fn new_backbone(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        Self::build(config, vb, false)
+    }
+
+    fn build(config: &LlamaConfig, vb: VarBuilder, with_lm_head: bool) -> Result<Self> {
         let cfg = config;
         let model = vb.pp("model");
         let embeddings = model.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
@@ -171,10 +183,12 @@ impl Llama {
             .map(|i| DecoderLayer::new(cfg, model.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         let norm = model.pp("norm").get(cfg.hidden_size, "weight")?;
-        let lm_head = if cfg.tie_word_embeddings {
-            embeddings.clone()
+        let lm_head = if !with_lm_head {
+            None
+        } else if cfg.tie_word_embeddings {
+            Some(embeddings.clone())
         } else {
-            vb.pp("lm_head").get((cfg.vocab_size, cfg.hidden_size), "weight")?
+            Some(vb.pp("lm_head").get((cfg.vocab_size, cfg.hidden_size), "weight")?)
         };
         Ok(Self {
             config: cfg.clone(),
@@ -193,6 +207,26 @@ impl Llama {
     /// padding after a sequence's end cannot change the logits of its real tokens. This is the training
     /// path: no cache, differentiable end to end.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_with_hidden(input_ids)?.1)
+    }
+
+    /// Final hidden states `[b, t, d]` (after the last norm) and logits `[b, t, v]`, from one pass.
+    pub fn forward_with_hidden(&self, input_ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let hidden = self.hidden_states(input_ids)?; // [b, t, d]
+        let logits = self.logits(&hidden)?; // [b, t, v]
+        Ok((hidden, logits))
+    }
+
+    /// The LM head on final hidden states: `[b, t, d]` → `[b, t, v]`.
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let lm_head = self.lm_head.as_ref().ok_or_else(|| {
+            crate::error::Error::Train("this model was built without an LM head (a reward model); it has no logits".into())
+        })?;
+        Ok(hidden.broadcast_matmul(&lm_head.t()?)?) // [b, t, v]
+    }
+
+    /// Final hidden states `[b, t, d]`, after the last RMSNorm: what HF's heads read.
+    pub fn hidden_states(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (_, t) = input_ids.dims2()?;
         let cfg = &self.config;
         let device = input_ids.device();
@@ -269,9 +303,11 @@ impl Llama {
             }
         }
         let mask = Tensor::from_vec(mask, (b, 1, t, total), device)?; // [b, 1, t, total]
-        self.run_layers(input_ids, &cos, &sin, &mask, Some(&mut cache.layers))
+        let hidden = self.run_layers(input_ids, &cos, &sin, &mask, Some(&mut cache.layers))?; // [b, t, d]
+        self.logits(&hidden)
     }
 
+    /// Embeddings, decoder layers and the final norm: hidden states `[b, t, d]`.
     fn run_layers(&self, input_ids: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, mut caches: Option<&mut Vec<LayerCache>>) -> Result<Tensor> {
         let cfg = &self.config;
         let mut x = self.embed_tokens.forward(input_ids)?; // [b, t, d]
@@ -283,7 +319,6 @@ impl Llama {
             let h = rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?;
             x = (x + layer.mlp.forward(&h)?)?;
         }
-        let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?; // [b, t, d]
-        Ok(x.broadcast_matmul(&self.lm_head.t()?)?) // [b, t, v]
+        rms_norm(&x, &self.norm, cfg.rms_norm_eps) // [b, t, d]
     }
 }

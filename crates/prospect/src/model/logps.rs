@@ -25,6 +25,16 @@ pub struct SequenceLogps {
 /// - `input_ids`: `[b, t]` u32
 /// - `completion_mask`: `[b, t]`, 1 on completion tokens and 0 on prompt and padding
 pub fn sequence_logps(logits: &Tensor, input_ids: &Tensor, completion_mask: &Tensor) -> Result<SequenceLogps> {
+    let (token_logps, mask) = token_logps(logits, input_ids, completion_mask)?; // [b, t-1] each
+    let logps = token_logps.sum(D::Minus1)?; // [b]
+    let token_counts = mask.sum(D::Minus1)?.to_vec1::<f32>()?.into_iter().map(|c| c as usize).collect();
+    Ok(SequenceLogps { logps, token_counts })
+}
+
+/// Per-token completion log-probs, for losses that work token by token (offline PPO).
+///
+/// Returns `([b, t-1] log p of token t+1 at position t, zero off the completion; [b, t-1] mask)`.
+pub fn token_logps(logits: &Tensor, input_ids: &Tensor, completion_mask: &Tensor) -> Result<(Tensor, Tensor)> {
     let (b, t, _v) = logits.dims3()?;
     if input_ids.dims() != [b, t] || completion_mask.dims() != [b, t] {
         return Err(Error::Shape {
@@ -38,9 +48,7 @@ pub fn sequence_logps(logits: &Tensor, input_ids: &Tensor, completion_mask: &Ten
     let mask = completion_mask.narrow(1, 1, t - 1)?.to_dtype(DType::F32)?; // [b, t-1]
     let logp = log_softmax_last_dim(&logits)?; // [b, t-1, v]
     let token_logps = logp.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?; // [b, t-1]
-    let logps = (token_logps * &mask)?.sum(D::Minus1)?; // [b]
-    let token_counts = mask.sum(D::Minus1)?.to_vec1::<f32>()?.into_iter().map(|c| c as usize).collect();
-    Ok(SequenceLogps { logps, token_counts })
+    Ok(((token_logps * &mask)?, mask))
 }
 
 #[cfg(test)]

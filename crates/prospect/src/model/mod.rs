@@ -2,6 +2,7 @@
 //! `sequence_logps`, where logits become log-probs.
 
 pub mod config;
+pub mod heads;
 pub mod init;
 pub mod llama;
 pub mod logps;
@@ -15,8 +16,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 pub use config::LlamaConfig;
+pub use heads::{RewardModel, ValueHead};
 pub use llama::Llama;
-pub use logps::{sequence_logps, SequenceLogps};
+pub use logps::{sequence_logps, token_logps, SequenceLogps};
 pub use tokenizer::HfTokenizer;
 pub use weights::{load_tensors, save_tensors, Params};
 
@@ -25,36 +27,137 @@ use crate::error::{Error, Result};
 /// Training runs in f32: the reference numbers (TRL on CPU) are f32, and AdamW's small updates need it.
 pub const TRAIN_DTYPE: DType = DType::F32;
 
+/// What sits on top of the trained backbone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Head {
+    /// The causal LM head (every loss that trains a policy).
+    #[default]
+    Lm,
+    /// A scalar `score` head instead of the LM head: a reward model, saved as
+    /// `*ForSequenceClassification` with `num_labels = 1`.
+    Score,
+    /// The LM head plus a value head (`v_head.summary.*`, PPO's critic), saved beside the model as
+    /// `value_head.safetensors`.
+    Value,
+}
+
+/// File a value head is read from and saved to, next to `model.safetensors`.
+pub const VALUE_HEAD_FILE: &str = "value_head.safetensors";
+
 /// A trainable policy: its config, its parameters as `Var`s, and the folder it came from.
 pub struct Policy {
     pub config: LlamaConfig,
     pub params: Params,
     pub source_dir: PathBuf,
+    pub head: Head,
+    /// Written to `config.json` when a reward model is saved (HF reads the score at the last token
+    /// that is not `pad_token_id`).
+    pub pad_token_id: Option<u32>,
 }
 
 impl Policy {
     /// Load a Hugging Face folder for training. Checkpoint tensors the model does not use (e.g. a
     /// redundant `lm_head.weight` when embeddings are tied) are left out and returned by name.
     pub fn load(dir: &Path, device: &Device) -> Result<(Self, Vec<String>)> {
+        let (policy, unused, _) = Self::load_with_head(dir, device, Head::Lm, 0)?;
+        Ok((policy, unused))
+    }
+
+    /// Load with a given head. A head the folder lacks (`score.weight`; `v_head.summary.*` in
+    /// `value_head.safetensors`) is initialised from N(0, `initializer_range`²) with `seed` (bias 0).
+    /// Returns the policy, the unused checkpoint tensors, and the names of initialised tensors.
+    pub fn load_with_head(dir: &Path, device: &Device, head: Head, seed: u64) -> Result<(Self, Vec<String>, Vec<String>)> {
         let config = LlamaConfig::load(dir)?;
-        let tensors = load_tensors(dir, TRAIN_DTYPE, device)?;
+        let mut tensors = load_tensors(dir, TRAIN_DTYPE, device)?;
+        let mut initialised = Vec::new();
+        let std = config.initializer_range.unwrap_or(0.02);
+        let d = config.hidden_size;
+        match head {
+            Head::Lm => {}
+            Head::Score => {
+                if !tensors.contains_key(heads::SCORE_WEIGHT) {
+                    tensors.insert(heads::SCORE_WEIGHT.into(), heads::normal_init(1, d, std, seed, device)?);
+                    initialised.push(heads::SCORE_WEIGHT.to_string());
+                }
+            }
+            Head::Value => {
+                let file = dir.join(VALUE_HEAD_FILE);
+                if file.exists() {
+                    let loaded = candle_core::safetensors::load(&file, device)
+                        .map_err(|e| Error::model(&file, format!("cannot read safetensors: {e}")))?;
+                    for (name, t) in loaded {
+                        tensors.insert(name, t.to_dtype(TRAIN_DTYPE)?);
+                    }
+                } else {
+                    tensors.insert(heads::VALUE_WEIGHT.into(), heads::normal_init(1, d, std, seed, device)?);
+                    tensors.insert(heads::VALUE_BIAS.into(), Tensor::zeros(1, TRAIN_DTYPE, device)?);
+                    initialised.extend([heads::VALUE_WEIGHT.to_string(), heads::VALUE_BIAS.to_string()]);
+                }
+            }
+        }
         let mut params = Params::from_tensors(&tensors)?;
         drop(tensors);
         let (_, used) = weights::build_with(params.tensors(), TRAIN_DTYPE, device, |vb| {
-            Llama::new(&config, vb).map_err(|e| annotate(dir, e))
+            let built = match head {
+                Head::Lm => Llama::new(&config, vb).map(|_| ()),
+                Head::Score => RewardModel::new(&config, vb).map(|_| ()),
+                Head::Value => Llama::new(&config, vb.clone()).and_then(|_| ValueHead::new(&config, vb)).map(|_| ()),
+            };
+            built.map_err(|e| annotate(dir, e))
         })?;
         let unused = params.retain(&used);
-        Ok((Self { config, params, source_dir: dir.to_path_buf() }, unused))
+        Ok((Self { config, params, source_dir: dir.to_path_buf(), head, pad_token_id: None }, unused, initialised))
     }
 
-    /// The model on the trainable weights: gradients flow into `params`.
+    fn build_llama(&self, tensors: BTreeMap<String, Tensor>, device: &Device) -> Result<Llama> {
+        let head = self.head;
+        Ok(weights::build_with(tensors, TRAIN_DTYPE, device, |vb| match head {
+            Head::Score => Llama::new_backbone(&self.config, vb),
+            Head::Lm | Head::Value => Llama::new(&self.config, vb),
+        })?
+        .0)
+    }
+
+    /// The model on the trainable weights: gradients flow into `params`. (For a reward model, the
+    /// backbone without an LM head.)
     pub fn model(&self, device: &Device) -> Result<Llama> {
-        Ok(weights::build_with(self.params.tensors(), TRAIN_DTYPE, device, |vb| Llama::new(&self.config, vb))?.0)
+        self.build_llama(self.params.tensors(), device)
     }
 
     /// The model on the current weights with gradient tracking off (shares storage, copies nothing).
     pub fn frozen_model(&self, device: &Device) -> Result<Llama> {
-        Ok(weights::build_with(self.params.detached_tensors(), TRAIN_DTYPE, device, |vb| Llama::new(&self.config, vb))?.0)
+        self.build_llama(self.params.detached_tensors(), device)
+    }
+
+    /// Grow the vocabulary to `vocab_size` rows (after tokens were added to the tokenizer): every new
+    /// row of `embed_tokens` (and of an untied `lm_head`) is the mean of the existing rows, the
+    /// deterministic part of `transformers`' `resize_token_embeddings(mean_resizing=True)`. Returns
+    /// the number of rows added (0 when the matrix already had room, as many checkpoints pad it).
+    pub fn grow_vocab(&mut self, vocab_size: usize, device: &Device) -> Result<usize> {
+        let old = self.config.vocab_size;
+        if vocab_size <= old {
+            return Ok(0);
+        }
+        for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+            let Some(var) = self.params.get(name) else { continue };
+            let w = var.as_tensor().detach(); // [v, d]
+            let mean = w.mean_keepdim(0)?; // [1, d]
+            let rows = mean.broadcast_as((vocab_size - old, w.dim(1)?))?.contiguous()?; // [new, d]
+            let grown = Tensor::cat(&[&w, &rows], 0)?.to_device(device)?; // [v', d]
+            self.params.replace(name, &grown)?;
+        }
+        self.config.vocab_size = vocab_size;
+        Ok(vocab_size - old)
+    }
+
+    /// The trainable reward model (backbone + `score`); only for [`Head::Score`].
+    pub fn reward_model(&self, device: &Device) -> Result<RewardModel> {
+        Ok(weights::build_with(self.params.tensors(), TRAIN_DTYPE, device, |vb| RewardModel::new(&self.config, vb))?.0)
+    }
+
+    /// The trainable value head; only for [`Head::Value`].
+    pub fn value_head(&self, device: &Device) -> Result<ValueHead> {
+        Ok(weights::build_with(self.params.tensors(), TRAIN_DTYPE, device, |vb| ValueHead::new(&self.config, vb))?.0)
     }
 
     /// Save as a Hugging Face folder: `config.json` and tokenizer files from the source folder, the
@@ -66,18 +169,63 @@ impl Policy {
                 let src = self.source_dir.join(name);
                 if src.exists() {
                     let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-                    let bytes = if *name == "config.json" { mark_f32(&bytes, &src)? } else { bytes };
+                    let bytes = if *name == "config.json" { self.rewrite_config(&bytes, &src)? } else { bytes };
                     crate::fsio::write_atomic(&tmp.join(name), &bytes)?;
                 }
             }
-            let tensors: BTreeMap<String, Tensor> = self.params.detached_tensors();
+            let (value_head, tensors): (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) =
+                self.params.detached_tensors().into_iter().partition(|(k, _)| k.starts_with("v_head."));
             save_tensors(&tensors, &tmp.join("model.safetensors"))?;
+            if !value_head.is_empty() {
+                save_tensors(&value_head, &tmp.join(VALUE_HEAD_FILE))?;
+            }
             for (name, bytes) in extra {
                 crate::fsio::write_atomic(&tmp.join(name), bytes)?;
             }
             Ok(())
         })
     }
+}
+
+impl Policy {
+    /// `config.json` for the saved folder: f32 weights, and for a reward model the
+    /// sequence-classification fields `AutoModelForSequenceClassification` needs.
+    fn rewrite_config(&self, bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
+        let bytes = mark_f32(bytes, path)?;
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| Error::model(path, format!("invalid JSON: {e}")))?;
+        if let Some(obj) = json.as_object_mut() {
+            obj.insert("vocab_size".into(), serde_json::json!(self.config.vocab_size));
+        }
+        if self.head != Head::Score {
+            return serde_json::to_vec_pretty(&json).map_err(|e| Error::model(path, e.to_string()));
+        }
+        let family = match self.config.model_type.as_str() {
+            "mistral" => "Mistral",
+            "qwen2" => "Qwen2",
+            _ => "Llama",
+        };
+        if let Some(obj) = json.as_object_mut() {
+            obj.insert("architectures".into(), serde_json::json!([format!("{family}ForSequenceClassification")]));
+            // num_labels = 1 is spelled as a one-entry id2label/label2id, as transformers writes it.
+            obj.insert("id2label".into(), serde_json::json!({"0": "LABEL_0"}));
+            obj.insert("label2id".into(), serde_json::json!({"LABEL_0": 0}));
+            if let Some(pad) = self.pad_token_id {
+                obj.insert("pad_token_id".into(), serde_json::json!(pad));
+            }
+        }
+        serde_json::to_vec_pretty(&json).map_err(|e| Error::model(path, e.to_string()))
+    }
+}
+
+/// A frozen reward model (to score completions, e.g. for PPO): the folder must hold `score.weight`.
+pub fn load_frozen_reward(dir: &Path, device: &Device) -> Result<RewardModel> {
+    let config = LlamaConfig::load(dir)?;
+    let tensors = load_tensors(dir, TRAIN_DTYPE, device)?;
+    if !tensors.contains_key(heads::SCORE_WEIGHT) {
+        return Err(Error::model(dir, "not a reward model: no `score.weight` (train one with `type = \"reward\"`)"));
+    }
+    Ok(weights::build_with(tensors, TRAIN_DTYPE, device, |vb| RewardModel::new(&config, vb).map_err(|e| annotate(dir, e)))?.0)
 }
 
 /// A frozen model (the reference): plain tensors, no `Var`s, no gradient, no optimizer state.

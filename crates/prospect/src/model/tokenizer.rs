@@ -117,4 +117,25 @@ impl HfTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// The id of a token that must be in the vocabulary.
+    pub fn token_id(&self, token: &str) -> Result<u32> {
+        self.inner.token_to_id(token).ok_or_else(|| Error::Tokenizer(format!("{token:?} is not in the vocabulary")))
+    }
+
+    /// Add the tokens the vocabulary lacks as special tokens (never split, as `tokenizer.add_special_tokens`
+    /// does in `transformers`; new ids follow the existing ones). Returns the tokens it added.
+    pub fn add_special_tokens(&mut self, tokens: &[&str]) -> Result<Vec<String>> {
+        let missing: Vec<String> =
+            tokens.iter().filter(|t| self.inner.token_to_id(t).is_none()).map(|t| t.to_string()).collect();
+        let added: Vec<tokenizers::AddedToken> =
+            missing.iter().map(|t| tokenizers::AddedToken::from(t.clone(), true)).collect();
+        self.inner.add_special_tokens(added).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(missing)
+    }
+
+    /// `tokenizer.json` as it stands (after [`Self::add_special_tokens`]).
+    pub fn to_json_bytes(&self) -> Result<Vec<u8>> {
+        Ok(self.inner.to_string(false).map_err(|e| Error::Tokenizer(e.to_string()))?.into_bytes())
+    }
 }

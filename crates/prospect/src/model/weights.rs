@@ -144,6 +144,12 @@ impl Params {
         dropped
     }
 
+    /// Replace a parameter by a new `Var` holding `tensor` (e.g. a grown embedding matrix).
+    pub fn replace(&mut self, name: &str, tensor: &Tensor) -> Result<()> {
+        self.vars.insert(name.to_string(), Var::from_tensor(tensor)?);
+        Ok(())
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Var)> {
         self.vars.iter()
     }

@@ -44,6 +44,21 @@ pub struct ObjectiveMetrics {
     pub rewards_margins: Option<f64>,
     #[serde(default, rename = "rewards/accuracies", skip_serializing_if = "Option::is_none")]
     pub rewards_accuracies: Option<f64>,
+    /// Reward model: fraction of pairs scored chosen > rejected (TRL's `RewardTrainer` key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    /// Reward model: mean chosen − rejected score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub margin: Option<f64>,
+    /// Offline PPO: the clipped policy term.
+    #[serde(default, rename = "loss/policy", skip_serializing_if = "Option::is_none")]
+    pub policy_loss: Option<f64>,
+    /// Offline PPO: the value-head term (before `critic_coef`).
+    #[serde(default, rename = "loss/critic", skip_serializing_if = "Option::is_none")]
+    pub critic_loss: Option<f64>,
+    /// Offline PPO: fraction of completion tokens where the clip is active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clipfrac: Option<f64>,
 }
 
 /// Running mean of a metric over the microbatches that report it.
@@ -75,6 +90,11 @@ pub struct ObjectiveAccumulator {
     rejected: Mean,
     margins: Mean,
     accuracies: Mean,
+    accuracy: Mean,
+    margin: Mean,
+    policy_loss: Mean,
+    critic_loss: Mean,
+    clipfrac: Mean,
 }
 
 impl ObjectiveAccumulator {
@@ -85,6 +105,11 @@ impl ObjectiveAccumulator {
         self.rejected.add(m.rewards_rejected);
         self.margins.add(m.rewards_margins);
         self.accuracies.add(m.rewards_accuracies);
+        self.accuracy.add(m.accuracy);
+        self.margin.add(m.margin);
+        self.policy_loss.add(m.policy_loss);
+        self.critic_loss.add(m.critic_loss);
+        self.clipfrac.add(m.clipfrac);
     }
 
     pub fn finish(&self) -> ObjectiveMetrics {
@@ -95,6 +120,11 @@ impl ObjectiveAccumulator {
             rewards_rejected: self.rejected.get(),
             rewards_margins: self.margins.get(),
             rewards_accuracies: self.accuracies.get(),
+            accuracy: self.accuracy.get(),
+            margin: self.margin.get(),
+            policy_loss: self.policy_loss.get(),
+            critic_loss: self.critic_loss.get(),
+            clipfrac: self.clipfrac.get(),
         }
     }
 }

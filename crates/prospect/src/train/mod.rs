@@ -32,7 +32,7 @@ use crate::config::TrainConfig;
 use crate::data::Examples;
 use crate::error::{Error, Result};
 use crate::loss::LossConfig;
-use crate::model::{load_frozen, HfTokenizer, Policy};
+use crate::model::{load_frozen, load_frozen_reward, Head, HfTokenizer, Policy};
 pub use metrics::{ObjectiveMetrics, StepMetrics};
 use metrics::ObjectiveAccumulator;
 use microbatch::{truncated_completion_len, BatchSettings, Models};
@@ -71,16 +71,49 @@ pub fn epoch_order(n: usize, epoch: usize, shuffle: bool, seed: u64) -> Vec<usiz
 /// Train as `config` says and save `output_dir/final/`. Returns the final metrics.
 pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_event: &mut dyn FnMut(Event)) -> Result<Vec<StepMetrics>> {
     config.validate()?;
-    let tok = HfTokenizer::load(&config.model)?;
-    let (policy, unused) = Policy::load(&config.model, device)?;
+    let mut tok = HfTokenizer::load(&config.model)?;
+    let head = match &config.loss {
+        LossConfig::Reward(_) => Head::Score,
+        LossConfig::PpoOffline(_) => Head::Value,
+        _ => Head::Lm,
+    };
+    let (mut policy, unused, initialised) = Policy::load_with_head(&config.model, device, head, config.seed)?;
+    policy.pad_token_id = Some(tok.pad_token_id);
     if !unused.is_empty() {
         on_event(Event::Notice(format!("checkpoint tensors the model does not use, left out of training: {unused:?}")));
     }
+    if !initialised.is_empty() {
+        on_event(Event::Notice(format!("{} has no {initialised:?}: initialised from N(0, initializer_range²) with seed {}", config.model.display(), config.seed)));
+    }
+    // CSFT: the control tokens, added to the tokenizer and the embeddings when missing.
+    let mut saved_tokenizer: Option<Vec<u8>> = None;
+    let control_ids = match &config.loss {
+        LossConfig::Csft(c) => {
+            let added = tok.add_special_tokens(&[c.good_token.as_str(), c.bad_token.as_str()])?;
+            if !added.is_empty() {
+                let grown = policy.grow_vocab(tok.vocab_size(), device)?;
+                on_event(Event::Notice(format!(
+                    "added control tokens {added:?} to the tokenizer{}",
+                    if grown > 0 { format!(" and {grown} embedding rows (the mean of the existing rows)") } else { String::new() }
+                )));
+                saved_tokenizer = Some(tok.to_json_bytes()?);
+            }
+            Some((tok.token_id(&c.good_token)?, tok.token_id(&c.bad_token)?))
+        }
+        _ => None,
+    };
     let reference = if config.loss.needs_reference() {
         let dir = config.reference.as_deref().unwrap_or(&config.model);
         Some(load_frozen(dir, device)?)
     } else {
         None
+    };
+    let scorer = match &config.loss {
+        LossConfig::PpoOffline(ppo) => match &ppo.reward_model {
+            Some(dir) => Some(load_frozen_reward(dir, device)?),
+            None => None,
+        },
+        _ => None,
     };
 
     // Data: read (any layout), hold out, unpair + balance, tokenize; λ from the class counts if asked.
@@ -124,8 +157,18 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
 
     let model = policy.model(device)?;
     let frozen = policy.frozen_model(device)?;
-    let models = Models { policy: &model, policy_frozen: &frozen, reference: reference.as_ref() };
-    let settings = BatchSettings { max_length: config.max_length, pad_id: tok.pad_token_id, device };
+    let reward_model = if head == Head::Score { Some(policy.reward_model(device)?) } else { None };
+    let value_head = if head == Head::Value { Some(policy.value_head(device)?) } else { None };
+    let models = Models {
+        policy: &model,
+        policy_frozen: &frozen,
+        reference: reference.as_ref(),
+        reward_model: reward_model.as_ref(),
+        value_head: value_head.as_ref(),
+        scorer: scorer.as_ref(),
+    };
+    let settings = BatchSettings { max_length: config.max_length, pad_id: tok.pad_token_id, device, control_ids };
+    let control_tokens = usize::from(control_ids.is_some());
     let mut history = Vec::new();
     let mut order_epoch = usize::MAX;
     let mut order = Vec::new();
@@ -139,7 +182,7 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
         }
         let batch = &order[k * config.batch_size..((k + 1) * config.batch_size).min(n)];
         let microbatches: Vec<&[usize]> = batch.chunks(config.microbatch_size).collect();
-        let step_tokens: usize = step_completion_tokens(&examples, batch, config.max_length);
+        let step_tokens: usize = step_completion_tokens(&examples, batch, config.max_length, control_tokens);
 
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = 0f64;
@@ -199,7 +242,8 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
 
         if let Some(eval) = &eval_examples {
             if (config.eval_every > 0 && (step + 1) % config.eval_every == 0) || step + 1 == total_steps {
-                let eval_models = Models { policy: &frozen, policy_frozen: &frozen, reference: reference.as_ref() };
+                // No gradient for the LM; the heads (reward model, value head) are read as they stand.
+                let eval_models = Models { policy: &frozen, policy_frozen: &frozen, ..models };
                 let (eval_loss, metrics) = evaluate(&loss, eval, &eval_models, &settings, config.microbatch_size)?;
                 let mut line = serde_json::Map::new();
                 line.insert("step".into(), (step + 1).into());
@@ -227,16 +271,24 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
         on_event(Event::Notice(format!("skip_invalid: {n} invalid rows were skipped (metrics.jsonl: `data/skipped_invalid`)")));
     }
     let final_dir = config.output_dir.join("final");
-    policy.save_hf(&final_dir, &[("prospect.toml", config_toml.as_bytes())])?;
+    let mut extra: Vec<(&str, &[u8])> = vec![("prospect.toml", config_toml.as_bytes())];
+    if let Some(bytes) = &saved_tokenizer {
+        extra.push(("tokenizer.json", bytes));
+    }
+    policy.save_hf(&final_dir, &extra)?;
     on_event(Event::Finished(final_dir));
     Ok(history)
 }
 
-/// Completion tokens (after truncation) of a step's rows: SFT normalises by it.
-fn step_completion_tokens(examples: &Examples, rows: &[usize], max_length: usize) -> usize {
+/// Completion tokens (after truncation) of a step's rows: SFT and CSFT normalise by it. `prefix`
+/// tokens are prepended to every completion (CSFT's control token).
+fn step_completion_tokens(examples: &Examples, rows: &[usize], max_length: usize, prefix: usize) -> usize {
     match examples {
         Examples::Sft(v) => rows.iter().map(|&i| truncated_completion_len(&v[i], max_length)).sum(),
-        Examples::Unpaired(v) => rows.iter().map(|&i| truncated_completion_len(&v[i].seq, max_length)).sum(),
+        Examples::Unpaired(v) => rows
+            .iter()
+            .map(|&i| (max_length.min(v[i].seq.len() + prefix)).saturating_sub(v[i].seq.prompt_ids.len()))
+            .sum(),
         Examples::Paired(v) => rows
             .iter()
             .map(|&i| truncated_completion_len(&v[i].chosen, max_length) + truncated_completion_len(&v[i].rejected, max_length))
