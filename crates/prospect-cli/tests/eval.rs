@@ -169,3 +169,47 @@ fn generate_renders_conversational_prompts_with_the_chat_template() {
     assert_eq!(row["completion_ids"], row2["completion_ids"]);
     assert_eq!(row["completion_ids"].as_array().unwrap().len(), 4);
 }
+
+#[test]
+fn reward_judge_scores_as_transformers_does() {
+    // tests/fixtures/tiny-llama-rm is a LlamaForSequenceClassification folder (num_labels = 1). Each
+    // completion's score must equal what transformers gives prompt + completion + eos.
+    let dir = scratch("eval-reward");
+    let rm = fixtures().join("tiny-llama-rm");
+    let row = |p: &str, c: &str| serde_json::json!({"prompt": p, "completion": c}).to_string();
+    let (c, b) = (dir.join("cand.jsonl"), dir.join("base.jsonl"));
+    write(&c, &[&row("The sky is", " blue."), &row("Two plus two is", " four.")]);
+    write(&b, &[&row("The sky is", " green today."), &row("Two plus two is", " five.")]);
+    let out = dir.join("out");
+    let judge = format!("reward:{}", rm.display());
+    let o = prospect(&["eval", "--candidate", c.to_str().unwrap(), "--baseline", b.to_str().unwrap(), "--judge", &judge, "--output", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("comparisons-cand.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+
+    let tok = prospect::model::HfTokenizer::load(&rm).unwrap();
+    let mut ids = vec![];
+    let mut ours = vec![];
+    for e in &log {
+        for (side, key) in [("candidate", "candidate_score"), ("baseline", "baseline_score")] {
+            let seq = prospect::data::tokenize_text(&tok, e["prompt"].as_str().unwrap(), e[side].as_str().unwrap(), &mut Default::default()).unwrap();
+            ids.push(seq.prompt_ids.iter().chain(&seq.completion_ids).copied().collect::<Vec<u32>>());
+            ours.push(e[key].as_f64().unwrap());
+        }
+    }
+    let width = ids.iter().map(Vec::len).max().unwrap();
+    let padded: Vec<Vec<u32>> = ids.iter().map(|r| r.iter().copied().chain(std::iter::repeat(tok.pad_token_id)).take(width).collect()).collect();
+    let python = std::env::var("PROSPECT_PYTHON").expect("PROSPECT_PYTHON: run through scripts/test.sh");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/hf_scores.py");
+    let run = std::process::Command::new(python).arg(script).arg(&rm).arg(serde_json::to_string(&padded).unwrap()).env("HF_HUB_OFFLINE", "1").output().unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let want: Vec<f64> = serde_json::from_value(serde_json::from_slice::<serde_json::Value>(&run.stdout).unwrap()["scores"].clone()).unwrap();
+    for (o, w) in ours.iter().zip(&want) {
+        assert!((o - w).abs() < 1e-4, "Prospect {ours:?} vs transformers {want:?}");
+    }
+    // The verdicts follow the scores.
+    for e in &log {
+        let (cs, bs) = (e["candidate_score"].as_f64().unwrap(), e["baseline_score"].as_f64().unwrap());
+        let want = if cs > bs { "candidate" } else if cs < bs { "baseline" } else { "tie" };
+        assert_eq!(e["verdict"], want);
+    }
+}

@@ -184,3 +184,48 @@ mod tests {
         assert_eq!(by_score(2.0, 2.0), Verdict::Tie);
     }
 }
+
+/// A reward model as a judge: each completion gets the score of the model's `score` head at the last
+/// non-pad token of prompt + completion, tokenized as the reward trainer tokenizes it (TRL's rules: eos
+/// appended to plain text; conversations rendered with the chat template, the completion as an assistant
+/// message). Sequences are cut at `max_length`.
+pub struct RewardJudge {
+    model: crate::model::RewardModel,
+    tok: crate::model::HfTokenizer,
+    template: Option<crate::data::chat::ChatTemplate>,
+    max_length: usize,
+    device: candle_core::Device,
+}
+
+impl RewardJudge {
+    pub fn load(dir: &std::path::Path, max_length: usize, device: &candle_core::Device) -> Result<Self> {
+        let tok = crate::model::HfTokenizer::load(dir)?;
+        let template = match &tok.chat_template {
+            Some(_) => Some(crate::data::chat::ChatTemplate::for_tokenizer(&tok, None)?),
+            None => None,
+        };
+        Ok(Self { model: crate::model::load_frozen_reward(dir, device)?, tok, template, max_length, device: device.clone() })
+    }
+
+    /// The score of `completion` after `prompt` (a JSON string, or a list of messages).
+    pub fn score(&self, prompt: &serde_json::Value, completion: &str) -> Result<f64> {
+        use crate::data::rows::Content;
+        use crate::data::chat::Message;
+        let (p, c) = match prompt {
+            serde_json::Value::String(s) => (Content::Text(s.clone()), Content::Text(completion.to_string())),
+            other => {
+                let msgs: Vec<Message> = serde_json::from_value(other.clone())
+                    .map_err(|e| Error::Tokenizer(format!("prompt must be a string or a list of messages: {e}")))?;
+                (Content::Messages(msgs), Content::Messages(vec![Message::new("assistant", completion)]))
+            }
+        };
+        let encoder = crate::data::tokenize::Encoder { tok: &self.tok, template: self.template.as_ref() };
+        let seq = encoder.sequence(&p, &c, &mut Default::default())?;
+        let mut ids: Vec<u32> = seq.prompt_ids.iter().chain(&seq.completion_ids).copied().collect();
+        ids.truncate(self.max_length);
+        let n = ids.len();
+        let input = candle_core::Tensor::from_vec(ids, (1, n), &self.device)?;
+        let s = self.model.scores(&input, self.tok.pad_token_id)?; // [1]
+        Ok(s.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?[0])
+    }
+}

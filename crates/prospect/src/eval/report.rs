@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::files::{pair_by_prompt, read_rows, Row};
-use super::judge::{by_score, rule_score, JudgeSpec, LlmJudge};
+use super::judge::{by_score, rule_score, JudgeSpec, LlmJudge, RewardJudge};
 use super::winrate::WinRate;
 use crate::error::{Error, Result};
 use crate::fsio::write_atomic;
@@ -51,22 +51,21 @@ pub struct EvalReport {
     pub candidates: Vec<CandidateResult>,
 }
 
-/// Scores a completion (rule and reward judges).
-pub type Scorer<'a> = dyn FnMut(&str, &str) -> Result<f64> + 'a;
-
 /// Compare every candidate file with the baseline file.
 pub fn evaluate(
     candidates: &[PathBuf],
     baseline: &Path,
     judge_spec: &str,
     llm: &LlmOptions,
-    reward_scorer: Option<&mut Scorer>,
     seed: u64,
     output: &Path,
 ) -> Result<EvalReport> {
     let spec = JudgeSpec::parse(judge_spec)?;
     let base_rows = read_rows(baseline, true)?;
-    let mut reward_scorer = reward_scorer;
+    let reward = match &spec {
+        JudgeSpec::Reward(dir) => Some(RewardJudge::load(dir, 1024, &candle_core::Device::Cpu)?),
+        _ => None,
+    };
     let mut results = Vec::new();
     for (ci, path) in candidates.iter().enumerate() {
         let rows = read_rows(path, true)?;
@@ -102,9 +101,10 @@ pub fn evaluate(
                     by_score(cs, bs)
                 }
                 JudgeSpec::Reward(_) => {
-                    let scorer = reward_scorer.as_deref_mut().ok_or_else(|| Error::config("judge", "a reward judge needs its model loaded"))?;
-                    let cs = scorer(&prompt, c.completion())?;
-                    let bs = scorer(&prompt, b.completion())?;
+                    let judge = reward.as_ref().ok_or_else(|| Error::config("judge", "reward model not loaded"))?;
+                    let raw_prompt = c.fields.get("prompt").cloned().unwrap_or_default();
+                    let cs = judge.score(&raw_prompt, c.completion())?;
+                    let bs = judge.score(&raw_prompt, b.completion())?;
                     c_scores.push(cs);
                     b_scores.push(bs);
                     entry["candidate_score"] = json!(cs);
