@@ -158,26 +158,12 @@ pub fn run_demo(out: &Path, scale: DemoScale, seed: u64, on_event: &mut dyn FnMu
     pairs.shuffle(&mut rng);
     let n_desirable = feedback.iter().filter(|r| r["label"] == json!(true)).count();
     let n_undesirable = feedback.len() - n_desirable;
-    // The imbalance experiment: keep 10% of the desirable rows; λ_D to the middle of the paper's
-    // range for the remaining counts, λ_D·n_D/(λ_U·n_U) = 7/6.
-    let mut kept_desirable = 0;
-    let imbalanced: Vec<serde_json::Value> = feedback
-        .iter()
-        .filter(|r| {
-            if r["label"] == json!(true) {
-                kept_desirable += 1;
-                kept_desirable % 10 == 1
-            } else {
-                true
-            }
-        })
-        .cloned()
-        .collect();
-    let kept = imbalanced.iter().filter(|r| r["label"] == json!(true)).count();
-    let lambda_d = 7.0 / 6.0 * n_undesirable as f64 / kept.max(1) as f64;
+    // The imbalance experiment runs on the same feedback file with `desirable_fraction = 0.1` and
+    // `auto_weights = true`; these are the counts and the λ_D the run will choose (and log).
+    let kept = crate::data::balance::kept(n_desirable, 0.1);
+    let lambda_d = crate::data::balance::auto_weights(kept, n_undesirable).0;
     write_jsonl(&data_dir.join("feedback.jsonl"), &feedback)?;
     write_jsonl(&data_dir.join("pairs.jsonl"), &pairs)?;
-    write_jsonl(&data_dir.join("feedback-10pct-desirable.jsonl"), &imbalanced)?;
     let stats = FeedbackStats { desirable: n_desirable, undesirable: n_undesirable, pairs: pairs.len(), imbalanced_desirable_weight: lambda_d, imbalanced_desirable_kept: kept };
     on_event(Event::Notice(format!(
         "feedback: {n_desirable} desirable, {n_undesirable} undesirable, {} DPO pairs; 10%-desirable run keeps {kept} desirable rows with λ_D = {lambda_d:.2}",
@@ -192,7 +178,11 @@ pub fn run_demo(out: &Path, scale: DemoScale, seed: u64, on_event: &mut dyn FnMu
     models.push(("sft+dpo", run(out, "sft+dpo", &sft, Some(&sft), &data_dir.join("pairs.jsonl"), LossConfig::Dpo(DpoConfig::default()), 1e-3, scale.align_epochs, 16, 8, seed, on_event)?));
     models.push(("sft+kto", run(out, "sft+kto", &sft, Some(&sft), &fb, kto(1.0), 1e-3, scale.align_epochs, 16, 8, seed, on_event)?));
     models.push(("kto", run(out, "kto", &base, Some(&base), &fb, kto(1.0), 1e-3, scale.align_epochs, 16, 8, seed, on_event)?));
-    models.push(("kto-10%-desirable", run(out, "kto-10pct-desirable", &sft, Some(&sft), &data_dir.join("feedback-10pct-desirable.jsonl"), kto(lambda_d), 1e-3, scale.align_epochs, 16, 8, seed, on_event)?));
+    let imbalance = |c: &mut TrainConfig| {
+        c.desirable_fraction = 0.1;
+        c.auto_weights = true;
+    };
+    models.push(("kto-10%-desirable", run_with(out, "kto-10pct-desirable", &sft, Some(&sft), &fb, kto(1.0), 1e-3, scale.align_epochs, 16, 8, seed, on_event, imbalance)?));
 
     // 5. Held-out evaluation against SFT.
     on_event(Event::Notice("stage 5/5: judging every model against SFT on held-out prompts".into()));
@@ -319,8 +309,28 @@ fn run(
     seed: u64,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<PathBuf> {
+    run_with(out, name, model, reference, data, loss, lr, epochs, batch, microbatch, seed, on_event, |_| {})
+}
+
+/// [`run`], with a last say over the config (e.g. the imbalance keys).
+#[allow(clippy::too_many_arguments)]
+fn run_with(
+    out: &Path,
+    name: &str,
+    model: &Path,
+    reference: Option<&Path>,
+    data: &Path,
+    loss: LossConfig,
+    lr: f64,
+    epochs: usize,
+    batch: usize,
+    microbatch: usize,
+    seed: u64,
+    on_event: &mut dyn FnMut(Event),
+    adjust: impl FnOnce(&mut TrainConfig),
+) -> Result<PathBuf> {
     let run_dir = out.join("runs").join(name);
-    let config = TrainConfig {
+    let mut config = TrainConfig {
         reference: reference.map(Path::to_path_buf),
         batch_size: batch,
         microbatch_size: microbatch,
@@ -331,6 +341,7 @@ fn run(
         seed,
         ..TrainConfig::with_defaults(model.to_path_buf(), data.to_path_buf(), run_dir.clone(), loss)
     };
+    adjust(&mut config);
     let mut last: Option<StepMetrics> = None;
     train(&config, &Device::Cpu, RunOptions::default(), &mut |e| match e {
         Event::Step(m) => last = Some(m),
