@@ -70,6 +70,12 @@ pub struct TrainConfig {
     /// Write a resumable checkpoint every this many steps (0: only the final model).
     #[serde(default)]
     pub save_every: usize,
+    /// Compute the reference model's log-probs of every sequence the run will use (KTO: target and KL
+    /// pairs; DPO: chosen and rejected) in one no-grad pass before training, then free the reference
+    /// model, so training holds one model and runs two forward passes per microbatch instead of four.
+    /// Same numbers as `false`: the pass uses the training microbatches. TRL: `precompute_ref_log_probs`.
+    #[serde(default)]
+    pub precompute_ref_logps: bool,
 
     /// The objective and its hyperparameters.
     pub loss: LossConfig,

@@ -340,6 +340,7 @@ fn run(
         shuffle: true,
         seed,
         save_every: 0,
+        precompute_ref_logps: false,
         loss,
     };
     let mut last: Option<StepMetrics> = None;

@@ -193,6 +193,13 @@ impl Llama {
     /// padding after a sequence's end cannot change the logits of its real tokens. This is the training
     /// path: no cache, differentiable end to end.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids)?; // [b, t, d]
+        self.logits(&hidden) // [b, t, v]
+    }
+
+    /// The final normed hidden states `[b, t, d]`: [`Llama::forward`] without the LM head, so that a
+    /// caller can apply the head to the positions it needs only (see `model::completion_logps`).
+    pub fn hidden_states(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (_, t) = input_ids.dims2()?;
         let cfg = &self.config;
         let device = input_ids.device();
@@ -205,6 +212,11 @@ impl Llama {
         let (cos, sin) = rope_tables(t, cfg.head_dim(), cfg.rope_theta(), device)?; // [t, e]
         let mask = causal_mask(t, DType::F32, device)?; // [t, t]
         self.run_layers(input_ids, &cos, &sin, &mask, None)
+    }
+
+    /// The LM head on hidden states `[..., d]` → logits `[..., v]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.broadcast_matmul(&self.lm_head.t()?)?)
     }
 
     /// An empty cache for [`Llama::forward_cached`].
@@ -269,7 +281,8 @@ impl Llama {
             }
         }
         let mask = Tensor::from_vec(mask, (b, 1, t, total), device)?; // [b, 1, t, total]
-        self.run_layers(input_ids, &cos, &sin, &mask, Some(&mut cache.layers))
+        let hidden = self.run_layers(input_ids, &cos, &sin, &mask, Some(&mut cache.layers))?; // [b, t, d]
+        self.logits(&hidden) // [b, t, v]
     }
 
     fn run_layers(&self, input_ids: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, mut caches: Option<&mut Vec<LayerCache>>) -> Result<Tensor> {
@@ -283,7 +296,6 @@ impl Llama {
             let h = rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?;
             x = (x + layer.mlp.forward(&h)?)?;
         }
-        let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?; // [b, t, d]
-        Ok(x.broadcast_matmul(&self.lm_head.t()?)?) // [b, t, v]
+        rms_norm(&x, &self.norm, cfg.rms_norm_eps) // [b, t, d]
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod init;
+pub mod kernels;
 pub mod llama;
 pub mod logps;
 pub mod ops;
@@ -16,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 
 pub use config::LlamaConfig;
 pub use llama::Llama;
-pub use logps::{sequence_logps, SequenceLogps};
+pub use logps::{completion_logps, sequence_logps, sequence_logps_composite, SequenceLogps};
 pub use tokenizer::HfTokenizer;
 pub use weights::{load_tensors, save_tensors, Params};
 

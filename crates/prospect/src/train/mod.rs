@@ -3,6 +3,8 @@
 //! ```text
 //! load tokenizer, policy (Vars), reference (frozen)       model::
 //! read + tokenize rows                                    data::
+//! [precompute_ref_logps: reference log-probs of every
+//!  microbatch, then drop the reference model]             reference::
 //! for each optimizer step:
 //!     for each microbatch:   batch → logps → loss → backward, gradients summed
 //!     grad norm → clip → AdamW (lr from the schedule)
@@ -16,6 +18,7 @@ pub mod checkpoint;
 pub mod metrics;
 pub mod microbatch;
 pub mod optim;
+pub mod reference;
 pub mod schedule;
 
 use std::collections::BTreeMap;
@@ -34,7 +37,8 @@ use crate::loss::{kto::class_weight_advice, LossConfig};
 use crate::model::{load_frozen, HfTokenizer, Policy};
 pub use metrics::{ObjectiveMetrics, StepMetrics};
 use metrics::ObjectiveAccumulator;
-use microbatch::{truncated_completion_len, BatchSettings, Models};
+use microbatch::{truncated_completion_len, BatchSettings, Models, Reference};
+use reference::ReferenceLogps;
 use optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
 
 /// Progress of a run, for the caller to display.
@@ -73,7 +77,7 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
     if !unused.is_empty() {
         on_event(Event::Notice(format!("checkpoint tensors the model does not use, left out of training: {unused:?}")));
     }
-    let reference = if config.loss.needs_reference() {
+    let mut reference = if config.loss.needs_reference() {
         let dir = config.reference.as_deref().unwrap_or(&config.model);
         Some(load_frozen(dir, device)?)
     } else {
@@ -119,24 +123,42 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
 
     on_event(Event::Started { start_step, total_steps, examples: n, parameters: policy.params.num_elements() });
 
+    let settings = BatchSettings { max_length: config.max_length, pad_id: tok.pad_token_id, device };
+    let schedule = Schedule { n, steps_per_epoch, batch_size: config.batch_size, microbatch_size: config.microbatch_size, shuffle: config.shuffle, seed: config.seed };
+    let cached = match reference.take() {
+        Some(model) if config.precompute_ref_logps => {
+            let started = Instant::now();
+            let mbs: Vec<Vec<usize>> = (start_step..total_steps).flat_map(|step| schedule.microbatches(step)).collect();
+            let cache = ReferenceLogps::compute(&config.loss, &examples, mbs.iter().map(Vec::as_slice), &model, &settings)?;
+            on_event(Event::Notice(format!(
+                "reference log-probs of {} sequences precomputed in {:.1} s; reference model freed",
+                cache.len(),
+                started.elapsed().as_secs_f64()
+            )));
+            Some(cache) // `model` drops here: training holds only the policy.
+        }
+        other => {
+            reference = other;
+            None
+        }
+    };
+
     let model = policy.model(device)?;
     let frozen = policy.frozen_model(device)?;
-    let models = Models { policy: &model, policy_frozen: &frozen, reference: reference.as_ref() };
-    let settings = BatchSettings { max_length: config.max_length, pad_id: tok.pad_token_id, device };
+    let reference = match (&cached, &reference) {
+        (Some(cache), _) => Some(Reference::Cached(cache)),
+        (None, Some(model)) => Some(Reference::Model(model)),
+        (None, None) => None,
+    };
+    let models = Models { policy: &model, policy_frozen: &frozen, reference };
     let mut history = Vec::new();
-    let mut order_epoch = usize::MAX;
-    let mut order = Vec::new();
 
     for step in start_step..total_steps {
         let started = Instant::now();
         let (epoch, k) = (step / steps_per_epoch, step % steps_per_epoch);
-        if epoch != order_epoch {
-            order = epoch_order(n, epoch, config.shuffle, config.seed);
-            order_epoch = epoch;
-        }
-        let batch = &order[k * config.batch_size..((k + 1) * config.batch_size).min(n)];
-        let microbatches: Vec<&[usize]> = batch.chunks(config.microbatch_size).collect();
-        let step_tokens: usize = step_completion_tokens(&examples, batch, config.max_length);
+        let batch = schedule.rows(step);
+        let microbatches = schedule.microbatches(step);
+        let step_tokens: usize = step_completion_tokens(&examples, &batch, config.max_length);
 
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = 0f64;
@@ -203,6 +225,31 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
     policy.save_hf(&final_dir, &[("prospect.toml", config_toml.as_bytes())])?;
     on_event(Event::Finished(final_dir));
     Ok(history)
+}
+
+/// Which rows each optimizer step and each microbatch uses: the epoch's order, cut into batches, each cut
+/// into microbatches. The training loop and the reference pre-pass both read it.
+struct Schedule {
+    n: usize,
+    steps_per_epoch: usize,
+    batch_size: usize,
+    microbatch_size: usize,
+    shuffle: bool,
+    seed: u64,
+}
+
+impl Schedule {
+    /// The rows of optimizer step `step` (0-based), in order.
+    fn rows(&self, step: usize) -> Vec<usize> {
+        let (epoch, k) = (step / self.steps_per_epoch, step % self.steps_per_epoch);
+        let order = epoch_order(self.n, epoch, self.shuffle, self.seed);
+        order[k * self.batch_size..((k + 1) * self.batch_size).min(self.n)].to_vec()
+    }
+
+    /// The microbatches of step `step`.
+    fn microbatches(&self, step: usize) -> Vec<Vec<usize>> {
+        self.rows(step).chunks(self.microbatch_size).map(<[usize]>::to_vec).collect()
+    }
 }
 
 /// Completion tokens (after truncation) of a step's rows: SFT normalises by it.

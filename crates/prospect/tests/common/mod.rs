@@ -55,6 +55,7 @@ pub fn trl_config(data: &str, loss: LossConfig, out: &Path) -> TrainConfig {
         shuffle: false,
         seed: 0,
         save_every: 0,
+        precompute_ref_logps: false,
         loss,
     }
 }
