@@ -8,7 +8,7 @@
 //!
 //! Shapes: `n` rows (batch × time), `v` vocab.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// The contiguous f32 slice behind a storage and layout, or an error naming the op.
@@ -117,4 +117,237 @@ pub fn token_logps(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Ten
         candle_core::bail!("token_logps: target id {bad} is outside the vocabulary of {v}");
     }
     logits.contiguous()?.apply_op2(&targets.contiguous()?, TokenLogps)
+}
+
+/// RMSNorm over the last dimension: `y = w · x / sqrt(mean(x²) + ε)`, `x` `[n, d]`, `w` `[d]`.
+///
+/// The forward pass keeps no intermediate (the composite form in [`super::ops::rms_norm`] keeps six
+/// `[n, d]` tensors per norm alive until the backward pass). Backward, with `r = 1/sqrt(mean(x²) + ε)`:
+/// `dw = Σ_rows dy · x · r`, `dx = r · w · dy − x · r³ / d · Σ_j (w_j dy_j x_j)`.
+struct RmsNorm {
+    eps: f32,
+}
+
+/// `1 / sqrt(mean(x²) + ε)` of one row, in the composite's order of operations.
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let mean = row.iter().map(|x| x * x).sum::<f32>() / row.len() as f32;
+    1.0 / (mean + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = l2.shape().elem_count();
+        let x = f32_slice(self.name(), s1, l1)?; // [n, d]
+        let w = f32_slice(self.name(), s2, l2)?; // [d]
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
+            let r = inv_rms(x, self.eps);
+            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                *y = (x * r) * w;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &dy, &RmsNormBackward { eps: self.eps })?; // [n, d]
+        // dw is a reduction over rows: composite, and transient (only during the backward pass).
+        let r = (x.sqr()?.mean_keepdim(1)? + self.eps as f64)?.sqrt()?.recip()?; // [n, 1]
+        let dw = (dy * x.broadcast_mul(&r)?)?.sum(0)?; // [d]
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `dx` of [`RmsNorm`], from `x`, `w` and `dy`.
+struct RmsNormBackward {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = l2.shape().elem_count();
+        let x = f32_slice(self.name(), s1, l1)?; // [n, d]
+        let w = f32_slice(self.name(), s2, l2)?; // [d]
+        let dy = f32_slice(self.name(), s3, l3)?; // [n, d]
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(d).zip(x.par_chunks(d).zip(dy.par_chunks(d))).for_each(|(dx, (x, dy))| {
+            let r = inv_rms(x, self.eps);
+            let dot: f32 = x.iter().zip(dy).zip(w).map(|((x, dy), w)| w * dy * x).sum();
+            let c = r * r * r * dot / d as f32;
+            for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+                *dx = r * w * dy - c * x;
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Fused RMSNorm of `x` `[..., d]` with weight `w` `[d]`, computed in f32 (like the composite); see
+/// [`RmsNorm`].
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let d = w.dims1()?;
+    if x.dim(candle_core::D::Minus1)? != d {
+        candle_core::bail!("rms_norm: x is {:?}, weight is [{d}]", x.dims());
+    }
+    let (dims, dtype) = (x.dims().to_vec(), x.dtype());
+    let x2 = x.to_dtype(DType::F32)?.contiguous()?.reshape(((), d))?; // [n, d]
+    let w = w.to_dtype(DType::F32)?.contiguous()?;
+    x2.apply_op2(&w, RmsNorm { eps: eps as f32 })?.reshape(dims)?.to_dtype(dtype)
+}
+
+/// Causal attention probabilities from raw scores: `softmax(scale · s + causal mask)` over the last
+/// dimension of `s` `[..., t, t]` (query `q` sees keys `0..=q`). Fuses the composite's scale, mask,
+/// max, exp, sum and divide (five `[b, h, t, t]` tensors kept for the backward pass) into one output.
+/// Backward: `ds = scale · y · (dy − Σ_k dy_k y_k)` (masked entries have `y = 0`, so no gradient).
+struct CausalSoftmax {
+    scale: f32,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = l.shape().dims();
+        let t = dims[dims.len() - 1];
+        let x = f32_slice(self.name(), s, l)?; // [m, t, t] flattened rows of t
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(t).zip(x.par_chunks(t)).enumerate().for_each(|(row, (y, x))| {
+            let q = row % t; // query position: keys 0..=q are visible
+            let visible = &x[..=q];
+            let max = visible.iter().map(|&v| v * self.scale).fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (y, &v) in y[..=q].iter_mut().zip(visible) {
+                *y = (v * self.scale - max).exp();
+                sum += *y;
+            }
+            for y in &mut y[..=q] {
+                *y /= sum;
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _s: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dy = dy.contiguous()?;
+        Ok(Some(y.apply_op2_no_bwd(&dy, &SoftmaxBackward { scale: self.scale })?))
+    }
+}
+
+/// `scale · y · (dy − Σ dy·y)` per row, from the softmax output `y` and its gradient `dy`.
+struct SoftmaxBackward {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "softmax-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = l1.shape().dims();
+        let t = dims[dims.len() - 1];
+        let y = f32_slice(self.name(), s1, l1)?;
+        let dy = f32_slice(self.name(), s2, l2)?;
+        let mut ds = vec![0f32; y.len()];
+        ds.par_chunks_mut(t).zip(y.par_chunks(t).zip(dy.par_chunks(t))).for_each(|(ds, (y, dy))| {
+            let dot: f32 = y.iter().zip(dy).map(|(y, dy)| y * dy).sum();
+            for ((ds, &y), &dy) in ds.iter_mut().zip(y).zip(dy) {
+                *ds = self.scale * y * (dy - dot);
+            }
+        });
+        Ok((CpuStorage::F32(ds), l1.shape().clone()))
+    }
+}
+
+/// Fused causal softmax of raw attention scores `s` `[..., t, t]` (f32) scaled by `scale`; see
+/// [`CausalSoftmax`].
+pub fn causal_softmax(s: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let dims = s.dims();
+    if dims.len() < 2 || dims[dims.len() - 1] != dims[dims.len() - 2] {
+        candle_core::bail!("causal_softmax: scores must be [..., t, t], got {dims:?}");
+    }
+    s.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops;
+    use candle_core::{Device, Var, D};
+
+    fn uniform(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Largest |a − b| relative to the largest |b|.
+    fn rel(a: &Tensor, b: &Tensor) -> f32 {
+        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-30);
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() / scale
+    }
+
+    #[test]
+    fn rms_norm_matches_composite_forward_and_backward() {
+        for (case, shape) in [vec![1, 1, 3], vec![2, 7, 13], vec![3, 5, 64], vec![4, 31, 576]].into_iter().enumerate() {
+            let d = shape[2];
+            let x = Var::from_tensor(&uniform(&shape, case as u64, 3.0)).unwrap();
+            let w = Var::from_tensor(&(uniform(&[d], 100 + case as u64, 1.0) + 1.0).unwrap()).unwrap();
+            let r = uniform(&shape, 200 + case as u64, 1.0); // random upstream gradient
+            let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+            let composite = ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+            assert!(rel(&fused, &composite) < 1e-5, "case {case}: forward {}", rel(&fused, &composite));
+            let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (composite * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("x", &x), ("w", &w)] {
+                let e = rel(gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
+                assert!(e < 1e-5, "case {case}: d{name} differs by {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn causal_softmax_matches_composite_forward_and_backward() {
+        for (case, shape) in [vec![1, 1, 1, 1], vec![2, 3, 5, 5], vec![1, 9, 17, 17], vec![4, 2, 64, 64]].into_iter().enumerate() {
+            let t = shape[3];
+            let scale = 0.125;
+            let s = Var::from_tensor(&uniform(&shape, case as u64, 6.0)).unwrap();
+            let r = uniform(&shape, 300 + case as u64, 1.0);
+            let fused = causal_softmax(s.as_tensor(), scale).unwrap();
+            let mask = ops::causal_mask(t, DType::F32, &Device::Cpu).unwrap();
+            let composite = ops::softmax_last_dim(&(s.as_tensor() * scale).unwrap().broadcast_add(&mask).unwrap()).unwrap();
+            assert!(rel(&fused, &composite) < 1e-5, "case {case}: forward {}", rel(&fused, &composite));
+            let sums: Vec<f32> = fused.sum(D::Minus1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
+            let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (composite * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let e = rel(gf.get(s.as_tensor()).unwrap(), gc.get(s.as_tensor()).unwrap());
+            assert!(e < 1e-5, "case {case}: backward differs by {e}");
+        }
+    }
 }

@@ -1,7 +1,9 @@
 //! The Llama family (Llama, Mistral, Qwen2, SmolLM) as a causal LM written for training.
 //!
-//! It returns full-sequence logits, keeps no KV cache and is differentiable end to end: norms, RoPE and
-//! softmax come from [`super::ops`], never from candle's fused kernels (which cut the gradient).
+//! It returns full-sequence logits, keeps no KV cache and is differentiable end to end: RMSNorm and the
+//! causal attention softmax are our fused kernels with hand-written backward passes ([`super::kernels`],
+//! each tested against its composite form in [`super::ops`]); RoPE is composite; candle's own fused
+//! kernels are never used (they cut the gradient).
 //! Module constructors take a `VarBuilder` whose `pp` paths spell the checkpoint's tensor names, so the
 //! loading code is the weight map.
 //!
@@ -12,7 +14,8 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
 use super::config::LlamaConfig;
-use super::ops::{apply_rope, causal_mask, repeat_kv, rms_norm, rope_tables, softmax_last_dim};
+use super::kernels::{causal_softmax, rms_norm};
+use super::ops::{apply_rope, repeat_kv, rope_tables, softmax_last_dim};
 use crate::error::Result;
 
 fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
@@ -47,9 +50,10 @@ impl Attention {
     }
 
     /// `x` is `[b, t, d]`; `cos`/`sin` broadcast to `[b, h, t, e]`; `mask` is additive and broadcasts to
-    /// `[b, h, t, k]`. With a cache, keys and values of earlier positions are prepended (`k` = past + t)
-    /// and this call's are appended to it.
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    /// `[b, h, t, k]`, or `None` for plain causal attention (the training path: fused softmax). With a
+    /// cache, keys and values of earlier positions are prepended (`k` = past + t) and this call's are
+    /// appended to it.
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, g, e) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let split = |y: Tensor, heads: usize| -> Result<Tensor> {
@@ -68,8 +72,15 @@ impl Attention {
         let v = repeat_kv(&v, h / g)?; // [b, h, k, e]
 
         let scale = 1.0 / (e as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // [b, h, t, k]
-        let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let scores = q.matmul(&k.t()?)?; // [b, h, t, k]
+        let probs = match mask {
+            // softmax(scale · scores + causal mask), fused: the composite below is its reference.
+            None => causal_softmax(&scores.to_dtype(DType::F32)?, scale)?.to_dtype(v.dtype())?,
+            Some(mask) => {
+                let scores = (scores * scale)?.broadcast_add(mask)?; // [b, h, t, k]
+                softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?
+            }
+        };
         let out = probs.matmul(&v)?; // [b, h, t, e]
         let out = out.transpose(1, 2)?.reshape((b, t, h * e))?; // [b, t, h*e]
         Ok(self.o_proj.forward(&out)?) // [b, t, d]
@@ -210,8 +221,7 @@ impl Llama {
             )));
         }
         let (cos, sin) = rope_tables(t, cfg.head_dim(), cfg.rope_theta(), device)?; // [t, e]
-        let mask = causal_mask(t, DType::F32, device)?; // [t, t]
-        self.run_layers(input_ids, &cos, &sin, &mask, None)
+        self.run_layers(input_ids, &cos, &sin, None, None)
     }
 
     /// The LM head on hidden states `[..., d]` → logits `[..., v]`.
@@ -281,21 +291,22 @@ impl Llama {
             }
         }
         let mask = Tensor::from_vec(mask, (b, 1, t, total), device)?; // [b, 1, t, total]
-        let hidden = self.run_layers(input_ids, &cos, &sin, &mask, Some(&mut cache.layers))?; // [b, t, d]
+        let hidden = self.run_layers(input_ids, &cos, &sin, Some(&mask), Some(&mut cache.layers))?; // [b, t, d]
         self.logits(&hidden) // [b, t, v]
     }
 
-    fn run_layers(&self, input_ids: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, mut caches: Option<&mut Vec<LayerCache>>) -> Result<Tensor> {
+    /// `mask`: additive `[b, 1, t, k]`, or `None` for causal attention over the `t` positions.
+    fn run_layers(&self, input_ids: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, mut caches: Option<&mut Vec<LayerCache>>) -> Result<Tensor> {
         let cfg = &self.config;
         let mut x = self.embed_tokens.forward(input_ids)?; // [b, t, d]
-        let mask = mask.to_dtype(x.dtype())?;
+        let mask = mask.map(|m| m.to_dtype(x.dtype())).transpose()?;
         for (i, layer) in self.layers.iter().enumerate() {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
             let h = rms_norm(&x, &layer.input_layernorm, cfg.rms_norm_eps)?;
-            x = (x + layer.self_attn.forward(&h, cos, sin, &mask, cache)?)?;
+            x = (x + layer.self_attn.forward(&h, cos, sin, mask.as_ref(), cache)?)?;
             let h = rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?;
             x = (x + layer.mlp.forward(&h)?)?;
         }
-        rms_norm(&x, &self.norm, cfg.rms_norm_eps) // [b, t, d]
+        Ok(rms_norm(&x, &self.norm, cfg.rms_norm_eps)?) // [b, t, d]
     }
 }
