@@ -154,7 +154,9 @@ impl CustomOp2 for RmsNorm {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
+        // Detached: a gradient built from tracked tensors would carry their graph, and with it every
+        // activation of the forward pass, for as long as the gradient lives.
+        let (x, dy) = (x.detach(), dy.detach().contiguous()?);
         let dx = x.apply_op3_no_bwd(w, &dy, &RmsNormBackward { eps: self.eps })?; // [n, d]
         // dw is a reduction over rows: composite, and transient (only during the backward pass).
         let r = (x.sqr()?.mean_keepdim(1)? + self.eps as f64)?.sqrt()?.recip()?; // [n, 1]
@@ -213,7 +215,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor>
 }
 
 /// Causal attention probabilities from raw scores: `softmax(scale · s + causal mask)` over the last
-/// dimension of `s` `[..., t, t]` (query `q` sees keys `0..=q`). Fuses the composite's scale, mask,
+/// dimension of `s` `[..., t, t]` (query `q` sees keys `0..=q`; row `i` is query `i mod t`). Fuses the composite's scale, mask,
 /// max, exp, sum and divide (five `[b, h, t, t]` tensors kept for the backward pass) into one output.
 /// Backward: `ds = scale · y · (dy − Σ_k dy_k y_k)` (masked entries have `y = 0`, so no gradient).
 struct CausalSoftmax {
@@ -280,12 +282,151 @@ impl CustomOp2 for SoftmaxBackward {
 
 /// Fused causal softmax of raw attention scores `s` `[..., t, t]` (f32) scaled by `scale`; see
 /// [`CausalSoftmax`].
+/// The rows may also be `[..., r*t, t]`: `r` blocks of `t` queries each (grouped-query attention).
 pub fn causal_softmax(s: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     let dims = s.dims();
-    if dims.len() < 2 || dims[dims.len() - 1] != dims[dims.len() - 2] {
-        candle_core::bail!("causal_softmax: scores must be [..., t, t], got {dims:?}");
+    if dims.len() < 2 || dims[dims.len() - 1] == 0 || dims[dims.len() - 2] % dims[dims.len() - 1] != 0 {
+        candle_core::bail!("causal_softmax: scores must be [..., r*t, t], got {dims:?}");
     }
     s.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32 })
+}
+
+/// Rotary embeddings in Hugging Face's "rotate half" layout: with `x = [x1, x2]` split at `e/2`,
+/// `y1 = x1·cos − x2·sin`, `y2 = x2·cos + x1·sin` (`cos`/`sin` are `[t, e]`, both halves equal).
+/// The backward pass is the inverse rotation: `dx1 = dy1·cos + dy2·sin`, `dx2 = dy2·cos − dy1·sin`.
+/// The composite form ([`super::ops::apply_rope`]) keeps four `[b, h, t, e]` intermediates per call.
+struct Rope {
+    /// Rotate by −angle (the backward pass).
+    inverse: bool,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (t, e) = l2.shape().dims2()?;
+        let x = f32_slice(self.name(), s1, l1)?; // [b, h, t, e]
+        let cos = f32_slice(self.name(), s2, l2)?; // [t, e]
+        let sin = f32_slice(self.name(), s3, l3)?; // [t, e]
+        let half = e / 2;
+        let sign = if self.inverse { -1.0f32 } else { 1.0 };
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(e).zip(x.par_chunks(e)).enumerate().for_each(|(row, (y, x))| {
+            let pos = row % t;
+            let (c, s) = (&cos[pos * e..(pos + 1) * e], &sin[pos * e..(pos + 1) * e]);
+            for i in 0..half {
+                let (x1, x2) = (x[i], x[i + half]);
+                y[i] = x1 * c[i] - sign * x2 * s[i];
+                y[i + half] = x2 * c[i + half] + sign * x1 * s[i + half];
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = dy.detach().contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { inverse: !self.inverse })?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// Fused rotary embeddings: `x` `[b, h, t, e]`, `cos`/`sin` `[t, e]` (f32); see [`Rope`].
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, _, t, e) = x.dims4()?;
+    if cos.dims() != [t, e] || sin.dims() != [t, e] || e % 2 != 0 {
+        candle_core::bail!("apply_rope: x {:?} needs cos/sin [{t}, {e}] and an even head dim, got {:?}", x.dims(), cos.dims());
+    }
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let (cos, sin) = (cos.to_dtype(DType::F32)?.contiguous()?, sin.to_dtype(DType::F32)?.contiguous()?);
+    x.apply_op3(&cos, &sin, Rope { inverse: false })?.to_dtype(dtype)
+}
+
+/// SwiGLU's gate: `silu(g) · u = g · σ(g) · u`, without keeping `silu(g)` for the backward pass.
+/// Backward: `du = dy · silu(g)`, `dg = dy · u · σ(g) · (1 + g · (1 − σ(g)))`.
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = f32_slice(self.name(), s1, l1)?;
+        let u = f32_slice(self.name(), s2, l2)?;
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(y, (g, u))| {
+            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                *y = g / (1.0 + (-g).exp()) * u;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (g, u, dy) = (g.detach(), u.detach(), dy.detach().contiguous()?);
+        let dgu = g.apply_op3_no_bwd(&u, &dy, &SwiGluBackward)?; // [n, 2f]: dg then du, per row of f
+        let f = g.dim(candle_core::D::Minus1)?;
+        let dg = dgu.narrow(candle_core::D::Minus1, 0, f)?.contiguous()?;
+        let du = dgu.narrow(candle_core::D::Minus1, f, f)?.contiguous()?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// Both gradients of [`SwiGlu`] in one pass, side by side in the last dimension: `[..., 2f]`.
+struct SwiGluBackward;
+
+impl CustomOp3 for SwiGluBackward {
+    fn name(&self) -> &'static str {
+        "swiglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = l1.shape().dims();
+        let f = dims[dims.len() - 1];
+        let g = f32_slice(self.name(), s1, l1)?;
+        let u = f32_slice(self.name(), s2, l2)?;
+        let dy = f32_slice(self.name(), s3, l3)?;
+        let mut out = vec![0f32; 2 * g.len()];
+        out.par_chunks_mut(2 * f).zip(g.par_chunks(f).zip(u.par_chunks(f).zip(dy.par_chunks(f)))).for_each(|(out, (g, (u, dy)))| {
+            let (dg, du) = out.split_at_mut(f);
+            for i in 0..f {
+                let sig = 1.0 / (1.0 + (-g[i]).exp());
+                du[i] = dy[i] * g[i] * sig;
+                dg[i] = dy[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
+            }
+        });
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("dims has at least one entry") = 2 * f;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// Fused `silu(gate) · up` (f32, same shapes); see [`SwiGlu`].
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if gate.dims() != up.dims() {
+        candle_core::bail!("swiglu: gate {:?} and up {:?} differ", gate.dims(), up.dims());
+    }
+    let dtype = gate.dtype();
+    let (g, u) = (gate.to_dtype(DType::F32)?.contiguous()?, up.to_dtype(DType::F32)?.contiguous()?);
+    g.apply_op2(&u, SwiGlu)?.to_dtype(dtype)
 }
 
 #[cfg(test)]
@@ -325,6 +466,41 @@ mod tests {
             let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let gc = (composite * &r).unwrap().sum_all().unwrap().backward().unwrap();
             for (name, v) in [("x", &x), ("w", &w)] {
+                let e = rel(gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
+                assert!(e < 1e-5, "case {case}: d{name} differs by {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn rope_matches_composite_forward_and_backward() {
+        for (case, shape) in [vec![1, 1, 1, 2], vec![2, 3, 5, 8], vec![1, 9, 17, 64], vec![3, 2, 31, 6]].into_iter().enumerate() {
+            let (t, e) = (shape[2], shape[3]);
+            let (cos, sin) = ops::rope_tables(t, e, 10_000.0, &Device::Cpu).unwrap();
+            let x = Var::from_tensor(&uniform(&shape, case as u64, 2.0)).unwrap();
+            let r = uniform(&shape, 400 + case as u64, 1.0);
+            let fused = apply_rope(x.as_tensor(), &cos, &sin).unwrap();
+            let composite = ops::apply_rope(x.as_tensor(), &cos, &sin).unwrap();
+            assert!(rel(&fused, &composite) < 1e-5, "case {case}: forward {}", rel(&fused, &composite));
+            let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (composite * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let e = rel(gf.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap());
+            assert!(e < 1e-5, "case {case}: backward differs by {e}");
+        }
+    }
+
+    #[test]
+    fn swiglu_matches_composite_forward_and_backward() {
+        for (case, shape) in [vec![1, 1, 1], vec![2, 7, 13], vec![4, 33, 1536]].into_iter().enumerate() {
+            let g = Var::from_tensor(&uniform(&shape, case as u64, 6.0)).unwrap();
+            let u = Var::from_tensor(&uniform(&shape, 50 + case as u64, 2.0)).unwrap();
+            let r = uniform(&shape, 500 + case as u64, 1.0);
+            let fused = swiglu(g.as_tensor(), u.as_tensor()).unwrap();
+            let composite = (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap();
+            assert!(rel(&fused, &composite) < 1e-5, "case {case}: forward {}", rel(&fused, &composite));
+            let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (composite * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("gate", &g), ("up", &u)] {
                 let e = rel(gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
                 assert!(e < 1e-5, "case {case}: d{name} differs by {e}");
             }

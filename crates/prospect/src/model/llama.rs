@@ -1,9 +1,9 @@
 //! The Llama family (Llama, Mistral, Qwen2, SmolLM) as a causal LM written for training.
 //!
 //! It returns full-sequence logits, keeps no KV cache and is differentiable end to end: RMSNorm and the
-//! causal attention softmax are our fused kernels with hand-written backward passes ([`super::kernels`],
-//! each tested against its composite form in [`super::ops`]); RoPE is composite; candle's own fused
-//! kernels are never used (they cut the gradient).
+//! causal attention softmax, RoPE and the SwiGLU gate are our fused kernels with hand-written backward
+//! passes ([`super::kernels`], each tested against its composite form); candle's own fused kernels are
+//! never used (they cut the gradient).
 //! Module constructors take a `VarBuilder` whose `pp` paths spell the checkpoint's tensor names, so the
 //! loading code is the weight map.
 //!
@@ -14,8 +14,8 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
 use super::config::LlamaConfig;
-use super::kernels::{causal_softmax, rms_norm};
-use super::ops::{apply_rope, repeat_kv, rope_tables, softmax_last_dim};
+use super::kernels::{self, causal_softmax, rms_norm, swiglu};
+use super::ops::{self, repeat_kv, rope_tables, softmax_last_dim};
 use crate::error::Result;
 
 fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
@@ -62,26 +62,40 @@ impl Attention {
         let q = split(self.q_proj.forward(x)?, h)?; // [b, h, t, e]
         let k = split(self.k_proj.forward(x)?, g)?; // [b, g, t, e]
         let v = split(self.v_proj.forward(x)?, g)?; // [b, g, t, e]
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
-        let (k, v) = match cache {
-            Some(cache) => cache.append(k, v)?, // [b, g, k, e]
-            None => (k, v),
+        // Training (no mask, `cos`/`sin` `[t, e]`): fused RoPE; decoding (per-row positions): composite.
+        let rope = |x: &Tensor| -> Result<Tensor> {
+            Ok(match mask {
+                None => kernels::apply_rope(x, cos, sin)?,
+                Some(_) => ops::apply_rope(x, cos, sin)?,
+            })
         };
-        let k = repeat_kv(&k, h / g)?; // [b, h, k, e]
-        let v = repeat_kv(&v, h / g)?; // [b, h, k, e]
-
+        let q = rope(&q)?;
+        let k = rope(&k)?;
         let scale = 1.0 / (e as f64).sqrt();
-        let scores = q.matmul(&k.t()?)?; // [b, h, t, k]
-        let probs = match mask {
-            // softmax(scale · scores + causal mask), fused: the composite below is its reference.
-            None => causal_softmax(&scores.to_dtype(DType::F32)?, scale)?.to_dtype(v.dtype())?,
+        let out = match mask {
+            // Training: plain causal attention. Grouped-query attention without copying K and V per
+            // query head: the `r = h/g` query heads that share a K/V head are stacked along time,
+            // `[b, h, t, e]` = `[b, g, r*t, e]` (a view), and the fused softmax finds each row's query
+            // position as `row mod t`. The decoding branch below, with `repeat_kv`, is the reference.
+            None => {
+                let r = h / g;
+                let q = q.reshape((b, g, r * t, e))?; // [b, g, r*t, e]
+                let scores = q.matmul(&k.t()?)?; // [b, g, r*t, t]
+                let probs = causal_softmax(&scores.to_dtype(DType::F32)?, scale)?.to_dtype(v.dtype())?;
+                probs.matmul(&v)?.reshape((b, h, t, e))? // [b, h, t, e]
+            }
             Some(mask) => {
-                let scores = (scores * scale)?.broadcast_add(mask)?; // [b, h, t, k]
-                softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?
+                let (k, v) = match cache {
+                    Some(cache) => cache.append(k, v)?, // [b, g, k, e]
+                    None => (k, v),
+                };
+                let k = repeat_kv(&k, h / g)?; // [b, h, k, e]
+                let v = repeat_kv(&v, h / g)?; // [b, h, k, e]
+                let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // [b, h, t, k]
+                let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+                probs.matmul(&v)? // [b, h, t, e]
             }
         };
-        let out = probs.matmul(&v)?; // [b, h, t, e]
         let out = out.transpose(1, 2)?.reshape((b, t, h * e))?; // [b, t, h*e]
         Ok(self.o_proj.forward(&out)?) // [b, t, d]
     }
@@ -137,11 +151,11 @@ impl Mlp {
         })
     }
 
-    /// SwiGLU: `down(silu(gate(x)) * up(x))`.
+    /// SwiGLU: `down(silu(gate(x)) * up(x))`, the gate fused ([`kernels::swiglu`]; composite: `gate.silu()? * up`).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?; // [b, t, f]
+        let gate = self.gate_proj.forward(x)?; // [b, t, f]
         let up = self.up_proj.forward(x)?; // [b, t, f]
-        Ok(self.down_proj.forward(&(gate * up)?)?) // [b, t, d]
+        Ok(self.down_proj.forward(&swiglu(&gate, &up)?)?) // [b, t, d]
     }
 }
 

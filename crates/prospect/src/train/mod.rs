@@ -39,7 +39,7 @@ pub use metrics::{ObjectiveMetrics, StepMetrics};
 use metrics::ObjectiveAccumulator;
 use microbatch::{truncated_completion_len, BatchSettings, Models, Reference};
 use reference::ReferenceLogps;
-use optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
+use optim::{accumulate, clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
 
 /// Progress of a run, for the caller to display.
 #[derive(Debug, Clone)]
@@ -175,16 +175,19 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
             loss_sum += value;
             objective.add(&out.metrics);
             num_tokens += out.num_tokens;
-            let store = scaled.backward()?;
+            let mut store = scaled.backward()?;
+            // Sum into the step's gradients in place, freeing each microbatch gradient as it is added:
+            // the peak of a step is here, with the step's and this microbatch's gradients both alive.
             for (name, var) in policy.params.iter() {
-                if let Some(g) = store.get(var.as_tensor()) {
-                    let summed = match grads.remove(name) {
-                        Some(acc) => (acc + g)?,
-                        None => g.clone(),
-                    };
-                    grads.insert(name.clone(), summed);
+                if let Some(g) = store.remove(var.as_tensor()) {
+                    match grads.get(name) {
+                        Some(acc) => accumulate(acc, &g)?,
+                        // A copy the step owns (and may update in place), detached from the graph.
+                        None => _ = grads.insert(name.clone(), g.detach().copy()?),
+                    }
                 }
             }
+            drop(store);
         }
 
         let grad_norm = global_grad_norm(&grads)?;

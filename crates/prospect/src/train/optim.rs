@@ -199,6 +199,29 @@ impl InplaceOp3 for ParamUpdate {
     }
 }
 
+/// `acc += g`, in place (gradient accumulation without a third parameter-sized tensor).
+pub fn accumulate(acc: &Tensor, g: &Tensor) -> Result<()> {
+    Ok(acc.inplace_op2(&g.contiguous()?, &AddInPlace)?)
+}
+
+struct AddInPlace;
+
+impl InplaceOp2 for AddInPlace {
+    fn name(&self) -> &'static str {
+        "add-in-place"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("add-in-place: tensors must be contiguous")
+        };
+        let CpuStorage::F32(acc) = s1 else { candle_core::bail!("add-in-place: f32 only") };
+        let g = &s2.as_slice::<f32>()?[b0..b1];
+        acc[a0..a1].par_iter_mut().zip(g.par_iter()).for_each(|(a, &g)| *a += g);
+        Ok(())
+    }
+}
+
 pub fn global_grad_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
     let mut sum = 0f64;
     for g in grads.values() {
