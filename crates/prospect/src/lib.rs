@@ -9,6 +9,8 @@
 //! data::collate(..)                         -> SequenceBatch  [b, t] ids + completion mask
 //! model::Llama::forward(ids)                -> logits      [b, t, v], differentiable end to end
 //! model::sequence_logps(logits, ids, mask)  -> logps       [b], summed over completion tokens
+//!   (training calls model::completion_logps(model, ids, mask): the same, with the LM head applied
+//!    only at completion positions)
 //! loss::{kto_loss, dpo_loss, sft_loss}      -> loss        pure functions of log-probs
 //! train::optim::AdamW::step                 -> updated Vars, then `final/` in Hugging Face layout
 //! ```
