@@ -45,7 +45,13 @@ impl CustomOp2 for TokenLogps {
         "token-logps"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
         let logits = f32_slice(self.name(), s1, l1)?; // [n, v]
         let targets = u32_slice(self.name(), s2, l2)?; // [n]
@@ -60,7 +66,13 @@ impl CustomOp2 for TokenLogps {
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
-    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad_res = grad_res.contiguous()?;
         let grad_logits = logits.apply_op3_no_bwd(targets, &grad_res, &TokenLogpsBackward)?; // [n, v]
         Ok((Some(grad_logits), None))
@@ -139,7 +151,13 @@ impl CustomOp2 for RmsNorm {
         "rms-norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = l2.shape().elem_count();
         let x = f32_slice(self.name(), s1, l1)?; // [n, d]
         let w = f32_slice(self.name(), s2, l2)?; // [d]
@@ -153,12 +171,18 @@ impl CustomOp2 for RmsNorm {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // Detached: a gradient built from tracked tensors would carry their graph, and with it every
         // activation of the forward pass, for as long as the gradient lives.
         let (x, dy) = (x.detach(), dy.detach().contiguous()?);
         let dx = x.apply_op3_no_bwd(w, &dy, &RmsNormBackward { eps: self.eps })?; // [n, d]
-        // dw is a reduction over rows: composite, and transient (only during the backward pass).
+                                                                                  // dw is a reduction over rows: composite, and transient (only during the backward pass).
         let r = (x.sqr()?.mean_keepdim(1)? + self.eps as f64)?.sqrt()?.recip()?; // [n, 1]
         let dw = (dy * x.broadcast_mul(&r)?)?.sum(0)?; // [d]
         Ok((Some(dx), Some(dw)))
@@ -189,14 +213,16 @@ impl CustomOp3 for RmsNormBackward {
         let w = f32_slice(self.name(), s2, l2)?; // [d]
         let dy = f32_slice(self.name(), s3, l3)?; // [n, d]
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(d).zip(x.par_chunks(d).zip(dy.par_chunks(d))).for_each(|(dx, (x, dy))| {
-            let r = inv_rms(x, self.eps);
-            let dot: f32 = x.iter().zip(dy).zip(w).map(|((x, dy), w)| w * dy * x).sum();
-            let c = r * r * r * dot / d as f32;
-            for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
-                *dx = r * w * dy - c * x;
-            }
-        });
+        dx.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
+            .for_each(|(dx, (x, dy))| {
+                let r = inv_rms(x, self.eps);
+                let dot: f32 = x.iter().zip(dy).zip(w).map(|((x, dy), w)| w * dy * x).sum();
+                let c = r * r * r * dot / d as f32;
+                for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+                    *dx = r * w * dy - c * x;
+                }
+            });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -211,7 +237,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor>
     let (dims, dtype) = (x.dims().to_vec(), x.dtype());
     let x2 = x.to_dtype(DType::F32)?.contiguous()?.reshape(((), d))?; // [n, d]
     let w = w.to_dtype(DType::F32)?.contiguous()?;
-    x2.apply_op2(&w, RmsNorm { eps: eps as f32 })?.reshape(dims)?.to_dtype(dtype)
+    x2.apply_op2(&w, RmsNorm { eps: eps as f32 })?
+        .reshape(dims)?
+        .to_dtype(dtype)
 }
 
 /// Causal attention probabilities from raw scores: `softmax(scale · s + causal mask)` over the last
@@ -232,19 +260,25 @@ impl CustomOp1 for CausalSoftmax {
         let t = dims[dims.len() - 1];
         let x = f32_slice(self.name(), s, l)?; // [m, t, t] flattened rows of t
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(t).zip(x.par_chunks(t)).enumerate().for_each(|(row, (y, x))| {
-            let q = row % t; // query position: keys 0..=q are visible
-            let visible = &x[..=q];
-            let max = visible.iter().map(|&v| v * self.scale).fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (y, &v) in y[..=q].iter_mut().zip(visible) {
-                *y = (v * self.scale - max).exp();
-                sum += *y;
-            }
-            for y in &mut y[..=q] {
-                *y /= sum;
-            }
-        });
+        y.par_chunks_mut(t)
+            .zip(x.par_chunks(t))
+            .enumerate()
+            .for_each(|(row, (y, x))| {
+                let q = row % t; // query position: keys 0..=q are visible
+                let visible = &x[..=q];
+                let max = visible
+                    .iter()
+                    .map(|&v| v * self.scale)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (y, &v) in y[..=q].iter_mut().zip(visible) {
+                    *y = (v * self.scale - max).exp();
+                    sum += *y;
+                }
+                for y in &mut y[..=q] {
+                    *y /= sum;
+                }
+            });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -264,18 +298,26 @@ impl CustomOp2 for SoftmaxBackward {
         "softmax-backward"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = l1.shape().dims();
         let t = dims[dims.len() - 1];
         let y = f32_slice(self.name(), s1, l1)?;
         let dy = f32_slice(self.name(), s2, l2)?;
         let mut ds = vec![0f32; y.len()];
-        ds.par_chunks_mut(t).zip(y.par_chunks(t).zip(dy.par_chunks(t))).for_each(|(ds, (y, dy))| {
-            let dot: f32 = y.iter().zip(dy).map(|(y, dy)| y * dy).sum();
-            for ((ds, &y), &dy) in ds.iter_mut().zip(y).zip(dy) {
-                *ds = self.scale * y * (dy - dot);
-            }
-        });
+        ds.par_chunks_mut(t)
+            .zip(y.par_chunks(t).zip(dy.par_chunks(t)))
+            .for_each(|(ds, (y, dy))| {
+                let dot: f32 = y.iter().zip(dy).map(|(y, dy)| y * dy).sum();
+                for ((ds, &y), &dy) in ds.iter_mut().zip(y).zip(dy) {
+                    *ds = self.scale * y * (dy - dot);
+                }
+            });
         Ok((CpuStorage::F32(ds), l1.shape().clone()))
     }
 }
@@ -321,20 +363,33 @@ impl CustomOp3 for Rope {
         let half = e / 2;
         let sign = if self.inverse { -1.0f32 } else { 1.0 };
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(e).zip(x.par_chunks(e)).enumerate().for_each(|(row, (y, x))| {
-            let pos = row % t;
-            let (c, s) = (&cos[pos * e..(pos + 1) * e], &sin[pos * e..(pos + 1) * e]);
-            for i in 0..half {
-                let (x1, x2) = (x[i], x[i + half]);
-                y[i] = x1 * c[i] - sign * x2 * s[i];
-                y[i + half] = x2 * c[i + half] + sign * x1 * s[i + half];
-            }
-        });
+        y.par_chunks_mut(e)
+            .zip(x.par_chunks(e))
+            .enumerate()
+            .for_each(|(row, (y, x))| {
+                let pos = row % t;
+                let (c, s) = (&cos[pos * e..(pos + 1) * e], &sin[pos * e..(pos + 1) * e]);
+                for i in 0..half {
+                    let (x1, x2) = (x[i], x[i + half]);
+                    y[i] = x1 * c[i] - sign * x2 * s[i];
+                    y[i + half] = x2 * c[i + half] + sign * x1 * s[i + half];
+                }
+            });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = dy.detach().contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { inverse: !self.inverse })?;
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = dy
+            .detach()
+            .contiguous()?
+            .apply_op3_no_bwd(cos, sin, &Rope { inverse: !self.inverse })?;
         Ok((Some(dx), None, None))
     }
 }
@@ -343,11 +398,18 @@ impl CustomOp3 for Rope {
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let (_, _, t, e) = x.dims4()?;
     if cos.dims() != [t, e] || sin.dims() != [t, e] || e % 2 != 0 {
-        candle_core::bail!("apply_rope: x {:?} needs cos/sin [{t}, {e}] and an even head dim, got {:?}", x.dims(), cos.dims());
+        candle_core::bail!(
+            "apply_rope: x {:?} needs cos/sin [{t}, {e}] and an even head dim, got {:?}",
+            x.dims(),
+            cos.dims()
+        );
     }
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?.contiguous()?;
-    let (cos, sin) = (cos.to_dtype(DType::F32)?.contiguous()?, sin.to_dtype(DType::F32)?.contiguous()?);
+    let (cos, sin) = (
+        cos.to_dtype(DType::F32)?.contiguous()?,
+        sin.to_dtype(DType::F32)?.contiguous()?,
+    );
     x.apply_op3(&cos, &sin, Rope { inverse: false })?.to_dtype(dtype)
 }
 
@@ -360,19 +422,33 @@ impl CustomOp2 for SwiGlu {
         "swiglu"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = f32_slice(self.name(), s1, l1)?;
         let u = f32_slice(self.name(), s2, l2)?;
         let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(y, (g, u))| {
-            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                *y = g / (1.0 + (-g).exp()) * u;
-            }
-        });
+        y.par_chunks_mut(4096)
+            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
+            .for_each(|(y, (g, u))| {
+                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                    *y = g / (1.0 + (-g).exp()) * u;
+                }
+            });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (g, u, dy) = (g.detach(), u.detach(), dy.detach().contiguous()?);
         let dgu = g.apply_op3_no_bwd(&u, &dy, &SwiGluBackward)?; // [n, 2f]: dg then du, per row of f
         let f = g.dim(candle_core::D::Minus1)?;
@@ -405,14 +481,16 @@ impl CustomOp3 for SwiGluBackward {
         let u = f32_slice(self.name(), s2, l2)?;
         let dy = f32_slice(self.name(), s3, l3)?;
         let mut out = vec![0f32; 2 * g.len()];
-        out.par_chunks_mut(2 * f).zip(g.par_chunks(f).zip(u.par_chunks(f).zip(dy.par_chunks(f)))).for_each(|(out, (g, (u, dy)))| {
-            let (dg, du) = out.split_at_mut(f);
-            for i in 0..f {
-                let sig = 1.0 / (1.0 + (-g[i]).exp());
-                du[i] = dy[i] * g[i] * sig;
-                dg[i] = dy[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
-            }
-        });
+        out.par_chunks_mut(2 * f)
+            .zip(g.par_chunks(f).zip(u.par_chunks(f).zip(dy.par_chunks(f))))
+            .for_each(|(out, (g, (u, dy)))| {
+                let (dg, du) = out.split_at_mut(f);
+                for i in 0..f {
+                    let sig = 1.0 / (1.0 + (-g[i]).exp());
+                    du[i] = dy[i] * g[i] * sig;
+                    dg[i] = dy[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
+                }
+            });
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("dims has at least one entry") = 2 * f;
         Ok((CpuStorage::F32(out), Shape::from(shape)))
@@ -425,7 +503,10 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
         candle_core::bail!("swiglu: gate {:?} and up {:?} differ", gate.dims(), up.dims());
     }
     let dtype = gate.dtype();
-    let (g, u) = (gate.to_dtype(DType::F32)?.contiguous()?, up.to_dtype(DType::F32)?.contiguous()?);
+    let (g, u) = (
+        gate.to_dtype(DType::F32)?.contiguous()?,
+        up.to_dtype(DType::F32)?.contiguous()?,
+    );
     g.apply_op2(&u, SwiGlu)?.to_dtype(dtype)
 }
 
@@ -449,20 +530,42 @@ mod tests {
 
     /// Largest |a − b| relative to the largest |b|.
     fn rel(a: &Tensor, b: &Tensor) -> f32 {
-        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-30);
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() / scale
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-30);
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            / scale
     }
 
     #[test]
     fn rms_norm_matches_composite_forward_and_backward() {
-        for (case, shape) in [vec![1, 1, 3], vec![2, 7, 13], vec![3, 5, 64], vec![4, 31, 576]].into_iter().enumerate() {
+        for (case, shape) in [vec![1, 1, 3], vec![2, 7, 13], vec![3, 5, 64], vec![4, 31, 576]]
+            .into_iter()
+            .enumerate()
+        {
             let d = shape[2];
             let x = Var::from_tensor(&uniform(&shape, case as u64, 3.0)).unwrap();
             let w = Var::from_tensor(&(uniform(&[d], 100 + case as u64, 1.0) + 1.0).unwrap()).unwrap();
             let r = uniform(&shape, 200 + case as u64, 1.0); // random upstream gradient
             let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
             let composite = ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
-            assert!(rel(&fused, &composite) < 1e-5, "case {case}: forward {}", rel(&fused, &composite));
+            assert!(
+                rel(&fused, &composite) < 1e-5,
+                "case {case}: forward {}",
+                rel(&fused, &composite)
+            );
             let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let gc = (composite * &r).unwrap().sum_all().unwrap().backward().unwrap();
             for (name, v) in [("x", &x), ("w", &w)] {
@@ -474,14 +577,26 @@ mod tests {
 
     #[test]
     fn rope_matches_composite_forward_and_backward() {
-        for (case, shape) in [vec![1, 1, 1, 2], vec![2, 3, 5, 8], vec![1, 9, 17, 64], vec![3, 2, 31, 6]].into_iter().enumerate() {
+        for (case, shape) in [
+            vec![1, 1, 1, 2],
+            vec![2, 3, 5, 8],
+            vec![1, 9, 17, 64],
+            vec![3, 2, 31, 6],
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let (t, e) = (shape[2], shape[3]);
             let (cos, sin) = ops::rope_tables(t, e, 10_000.0, &Device::Cpu).unwrap();
             let x = Var::from_tensor(&uniform(&shape, case as u64, 2.0)).unwrap();
             let r = uniform(&shape, 400 + case as u64, 1.0);
             let fused = apply_rope(x.as_tensor(), &cos, &sin).unwrap();
             let composite = ops::apply_rope(x.as_tensor(), &cos, &sin).unwrap();
-            assert!(rel(&fused, &composite) < 1e-5, "case {case}: forward {}", rel(&fused, &composite));
+            assert!(
+                rel(&fused, &composite) < 1e-5,
+                "case {case}: forward {}",
+                rel(&fused, &composite)
+            );
             let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let gc = (composite * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let e = rel(gf.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap());
@@ -491,13 +606,20 @@ mod tests {
 
     #[test]
     fn swiglu_matches_composite_forward_and_backward() {
-        for (case, shape) in [vec![1, 1, 1], vec![2, 7, 13], vec![4, 33, 1536]].into_iter().enumerate() {
+        for (case, shape) in [vec![1, 1, 1], vec![2, 7, 13], vec![4, 33, 1536]]
+            .into_iter()
+            .enumerate()
+        {
             let g = Var::from_tensor(&uniform(&shape, case as u64, 6.0)).unwrap();
             let u = Var::from_tensor(&uniform(&shape, 50 + case as u64, 2.0)).unwrap();
             let r = uniform(&shape, 500 + case as u64, 1.0);
             let fused = swiglu(g.as_tensor(), u.as_tensor()).unwrap();
             let composite = (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap();
-            assert!(rel(&fused, &composite) < 1e-5, "case {case}: forward {}", rel(&fused, &composite));
+            assert!(
+                rel(&fused, &composite) < 1e-5,
+                "case {case}: forward {}",
+                rel(&fused, &composite)
+            );
             let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let gc = (composite * &r).unwrap().sum_all().unwrap().backward().unwrap();
             for (name, v) in [("gate", &g), ("up", &u)] {
@@ -509,15 +631,28 @@ mod tests {
 
     #[test]
     fn causal_softmax_matches_composite_forward_and_backward() {
-        for (case, shape) in [vec![1, 1, 1, 1], vec![2, 3, 5, 5], vec![1, 9, 17, 17], vec![4, 2, 64, 64]].into_iter().enumerate() {
+        for (case, shape) in [
+            vec![1, 1, 1, 1],
+            vec![2, 3, 5, 5],
+            vec![1, 9, 17, 17],
+            vec![4, 2, 64, 64],
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let t = shape[3];
             let scale = 0.125;
             let s = Var::from_tensor(&uniform(&shape, case as u64, 6.0)).unwrap();
             let r = uniform(&shape, 300 + case as u64, 1.0);
             let fused = causal_softmax(s.as_tensor(), scale).unwrap();
             let mask = ops::causal_mask(t, DType::F32, &Device::Cpu).unwrap();
-            let composite = ops::softmax_last_dim(&(s.as_tensor() * scale).unwrap().broadcast_add(&mask).unwrap()).unwrap();
-            assert!(rel(&fused, &composite) < 1e-5, "case {case}: forward {}", rel(&fused, &composite));
+            let composite =
+                ops::softmax_last_dim(&(s.as_tensor() * scale).unwrap().broadcast_add(&mask).unwrap()).unwrap();
+            assert!(
+                rel(&fused, &composite) < 1e-5,
+                "case {case}: forward {}",
+                rel(&fused, &composite)
+            );
             let sums: Vec<f32> = fused.sum(D::Minus1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
             let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();

@@ -76,7 +76,9 @@ impl ReferenceLogps {
             .iter()
             .map(|k| {
                 self.values.get(k).copied().ok_or_else(|| {
-                    Error::Train(format!("reference log-probs of {k:?} were not precomputed (a bug: the schedule changed)"))
+                    Error::Train(format!(
+                        "reference log-probs of {k:?} were not precomputed (a bug: the schedule changed)"
+                    ))
                 })
             })
             .collect::<Result<Vec<f32>>>()?;
@@ -91,9 +93,16 @@ fn keys_of(loss: &LossConfig, examples: &Examples, rows: &[usize]) -> Vec<SeqKey
             let rotation = crate::data::rotate_for_kl(rows.len());
             rows.iter()
                 .map(|&i| SeqKey::Own(i))
-                .chain(rotation.into_iter().enumerate().map(|(i, j)| SeqKey::Kl { prompt: rows[i], completion: rows[j] }))
+                .chain(rotation.into_iter().enumerate().map(|(i, j)| SeqKey::Kl {
+                    prompt: rows[i],
+                    completion: rows[j],
+                }))
                 .collect()
         }
-        _ => rows.iter().map(|&i| SeqKey::Own(i)).chain(rows.iter().map(|&i| SeqKey::Rejected(i))).collect(),
+        _ => rows
+            .iter()
+            .map(|&i| SeqKey::Own(i))
+            .chain(rows.iter().map(|&i| SeqKey::Rejected(i)))
+            .collect(),
     }
 }
