@@ -357,24 +357,27 @@ impl CustomOp3 for Rope {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (t, e) = l2.shape().dims2()?;
-        let x = f32_slice(self.name(), s1, l1)?; // [b, h, t, e]
+        // `x` may be strided (the attention passes `[b, t, h, e]` transposed to `[b, h, t, e]`, a view):
+        // reading through its strides spares a contiguous copy that the graph would keep alive.
+        let (_, h, _, _) = l1.shape().dims4()?;
+        let (st, off) = (l1.stride(), l1.start_offset());
+        let xs = s1.as_slice::<f32>()?;
         let cos = f32_slice(self.name(), s2, l2)?; // [t, e]
         let sin = f32_slice(self.name(), s3, l3)?; // [t, e]
         let half = e / 2;
         let sign = if self.inverse { -1.0f32 } else { 1.0 };
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(e)
-            .zip(x.par_chunks(e))
-            .enumerate()
-            .for_each(|(row, (y, x))| {
-                let pos = row % t;
-                let (c, s) = (&cos[pos * e..(pos + 1) * e], &sin[pos * e..(pos + 1) * e]);
-                for i in 0..half {
-                    let (x1, x2) = (x[i], x[i + half]);
-                    y[i] = x1 * c[i] - sign * x2 * s[i];
-                    y[i + half] = x2 * c[i + half] + sign * x1 * s[i + half];
-                }
-            });
+        let mut y = vec![0f32; l1.shape().elem_count()]; // [b, h, t, e], contiguous
+        y.par_chunks_mut(e).enumerate().for_each(|(row, y)| {
+            let (pos, head, batch) = (row % t, (row / t) % h, row / (t * h));
+            let base = off + batch * st[0] + head * st[1] + pos * st[2];
+            let x = |i: usize| xs[base + i * st[3]];
+            let (c, s) = (&cos[pos * e..(pos + 1) * e], &sin[pos * e..(pos + 1) * e]);
+            for i in 0..half {
+                let (x1, x2) = (x(i), x(i + half));
+                y[i] = x1 * c[i] - sign * x2 * s[i];
+                y[i + half] = x2 * c[i + half] + sign * x1 * s[i + half];
+            }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -394,7 +397,8 @@ impl CustomOp3 for Rope {
     }
 }
 
-/// Fused rotary embeddings: `x` `[b, h, t, e]`, `cos`/`sin` `[t, e]` (f32); see [`Rope`].
+/// Fused rotary embeddings: `x` `[b, h, t, e]` (any strides), `cos`/`sin` `[t, e]` (f32); the result is
+/// contiguous. See [`Rope`].
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let (_, _, t, e) = x.dims4()?;
     if cos.dims() != [t, e] || sin.dims() != [t, e] || e % 2 != 0 {
@@ -405,7 +409,7 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result
         );
     }
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let x = x.to_dtype(DType::F32)?; // any strides
     let (cos, sin) = (
         cos.to_dtype(DType::F32)?.contiguous()?,
         sin.to_dtype(DType::F32)?.contiguous()?,
@@ -592,6 +596,11 @@ mod tests {
             let r = uniform(&shape, 400 + case as u64, 1.0);
             let fused = apply_rope(x.as_tensor(), &cos, &sin).unwrap();
             let composite = ops::apply_rope(x.as_tensor(), &cos, &sin).unwrap();
+            // The same values through a transposed view ([b, t, h, e] seen as [b, h, t, e]), as the model passes them.
+            let strided = x.as_tensor().transpose(1, 2).unwrap().contiguous().unwrap().transpose(1, 2).unwrap();
+            assert!(!strided.is_contiguous() || shape[1] == 1 || shape[2] == 1);
+            let fused_strided = apply_rope(&strided, &cos, &sin).unwrap();
+            assert!(rel(&fused_strided, &composite) < 1e-5, "case {case}: strided forward");
             assert!(
                 rel(&fused, &composite) < 1e-5,
                 "case {case}: forward {}",

@@ -56,17 +56,16 @@ impl Attention {
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, g, e) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let split = |y: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, heads, e))?.transpose(1, 2)?.contiguous()?)
-        };
+        // Views: the fused RoPE reads q and k through their strides; v is made contiguous.
+        let split = |y: Tensor, heads: usize| -> Result<Tensor> { Ok(y.reshape((b, t, heads, e))?.transpose(1, 2)?) };
         let q = split(self.q_proj.forward(x)?, h)?; // [b, h, t, e]
         let k = split(self.k_proj.forward(x)?, g)?; // [b, g, t, e]
-        let v = split(self.v_proj.forward(x)?, g)?; // [b, g, t, e]
+        let v = split(self.v_proj.forward(x)?, g)?.contiguous()?; // [b, g, t, e]
         // Training (no mask, `cos`/`sin` `[t, e]`): fused RoPE; decoding (per-row positions): composite.
         let rope = |x: &Tensor| -> Result<Tensor> {
             Ok(match mask {
                 None => kernels::apply_rope(x, cos, sin)?,
-                Some(_) => ops::apply_rope(x, cos, sin)?,
+                Some(_) => ops::apply_rope(&x.contiguous()?, cos, sin)?,
             })
         };
         let q = rope(&q)?;
