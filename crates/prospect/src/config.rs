@@ -71,6 +71,12 @@ pub struct TrainConfig {
     /// Write a resumable checkpoint every this many steps (0: only the final model).
     #[serde(default)]
     pub save_every: usize,
+    /// Compute the reference model's log-probs of every sequence the run will use (KTO: target and KL
+    /// pairs; DPO: chosen and rejected) in one no-grad pass before training, then free the reference
+    /// model, so training holds one model and runs two forward passes per microbatch instead of four.
+    /// Same numbers as `false`: the pass uses the training microbatches. TRL: `precompute_ref_log_probs`.
+    #[serde(default)]
+    pub precompute_ref_logps: bool,
 
     // ---- Data (docs/data.md) ----
     /// The layout of the data files (`trl`, `sharegpt`, `hh_rlhf`, ...); detected from the fields if unset.
@@ -169,6 +175,7 @@ impl TrainConfig {
             eval_data: None,
             eval_fraction: 0.0,
             eval_every: 0,
+            precompute_ref_logps: false,
             loss,
         }
     }

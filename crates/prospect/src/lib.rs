@@ -12,6 +12,8 @@
 //! model::Llama::forward(ids)                -> logits      [b, t, v], differentiable end to end
 //! model::sequence_logps(logits, ids, mask)  -> logps       [b], summed over completion tokens
 //! loss::{kto_loss, dpo_loss, ipo_loss, ..} -> loss        pure functions of log-probs, one file per method
+//!   (training calls model::completion_logps(model, ids, mask): the same, with the LM head applied
+//!    only at completion positions)
 //! train::optim::AdamW::step                 -> updated Vars, then `final/` in Hugging Face layout
 //! ```
 //!

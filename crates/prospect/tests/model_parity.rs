@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
 use common::{close, fixture_json, fixtures};
-use prospect::model::{sequence_logps, HfTokenizer, Policy};
+use prospect::model::{completion_logps, sequence_logps, sequence_logps_composite, HfTokenizer, Policy};
 use serde_json::Value;
 
 fn floats(v: &Value) -> Vec<f64> {
@@ -21,7 +21,20 @@ fn matrix_u32(v: &Value) -> Vec<Vec<u32>> {
 
 /// Runs the fixture batch through the model; returns (max |Δlogit| over real tokens, logps, counts,
 /// gradients of Σ logps by parameter name).
+/// Which way logits become log-probs: the fused kernel on full logits (what `run` used to test), the
+/// composite reference on full logits, or the training path's LM head on completion positions only.
+#[derive(Clone, Copy, Debug)]
+enum Path {
+    Fused,
+    Composite,
+    CompletionOnly,
+}
+
 fn run(name: &str) -> (f64, Vec<f64>, Vec<usize>, BTreeMap<String, Tensor>, Value) {
+    run_path(name, Path::Fused)
+}
+
+fn run_path(name: &str, path: Path) -> (f64, Vec<f64>, Vec<usize>, BTreeMap<String, Tensor>, Value) {
     let fixture = fixture_json("parity.json")[name].clone();
     let dev = Device::Cpu;
     let (policy, unused) = Policy::load(&fixtures().join(name), &dev).unwrap();
@@ -48,7 +61,14 @@ fn run(name: &str) -> (f64, Vec<f64>, Vec<usize>, BTreeMap<String, Tensor>, Valu
             }
         }
     }
-    let out = sequence_logps(&logits, &input_ids, &completion_mask).unwrap();
+    let out = match path {
+        Path::Fused => sequence_logps(&logits, &input_ids, &completion_mask).unwrap(),
+        Path::Composite => sequence_logps_composite(&logits, &input_ids, &completion_mask).unwrap(),
+        Path::CompletionOnly => {
+            drop(logits);
+            completion_logps(&model, &input_ids, &completion_mask).unwrap()
+        }
+    };
     let logps: Vec<f64> = out.logps.to_vec1::<f32>().unwrap().into_iter().map(|x| x as f64).collect();
     let grads_store = out.logps.sum_all().unwrap().backward().unwrap();
     let grads = policy
@@ -60,7 +80,11 @@ fn run(name: &str) -> (f64, Vec<f64>, Vec<usize>, BTreeMap<String, Tensor>, Valu
 }
 
 fn check(name: &str) {
-    let (max_diff, logps, counts, grads, fixture) = run(name);
+    check_path(name, Path::Fused)
+}
+
+fn check_path(name: &str, path: Path) {
+    let (max_diff, logps, counts, grads, fixture) = run_path(name, path);
     assert!(max_diff < 1e-4, "{name}: largest logit difference vs transformers: {max_diff:e}");
     let want_counts: Vec<usize> = fixture["token_count"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
     assert_eq!(counts, want_counts);
@@ -94,6 +118,35 @@ fn tiny_llama_matches_transformers() {
 #[test]
 fn tiny_qwen2_sharded_matches_transformers() {
     check("tiny-qwen2");
+}
+
+#[test]
+fn completion_only_lm_head_matches_transformers() {
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        check_path(name, Path::CompletionOnly);
+    }
+}
+
+#[test]
+fn fast_paths_equal_the_composite_path() {
+    // The fused log-softmax kernel and the completion-only LM head against the composite reference,
+    // forward (Σ logps) and backward (every parameter's gradient), to 1e-5 relative.
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let (_, want_logps, want_counts, want_grads, _) = run_path(name, Path::Composite);
+        for path in [Path::Fused, Path::CompletionOnly] {
+            let (_, logps, counts, grads, _) = run_path(name, path);
+            assert_eq!(counts, want_counts);
+            for (g, w) in logps.iter().zip(&want_logps) {
+                assert!(close(*g, *w, 1e-5, 1e-6), "{name} {path:?}: logps {g} vs composite {w}");
+            }
+            assert_eq!(grads.len(), want_grads.len());
+            for (pname, w) in &want_grads {
+                let scale = w.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-30);
+                let diff = (&grads[pname] - w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff / scale < 1e-5, "{name} {path:?} {pname}: gradient differs by {:e} of its largest entry", diff / scale);
+            }
+        }
+    }
 }
 
 #[test]

@@ -22,8 +22,13 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 fn run(data: &str, loss: LossConfig, name: &str) -> (Vec<StepMetrics>, std::path::PathBuf) {
+    run_with(data, loss, name, false)
+}
+
+fn run_with(data: &str, loss: LossConfig, name: &str, precompute_ref_logps: bool) -> (Vec<StepMetrics>, std::path::PathBuf) {
     let out = scratch(name);
-    let config = trl_config(data, loss, &out);
+    let mut config = trl_config(data, loss, &out);
+    config.precompute_ref_logps = precompute_ref_logps;
     let history = train(&config, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
     (history, out)
 }
@@ -101,6 +106,23 @@ fn kto_matches_trl() {
     check_kto_rows(&fixture, &examples("unpaired.jsonl", &loss));
     let (history, out) = run("unpaired.jsonl", loss, "trl-kto");
     check_steps(&fixture, &history, &[LOSS, GRAD_NORM, LR, EPOCH, KL, CHOSEN, REJECTED, MARGINS]);
+    check_final_params(&fixture, &out);
+}
+
+#[test]
+fn kto_with_precomputed_reference_logps_matches_trl() {
+    // TRL's own run computed reference log-probs live; caching them must not change a number.
+    let fixture = fixture_json("trl_kto.json");
+    let (history, out) = run_with("unpaired.jsonl", LossConfig::Kto(KtoConfig::default()), "trl-kto-precomputed", true);
+    check_steps(&fixture, &history, &[LOSS, GRAD_NORM, LR, EPOCH, KL, CHOSEN, REJECTED, MARGINS]);
+    check_final_params(&fixture, &out);
+}
+
+#[test]
+fn dpo_with_precomputed_reference_logps_matches_trl() {
+    let fixture = fixture_json("trl_dpo.json");
+    let (history, out) = run_with("paired.jsonl", LossConfig::Dpo(DpoConfig::default()), "trl-dpo-precomputed", true);
+    check_steps(&fixture, &history, &[LOSS, GRAD_NORM, EPOCH, CHOSEN, REJECTED, MARGINS, ACCURACIES]);
     check_final_params(&fixture, &out);
 }
 

@@ -1,7 +1,9 @@
 //! The Llama family (Llama, Mistral, Qwen2, SmolLM) as a causal LM written for training.
 //!
-//! It returns full-sequence logits, keeps no KV cache and is differentiable end to end: norms, RoPE and
-//! softmax come from [`super::ops`], never from candle's fused kernels (which cut the gradient).
+//! It returns full-sequence logits, keeps no KV cache and is differentiable end to end: RMSNorm and the
+//! causal attention softmax, RoPE and the SwiGLU gate are our fused kernels with hand-written backward
+//! passes ([`super::kernels`], each tested against its composite form); candle's own fused kernels are
+//! never used (they cut the gradient).
 //! Module constructors take a `VarBuilder` whose `pp` paths spell the checkpoint's tensor names, so the
 //! loading code is the weight map.
 //!
@@ -12,7 +14,8 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
 use super::config::LlamaConfig;
-use super::ops::{apply_rope, causal_mask, repeat_kv, rms_norm, rope_tables, softmax_last_dim};
+use super::kernels::{self, causal_softmax, rms_norm, swiglu};
+use super::ops::{self, repeat_kv, rope_tables, softmax_last_dim};
 use crate::error::Result;
 
 fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
@@ -47,30 +50,51 @@ impl Attention {
     }
 
     /// `x` is `[b, t, d]`; `cos`/`sin` broadcast to `[b, h, t, e]`; `mask` is additive and broadcasts to
-    /// `[b, h, t, k]`. With a cache, keys and values of earlier positions are prepended (`k` = past + t)
-    /// and this call's are appended to it.
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    /// `[b, h, t, k]`, or `None` for plain causal attention (the training path: fused softmax). With a
+    /// cache, keys and values of earlier positions are prepended (`k` = past + t) and this call's are
+    /// appended to it.
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, g, e) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let split = |y: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, heads, e))?.transpose(1, 2)?.contiguous()?)
-        };
+        // Views: the fused RoPE reads q and k through their strides; v is made contiguous.
+        let split = |y: Tensor, heads: usize| -> Result<Tensor> { Ok(y.reshape((b, t, heads, e))?.transpose(1, 2)?) };
         let q = split(self.q_proj.forward(x)?, h)?; // [b, h, t, e]
         let k = split(self.k_proj.forward(x)?, g)?; // [b, g, t, e]
-        let v = split(self.v_proj.forward(x)?, g)?; // [b, g, t, e]
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
-        let (k, v) = match cache {
-            Some(cache) => cache.append(k, v)?, // [b, g, k, e]
-            None => (k, v),
+        let v = split(self.v_proj.forward(x)?, g)?.contiguous()?; // [b, g, t, e]
+        // Training (no mask, `cos`/`sin` `[t, e]`): fused RoPE; decoding (per-row positions): composite.
+        let rope = |x: &Tensor| -> Result<Tensor> {
+            Ok(match mask {
+                None => kernels::apply_rope(x, cos, sin)?,
+                Some(_) => ops::apply_rope(&x.contiguous()?, cos, sin)?,
+            })
         };
-        let k = repeat_kv(&k, h / g)?; // [b, h, k, e]
-        let v = repeat_kv(&v, h / g)?; // [b, h, k, e]
-
+        let q = rope(&q)?;
+        let k = rope(&k)?;
         let scale = 1.0 / (e as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // [b, h, t, k]
-        let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?; // [b, h, t, e]
+        let out = match mask {
+            // Training: plain causal attention. Grouped-query attention without copying K and V per
+            // query head: the `r = h/g` query heads that share a K/V head are stacked along time,
+            // `[b, h, t, e]` = `[b, g, r*t, e]` (a view), and the fused softmax finds each row's query
+            // position as `row mod t`. The decoding branch below, with `repeat_kv`, is the reference.
+            None => {
+                let r = h / g;
+                let q = q.reshape((b, g, r * t, e))?; // [b, g, r*t, e]
+                let scores = q.matmul(&k.t()?)?; // [b, g, r*t, t]
+                let probs = causal_softmax(&scores.to_dtype(DType::F32)?, scale)?.to_dtype(v.dtype())?;
+                probs.matmul(&v)?.reshape((b, h, t, e))? // [b, h, t, e]
+            }
+            Some(mask) => {
+                let (k, v) = match cache {
+                    Some(cache) => cache.append(k, v)?, // [b, g, k, e]
+                    None => (k, v),
+                };
+                let k = repeat_kv(&k, h / g)?; // [b, h, k, e]
+                let v = repeat_kv(&v, h / g)?; // [b, h, k, e]
+                let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // [b, h, t, k]
+                let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+                probs.matmul(&v)? // [b, h, t, e]
+            }
+        };
         let out = out.transpose(1, 2)?.reshape((b, t, h * e))?; // [b, t, h*e]
         Ok(self.o_proj.forward(&out)?) // [b, t, d]
     }
@@ -126,11 +150,11 @@ impl Mlp {
         })
     }
 
-    /// SwiGLU: `down(silu(gate(x)) * up(x))`.
+    /// SwiGLU: `down(silu(gate(x)) * up(x))`, the gate fused ([`kernels::swiglu`]; composite: `gate.silu()? * up`).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?; // [b, t, f]
+        let gate = self.gate_proj.forward(x)?; // [b, t, f]
         let up = self.up_proj.forward(x)?; // [b, t, f]
-        Ok(self.down_proj.forward(&(gate * up)?)?) // [b, t, d]
+        Ok(self.down_proj.forward(&swiglu(&gate, &up)?)?) // [b, t, d]
     }
 }
 
@@ -217,8 +241,8 @@ impl Llama {
         Ok((hidden, logits))
     }
 
-    /// The LM head on final hidden states: `[b, t, d]` → `[b, t, v]`.
-    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+    /// The LM head on hidden states: `[..., d]` → `[..., v]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let lm_head = self.lm_head.as_ref().ok_or_else(|| {
             crate::error::Error::Train("this model was built without an LM head (a reward model); it has no logits".into())
         })?;
@@ -237,8 +261,7 @@ impl Llama {
             )));
         }
         let (cos, sin) = rope_tables(t, cfg.head_dim(), cfg.rope_theta(), device)?; // [t, e]
-        let mask = causal_mask(t, DType::F32, device)?; // [t, t]
-        self.run_layers(input_ids, &cos, &sin, &mask, None)
+        self.run_layers(input_ids, &cos, &sin, None, None)
     }
 
     /// An empty cache for [`Llama::forward_cached`].
@@ -303,22 +326,22 @@ impl Llama {
             }
         }
         let mask = Tensor::from_vec(mask, (b, 1, t, total), device)?; // [b, 1, t, total]
-        let hidden = self.run_layers(input_ids, &cos, &sin, &mask, Some(&mut cache.layers))?; // [b, t, d]
-        self.logits(&hidden)
+        let hidden = self.run_layers(input_ids, &cos, &sin, Some(&mask), Some(&mut cache.layers))?; // [b, t, d]
+        self.logits(&hidden) // [b, t, v]
     }
 
-    /// Embeddings, decoder layers and the final norm: hidden states `[b, t, d]`.
-    fn run_layers(&self, input_ids: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, mut caches: Option<&mut Vec<LayerCache>>) -> Result<Tensor> {
+    /// `mask`: additive `[b, 1, t, k]`, or `None` for causal attention over the `t` positions.
+    fn run_layers(&self, input_ids: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, mut caches: Option<&mut Vec<LayerCache>>) -> Result<Tensor> {
         let cfg = &self.config;
         let mut x = self.embed_tokens.forward(input_ids)?; // [b, t, d]
-        let mask = mask.to_dtype(x.dtype())?;
+        let mask = mask.map(|m| m.to_dtype(x.dtype())).transpose()?;
         for (i, layer) in self.layers.iter().enumerate() {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
             let h = rms_norm(&x, &layer.input_layernorm, cfg.rms_norm_eps)?;
-            x = (x + layer.self_attn.forward(&h, cos, sin, &mask, cache)?)?;
+            x = (x + layer.self_attn.forward(&h, cos, sin, mask.as_ref(), cache)?)?;
             let h = rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?;
             x = (x + layer.mlp.forward(&h)?)?;
         }
-        rms_norm(&x, &self.norm, cfg.rms_norm_eps) // [b, t, d]
+        Ok(rms_norm(&x, &self.norm, cfg.rms_norm_eps)?) // [b, t, d]
     }
 }

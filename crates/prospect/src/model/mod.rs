@@ -4,6 +4,7 @@
 pub mod config;
 pub mod heads;
 pub mod init;
+pub mod kernels;
 pub mod llama;
 pub mod logps;
 pub mod ops;
@@ -18,7 +19,7 @@ use candle_core::{DType, Device, Tensor};
 pub use config::LlamaConfig;
 pub use heads::{RewardModel, ValueHead};
 pub use llama::Llama;
-pub use logps::{sequence_logps, token_logps, SequenceLogps};
+pub use logps::{completion_logps, sequence_logps, sequence_logps_composite, token_logps, SequenceLogps};
 pub use tokenizer::HfTokenizer;
 pub use weights::{load_tensors, save_tensors, Params};
 

@@ -7,6 +7,7 @@
 use candle_core::{Device, Tensor};
 
 use super::metrics::ObjectiveMetrics;
+use super::reference::{ReferenceLogps, SeqKey};
 use crate::data::{collate_sequences, rotate_for_kl, Examples, PairedExample, Sequence, SequenceBatch, UnpairedExample};
 use crate::error::{Error, Result};
 use crate::loss::{
@@ -14,7 +15,7 @@ use crate::loss::{
     ppo_offline_loss, reward_loss, sft_loss, simpo_loss, slic_loss, DpoInputs, KtoInputs, LossConfig, PairedOutput,
     PpoInputs,
 };
-use crate::model::{sequence_logps, token_logps, Llama, RewardModel, ValueHead};
+use crate::model::{completion_logps, token_logps, Llama, RewardModel, ValueHead};
 
 /// The models a microbatch needs.
 pub struct Models<'a> {
@@ -22,14 +23,32 @@ pub struct Models<'a> {
     pub policy: &'a Llama,
     /// The policy's current weights with no gradient tracking (for KTO's KL pairs).
     pub policy_frozen: &'a Llama,
-    /// The frozen reference, when the loss has one.
-    pub reference: Option<&'a Llama>,
+    /// Where reference log-probs come from, when the loss has a reference.
+    pub reference: Option<Reference<'a>>,
     /// `reward`: the reward model being trained (backbone + `score`, on the trainable weights).
     pub reward_model: Option<&'a RewardModel>,
     /// `ppo_offline`: the value head being trained.
     pub value_head: Option<&'a ValueHead>,
     /// `ppo_offline` with `reward_model = ...`: the frozen reward model that scores completions.
     pub scorer: Option<&'a RewardModel>,
+}
+
+/// The frozen reference: a model run on every microbatch, or its log-probs computed before training
+/// (`precompute_ref_logps`, see [`super::reference`]).
+#[derive(Clone, Copy)]
+pub enum Reference<'a> {
+    Model(&'a Llama),
+    Cached(&'a ReferenceLogps),
+}
+
+impl Reference<'_> {
+    /// Summed reference log-probs `[b]` of `batch`, whose rows are the sequences `keys` name.
+    fn logps(&self, batch: &SequenceBatch, keys: &[SeqKey], device: &Device) -> Result<Tensor> {
+        match self {
+            Reference::Model(model) => Ok(logps(model, batch)?.detach()),
+            Reference::Cached(cache) => cache.tensor(keys, device),
+        }
+    }
 }
 
 pub struct MicrobatchOutput {
@@ -52,12 +71,21 @@ pub struct BatchSettings<'a> {
 
 /// Summed completion log-probs of a batch under a model: `[b]`.
 fn logps(model: &Llama, batch: &SequenceBatch) -> Result<Tensor> {
-    let logits = model.forward(&batch.input_ids)?; // [b, t, v]
-    Ok(sequence_logps(&logits, &batch.input_ids, &batch.completion_mask)?.logps)
+    // The LM head runs on completion positions only; `sequence_logps(&model.forward(..)?, ..)` is the
+    // plain equivalent (compared in tests/model_parity.rs).
+    Ok(completion_logps(model, &batch.input_ids, &batch.completion_mask)?.logps)
 }
 
-fn reference<'a>(models: &Models<'a>) -> Result<&'a Llama> {
+fn reference<'a>(models: &Models<'a>) -> Result<Reference<'a>> {
     models.reference.ok_or_else(|| Error::Train("this loss needs a reference model".into()))
+}
+
+/// The reference as a model, for losses whose reference log-probs are not precomputed.
+fn reference_model<'a>(models: &Models<'a>) -> Result<&'a Llama> {
+    match reference(models)? {
+        Reference::Model(m) => Ok(m),
+        Reference::Cached(_) => Err(Error::Train("precompute_ref_logps covers kto and dpo only".into())),
+    }
 }
 
 /// Log-probs of a microbatch of pairs: one forward pass over chosen rows (0..b) then rejected rows
@@ -78,7 +106,7 @@ impl PairedLogps {
             rows.iter().map(|&i| &all[i].chosen).chain(rows.iter().map(|&i| &all[i].rejected)).collect();
         let batch = collate_sequences(&seqs, s.max_length, s.pad_id, s.device)?;
         let policy = logps(models.policy, &batch)?; // [2b]
-        let reference = if with_reference { Some(logps(reference(models)?, &batch)?.detach()) } else { None }; // [2b]
+        let reference = if with_reference { Some(logps(reference_model(models)?, &batch)?.detach()) } else { None }; // [2b]
         Ok(Self { batch, policy, reference, b })
     }
 
@@ -125,7 +153,7 @@ fn unpaired_without_kl(
     let seqs: Vec<&Sequence> = picked.iter().map(|e| &e.seq).collect();
     let batch = collate_sequences(&seqs, s.max_length, s.pad_id, s.device)?;
     let policy_logps = logps(models.policy, &batch)?; // [b]
-    let reference_logps = logps(reference(models)?, &batch)?.detach(); // [b]
+    let reference_logps = logps(reference_model(models)?, &batch)?.detach(); // [b]
     let out = loss(&policy_logps, &reference_logps, &labels)?;
     let margins = match (out.rewards_chosen, out.rewards_rejected) {
         (Some(c), Some(r)) => Some(c - r),
@@ -144,25 +172,71 @@ fn unpaired_without_kl(
     })
 }
 
+/// A KTO microbatch's two batches and the keys of their rows: the target sequences, and the mismatched
+/// KL pairs (prompt of row i, completion of row i−1: TRL's rotation).
+struct KtoBatches {
+    target: SequenceBatch,
+    target_keys: Vec<SeqKey>,
+    kl: SequenceBatch,
+    kl_keys: Vec<SeqKey>,
+}
+
+fn kto_batches(all: &[crate::data::UnpairedExample], rows: &[usize], s: &BatchSettings) -> Result<KtoBatches> {
+    let target: Vec<&Sequence> = rows.iter().map(|&i| &all[i].seq).collect();
+    let pairing: Vec<(usize, usize)> = rotate_for_kl(rows.len()).into_iter().enumerate().map(|(i, j)| (rows[i], rows[j])).collect();
+    let kl_seqs: Vec<Sequence> = pairing
+        .iter()
+        .map(|&(p, c)| Sequence { prompt_ids: all[p].seq.prompt_ids.clone(), completion_ids: all[c].seq.completion_ids.clone() })
+        .collect();
+    Ok(KtoBatches {
+        target: collate_sequences(&target, s.max_length, s.pad_id, s.device)?,
+        target_keys: rows.iter().map(|&i| SeqKey::Own(i)).collect(),
+        kl: collate_sequences(&kl_seqs.iter().collect::<Vec<_>>(), s.max_length, s.pad_id, s.device)?,
+        kl_keys: pairing.into_iter().map(|(prompt, completion)| SeqKey::Kl { prompt, completion }).collect(),
+    })
+}
+
+/// DPO's one batch: rows 0..b are the chosen sequences, b..2b the rejected ones.
+fn dpo_batch(all: &[crate::data::PairedExample], rows: &[usize], s: &BatchSettings) -> Result<(SequenceBatch, Vec<SeqKey>)> {
+    let seqs: Vec<&Sequence> = rows.iter().map(|&i| &all[i].chosen).chain(rows.iter().map(|&i| &all[i].rejected)).collect();
+    let keys = rows.iter().map(|&i| SeqKey::Own(i)).chain(rows.iter().map(|&i| SeqKey::Rejected(i))).collect();
+    Ok((collate_sequences(&seqs, s.max_length, s.pad_id, s.device)?, keys))
+}
+
+/// The reference log-probs of one microbatch's sequences, batched exactly as [`run`] batches them (so
+/// that the cached values are the ones `run` would compute): `(key, Σ log p_ref)` per sequence.
+pub fn reference_logps(loss: &LossConfig, examples: &Examples, rows: &[usize], reference: &Llama, s: &BatchSettings) -> Result<Vec<(SeqKey, f32)>> {
+    let mut out = Vec::new();
+    let mut run_batch = |batch: &SequenceBatch, keys: Vec<SeqKey>| -> Result<()> {
+        let values = logps(reference, batch)?.to_vec1::<f32>()?; // [b]
+        out.extend(keys.into_iter().zip(values));
+        Ok(())
+    };
+    match (loss, examples) {
+        (LossConfig::Kto(_), Examples::Unpaired(all)) => {
+            let b = kto_batches(all, rows, s)?;
+            run_batch(&b.target, b.target_keys)?;
+            run_batch(&b.kl, b.kl_keys)?;
+        }
+        (LossConfig::Dpo(_), Examples::Paired(all)) => {
+            let (batch, keys) = dpo_batch(all, rows, s)?;
+            run_batch(&batch, keys)?;
+        }
+        (loss, _) => return Err(Error::Train(format!("loss `{}` has no reference log-probs to precompute", loss.name()))),
+    }
+    Ok(out)
+}
+
 pub fn run(loss: &LossConfig, examples: &Examples, rows: &[usize], models: &Models, s: &BatchSettings) -> Result<MicrobatchOutput> {
     match (loss, examples) {
         (LossConfig::Kto(cfg), Examples::Unpaired(all)) => {
-            let picked: Vec<&crate::data::UnpairedExample> = rows.iter().map(|&i| &all[i]).collect();
-            let labels: Vec<bool> = picked.iter().map(|e| e.label).collect();
-            let target: Vec<&Sequence> = picked.iter().map(|e| &e.seq).collect();
-            // Mismatched pairs: prompt of row i, completion of row i−1 (TRL's rotation).
-            let kl_seqs: Vec<Sequence> = rotate_for_kl(picked.len())
-                .into_iter()
-                .zip(&picked)
-                .map(|(j, e)| Sequence { prompt_ids: e.seq.prompt_ids.clone(), completion_ids: picked[j].seq.completion_ids.clone() })
-                .collect();
-            let target = collate_sequences(&target, s.max_length, s.pad_id, s.device)?;
-            let kl = collate_sequences(&kl_seqs.iter().collect::<Vec<_>>(), s.max_length, s.pad_id, s.device)?;
+            let labels: Vec<bool> = rows.iter().map(|&i| all[i].label).collect();
+            let KtoBatches { target, target_keys, kl, kl_keys } = kto_batches(all, rows, s)?;
             let reference = reference(models)?;
             let policy_logps = logps(models.policy, &target)?; // [b]
             let policy_kl_logps = logps(models.policy_frozen, &kl)?; // [b], no gradient
-            let reference_logps = logps(reference, &target)?.detach(); // [b]
-            let reference_kl_logps = logps(reference, &kl)?.detach(); // [b]
+            let reference_logps = reference.logps(&target, &target_keys, s.device)?; // [b]
+            let reference_kl_logps = reference.logps(&kl, &kl_keys, s.device)?; // [b]
             let out = kto_loss(
                 cfg,
                 &KtoInputs {
@@ -194,14 +268,9 @@ pub fn run(loss: &LossConfig, examples: &Examples, rows: &[usize], models: &Mode
         (LossConfig::Dpo(cfg), Examples::Paired(all)) => {
             // Chosen and rejected go through one forward pass: rows 0..b are chosen, b..2b rejected.
             let b = rows.len();
-            let seqs: Vec<&Sequence> = rows
-                .iter()
-                .map(|&i| &all[i].chosen)
-                .chain(rows.iter().map(|&i| &all[i].rejected))
-                .collect();
-            let batch = collate_sequences(&seqs, s.max_length, s.pad_id, s.device)?;
+            let (batch, keys) = dpo_batch(all, rows, s)?;
             let policy = logps(models.policy, &batch)?; // [2b]
-            let reference = logps(reference(models)?, &batch)?.detach(); // [2b]
+            let reference = reference(models)?.logps(&batch, &keys, s.device)?; // [2b]
             let out = dpo_loss(
                 cfg,
                 &DpoInputs {
@@ -280,7 +349,7 @@ pub fn run(loss: &LossConfig, examples: &Examples, rows: &[usize], models: &Mode
             let (policy_logps, mask) = token_logps(&logits, &batch.input_ids, &batch.completion_mask)?; // [b, t-1]
             let t = hidden.dim(1)?;
             let values = value_head.forward(&hidden)?.narrow(1, 0, t - 1)?; // [b, t-1]: h_t predicts token t+1
-            let ref_logits = reference(models)?.forward(&batch.input_ids)?; // [b, t, v]
+            let ref_logits = reference_model(models)?.forward(&batch.input_ids)?; // [b, t, v]
             let reference_logps = token_logps(&ref_logits, &batch.input_ids, &batch.completion_mask)?.0.detach(); // [b, t-1]
             let rewards: Vec<f32> = match models.scorer {
                 Some(rm) => rm.scores(&batch.input_ids, s.pad_id)?.detach().to_dtype(candle_core::DType::F32)?.to_vec1()?,

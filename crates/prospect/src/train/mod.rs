@@ -3,6 +3,8 @@
 //! ```text
 //! load tokenizer, policy (Vars), reference (frozen)       model::
 //! read + tokenize rows                                    data::
+//! [precompute_ref_logps: reference log-probs of every
+//!  microbatch, then drop the reference model]             reference::
 //! for each optimizer step:
 //!     for each microbatch:   batch → logps → loss → backward, gradients summed
 //!     grad norm → clip → AdamW (lr from the schedule)
@@ -17,6 +19,7 @@ pub mod data;
 pub mod metrics;
 pub mod microbatch;
 pub mod optim;
+pub mod reference;
 pub mod schedule;
 
 use std::collections::BTreeMap;
@@ -35,8 +38,9 @@ use crate::loss::LossConfig;
 use crate::model::{load_frozen, load_frozen_reward, Head, HfTokenizer, Policy};
 pub use metrics::{ObjectiveMetrics, StepMetrics};
 use metrics::ObjectiveAccumulator;
-use microbatch::{truncated_completion_len, BatchSettings, Models};
-use optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
+use microbatch::{truncated_completion_len, BatchSettings, Models, Reference};
+use reference::ReferenceLogps;
+use optim::{accumulate, clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
 
 /// Progress of a run, for the caller to display.
 #[derive(Debug, Clone)]
@@ -102,7 +106,7 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
         }
         _ => None,
     };
-    let reference = if config.loss.needs_reference() {
+    let mut reference = if config.loss.needs_reference() {
         let dir = config.reference.as_deref().unwrap_or(&config.model);
         Some(load_frozen(dir, device)?)
     } else {
@@ -155,34 +159,52 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
 
     on_event(Event::Started { start_step, total_steps, examples: n, parameters: policy.params.num_elements() });
 
+    let settings = BatchSettings { max_length: config.max_length, pad_id: tok.pad_token_id, device, control_ids };
+    let schedule = Schedule { n, steps_per_epoch, batch_size: config.batch_size, microbatch_size: config.microbatch_size, shuffle: config.shuffle, seed: config.seed };
+    let cached = match reference.take() {
+        Some(model) if config.precompute_ref_logps => {
+            let started = Instant::now();
+            let mbs: Vec<Vec<usize>> = (start_step..total_steps).flat_map(|step| schedule.microbatches(step)).collect();
+            let cache = ReferenceLogps::compute(&config.loss, &examples, mbs.iter().map(Vec::as_slice), &model, &settings)?;
+            on_event(Event::Notice(format!(
+                "reference log-probs of {} sequences precomputed in {:.1} s; reference model freed",
+                cache.len(),
+                started.elapsed().as_secs_f64()
+            )));
+            Some(cache) // `model` drops here: training holds only the policy.
+        }
+        other => {
+            reference = other;
+            None
+        }
+    };
+
     let model = policy.model(device)?;
     let frozen = policy.frozen_model(device)?;
     let reward_model = if head == Head::Score { Some(policy.reward_model(device)?) } else { None };
     let value_head = if head == Head::Value { Some(policy.value_head(device)?) } else { None };
+    let reference = match (&cached, &reference) {
+        (Some(cache), _) => Some(Reference::Cached(cache)),
+        (None, Some(model)) => Some(Reference::Model(model)),
+        (None, None) => None,
+    };
     let models = Models {
         policy: &model,
         policy_frozen: &frozen,
-        reference: reference.as_ref(),
+        reference,
         reward_model: reward_model.as_ref(),
         value_head: value_head.as_ref(),
         scorer: scorer.as_ref(),
     };
-    let settings = BatchSettings { max_length: config.max_length, pad_id: tok.pad_token_id, device, control_ids };
     let control_tokens = usize::from(control_ids.is_some());
     let mut history = Vec::new();
-    let mut order_epoch = usize::MAX;
-    let mut order = Vec::new();
 
     for step in start_step..total_steps {
         let started = Instant::now();
         let (epoch, k) = (step / steps_per_epoch, step % steps_per_epoch);
-        if epoch != order_epoch {
-            order = epoch_order(n, epoch, config.shuffle, config.seed);
-            order_epoch = epoch;
-        }
-        let batch = &order[k * config.batch_size..((k + 1) * config.batch_size).min(n)];
-        let microbatches: Vec<&[usize]> = batch.chunks(config.microbatch_size).collect();
-        let step_tokens: usize = step_completion_tokens(&examples, batch, config.max_length, control_tokens);
+        let batch = schedule.rows(step);
+        let microbatches = schedule.microbatches(step);
+        let step_tokens: usize = step_completion_tokens(&examples, &batch, config.max_length, control_tokens);
 
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = 0f64;
@@ -199,16 +221,19 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
             loss_sum += value;
             objective.add(&out.metrics);
             num_tokens += out.num_tokens;
-            let store = scaled.backward()?;
+            let mut store = scaled.backward()?;
+            // Sum into the step's gradients in place, freeing each microbatch gradient as it is added:
+            // the peak of a step is here, with the step's and this microbatch's gradients both alive.
             for (name, var) in policy.params.iter() {
-                if let Some(g) = store.get(var.as_tensor()) {
-                    let summed = match grads.remove(name) {
-                        Some(acc) => (acc + g)?,
-                        None => g.clone(),
-                    };
-                    grads.insert(name.clone(), summed);
+                if let Some(g) = store.remove(var.as_tensor()) {
+                    match grads.get(name) {
+                        Some(acc) => accumulate(acc, &g)?,
+                        // A copy the step owns (and may update in place), detached from the graph.
+                        None => _ = grads.insert(name.clone(), g.detach().copy()?),
+                    }
                 }
             }
+            drop(store);
         }
 
         let grad_norm = global_grad_norm(&grads)?;
@@ -278,6 +303,31 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
     policy.save_hf(&final_dir, &extra)?;
     on_event(Event::Finished(final_dir));
     Ok(history)
+}
+
+/// Which rows each optimizer step and each microbatch uses: the epoch's order, cut into batches, each cut
+/// into microbatches. The training loop and the reference pre-pass both read it.
+struct Schedule {
+    n: usize,
+    steps_per_epoch: usize,
+    batch_size: usize,
+    microbatch_size: usize,
+    shuffle: bool,
+    seed: u64,
+}
+
+impl Schedule {
+    /// The rows of optimizer step `step` (0-based), in order.
+    fn rows(&self, step: usize) -> Vec<usize> {
+        let (epoch, k) = (step / self.steps_per_epoch, step % self.steps_per_epoch);
+        let order = epoch_order(self.n, epoch, self.shuffle, self.seed);
+        order[k * self.batch_size..((k + 1) * self.batch_size).min(self.n)].to_vec()
+    }
+
+    /// The microbatches of step `step`.
+    fn microbatches(&self, step: usize) -> Vec<Vec<usize>> {
+        self.rows(step).chunks(self.microbatch_size).map(<[usize]>::to_vec).collect()
+    }
 }
 
 /// Completion tokens (after truncation) of a step's rows: SFT and CSFT normalise by it. `prefix`
