@@ -287,6 +287,12 @@ impl TrainConfig {
                 }
             }
         }
+        if self.precompute_ref_logps && !matches!(self.loss, LossConfig::Kto(_) | LossConfig::Dpo(_)) {
+            return Err(Error::config(
+                "precompute_ref_logps",
+                format!("covers the kto and dpo losses; `{}` computes its reference log-probs during training", self.loss.name()),
+            ));
+        }
         self.loss.validate(self.microbatch_size)
     }
 
@@ -398,6 +404,14 @@ mod tests {
         let sets = vec!["microbatch_size=1".to_string()];
         let err = TrainConfig::from_toml(MINIMAL, &sets, Path::new("")).unwrap_err().to_string();
         assert!(err.contains("microbatch_size"), "{err}");
+    }
+
+    #[test]
+    fn precompute_is_for_kto_and_dpo() {
+        assert!(TrainConfig::from_toml(MINIMAL, &["precompute_ref_logps=true".into()], Path::new("")).is_ok());
+        let sets = vec!["precompute_ref_logps=true".to_string(), "loss.type=\"ipo\"".to_string()];
+        let err = TrainConfig::from_toml(MINIMAL, &sets, Path::new("")).unwrap_err().to_string();
+        assert!(err.contains("precompute_ref_logps") && err.contains("`ipo`"), "{err}");
     }
 
     #[test]
