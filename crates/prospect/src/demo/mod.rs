@@ -118,7 +118,7 @@ pub fn run_demo(out: &Path, scale: DemoScale, seed: u64, on_event: &mut dyn FnMu
         .collect();
     write_jsonl(&data_dir.join("base.jsonl"), &base_rows)?;
     on_event(Event::Notice("stage 1/5: pre-training the base model on the task's language".into()));
-    let base = run(out, "base", &init_dir, None, &data_dir.join("base.jsonl"), LossConfig::Sft(SftConfig::default()), 3e-3, scale.base_epochs, 32, 32, seed, on_event)?;
+    let base = run(out, "base", &init_dir, None, &data_dir.join("base.jsonl"), LossConfig::Sft(SftConfig::default()), 3e-3, scale.base_epochs, 32, 32, seed, on_event, |_| {})?;
 
     // 2. SFT on imperfect demonstrations: half good, half with one flaw.
     let mut demos = Vec::new();
@@ -136,7 +136,7 @@ pub fn run_demo(out: &Path, scale: DemoScale, seed: u64, on_event: &mut dyn FnMu
     demos.shuffle(&mut rng);
     write_jsonl(&data_dir.join("sft.jsonl"), &demos)?;
     on_event(Event::Notice("stage 2/5: SFT on imperfect demonstrations".into()));
-    let sft = run(out, "sft", &base, None, &data_dir.join("sft.jsonl"), LossConfig::Sft(SftConfig::default()), 3e-3, scale.sft_epochs, 16, 16, seed, on_event)?;
+    let sft = run(out, "sft", &base, None, &data_dir.join("sft.jsonl"), LossConfig::Sft(SftConfig::default()), 3e-3, scale.sft_epochs, 16, 16, seed, on_event, |_| {})?;
 
     // 3. Binary feedback on the SFT model's own samples.
     on_event(Event::Notice("stage 3/5: sampling the SFT model and labelling its replies with the rule judge".into()));
@@ -175,14 +175,14 @@ pub fn run_demo(out: &Path, scale: DemoScale, seed: u64, on_event: &mut dyn FnMu
     let kto = |w: f64| LossConfig::Kto(KtoConfig { beta: 0.1, desirable_weight: w, undesirable_weight: 1.0 });
     let fb = data_dir.join("feedback.jsonl");
     let mut models: Vec<(&str, PathBuf)> = vec![("sft", sft.clone())];
-    models.push(("sft+dpo", run(out, "sft+dpo", &sft, Some(&sft), &data_dir.join("pairs.jsonl"), LossConfig::Dpo(DpoConfig::default()), 1e-3, scale.align_epochs, 16, 8, seed, on_event)?));
-    models.push(("sft+kto", run(out, "sft+kto", &sft, Some(&sft), &fb, kto(1.0), 1e-3, scale.align_epochs, 16, 8, seed, on_event)?));
-    models.push(("kto", run(out, "kto", &base, Some(&base), &fb, kto(1.0), 1e-3, scale.align_epochs, 16, 8, seed, on_event)?));
+    models.push(("sft+dpo", run(out, "sft+dpo", &sft, Some(&sft), &data_dir.join("pairs.jsonl"), LossConfig::Dpo(DpoConfig::default()), 1e-3, scale.align_epochs, 16, 8, seed, on_event, |_| {})?));
+    models.push(("sft+kto", run(out, "sft+kto", &sft, Some(&sft), &fb, kto(1.0), 1e-3, scale.align_epochs, 16, 8, seed, on_event, |_| {})?));
+    models.push(("kto", run(out, "kto", &base, Some(&base), &fb, kto(1.0), 1e-3, scale.align_epochs, 16, 8, seed, on_event, |_| {})?));
     let imbalance = |c: &mut TrainConfig| {
         c.desirable_fraction = 0.1;
         c.auto_weights = true;
     };
-    models.push(("kto-10%-desirable", run_with(out, "kto-10pct-desirable", &sft, Some(&sft), &fb, kto(1.0), 1e-3, scale.align_epochs, 16, 8, seed, on_event, imbalance)?));
+    models.push(("kto-10%-desirable", run(out, "kto-10pct-desirable", &sft, Some(&sft), &fb, kto(1.0), 1e-3, scale.align_epochs, 16, 8, seed, on_event, imbalance)?));
 
     // 5. Held-out evaluation against SFT.
     on_event(Event::Notice("stage 5/5: judging every model against SFT on held-out prompts".into()));
@@ -294,27 +294,9 @@ fn sample(model_dir: &Path, tok: &HfTokenizer, prompts: &[String], samples: usiz
     Ok(gens.chunks(samples).map(|c| c.iter().map(|g| g.completion.clone()).collect()).collect())
 }
 
+/// Train one stage of the demo; `adjust` has the last say over its config (e.g. the imbalance keys).
 #[allow(clippy::too_many_arguments)]
 fn run(
-    out: &Path,
-    name: &str,
-    model: &Path,
-    reference: Option<&Path>,
-    data: &Path,
-    loss: LossConfig,
-    lr: f64,
-    epochs: usize,
-    batch: usize,
-    microbatch: usize,
-    seed: u64,
-    on_event: &mut dyn FnMut(Event),
-) -> Result<PathBuf> {
-    run_with(out, name, model, reference, data, loss, lr, epochs, batch, microbatch, seed, on_event, |_| {})
-}
-
-/// [`run`], with a last say over the config (e.g. the imbalance keys).
-#[allow(clippy::too_many_arguments)]
-fn run_with(
     out: &Path,
     name: &str,
     model: &Path,
