@@ -16,12 +16,12 @@
 #   EXTRA      extra `--set key=value` overrides for prospect, e.g. EXTRA="precompute_ref_logps=false"
 #
 # The data is converted once to TRL's plain-text unpaired layout with the chat template applied
-# (scripts/bench/kto_demo_to_plain.py), and both sides read that same file: Prospect's conversational
-# reader is on the data branch, not here yet.
+# (scripts/bench/kto_demo_to_plain.py), and both sides read that same file. (The harness was written
+# before Prospect read conversational rows; both sides still see the same rendered ChatML text.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-KTO_DEMO=${KTO_DEMO:-../shared/data/kto_en_demo.json}
+KTO_DEMO=${KTO_DEMO:-target/llamafactory/data/kto_en_demo.json}  # scripts/fetch_llamafactory_data.sh
 MODEL=${MODEL:-target/smollm2/reference-f32}
 PYTHON=${PYTHON:-/opt/pyref/bin/python}
 OUT=${OUT:-target/bench}
