@@ -19,40 +19,14 @@
 //! Shapes: every input is `[b]`, one value per row.
 
 use candle_core::{Tensor, D};
-use serde::{Deserialize, Serialize};
 
 use super::kto::class_rewards;
 use super::kto_zero::UnpairedOutput;
-use super::{check_non_negative, check_positive, check_rows, sigmoid};
+use super::{check_rows, sigmoid};
 use crate::error::Result;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApoZeroUnpairedConfig {
-    #[serde(default = "default_beta")]
-    pub beta: f64,
-    #[serde(default = "one")]
-    pub desirable_weight: f64,
-    #[serde(default = "one")]
-    pub undesirable_weight: f64,
-}
-
-fn default_beta() -> f64 { 0.1 }
-fn one() -> f64 { 1.0 }
-
-impl Default for ApoZeroUnpairedConfig {
-    fn default() -> Self {
-        Self { beta: default_beta(), desirable_weight: 1.0, undesirable_weight: 1.0 }
-    }
-}
-
-impl ApoZeroUnpairedConfig {
-    pub(crate) fn validate(&self) -> Result<()> {
-        check_positive("loss.beta", self.beta)?;
-        check_non_negative("loss.desirable_weight", self.desirable_weight)?;
-        check_non_negative("loss.undesirable_weight", self.undesirable_weight)
-    }
-}
+/// Same keys and defaults as KTO-zero (`beta`, `desirable_weight`, `undesirable_weight`): one struct.
+pub type ApoZeroUnpairedConfig = super::kto_zero::KtoZeroConfig;
 
 /// `labels[i]` is `true` for a desirable row.
 pub fn apo_zero_unpaired_loss(
