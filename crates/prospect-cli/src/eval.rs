@@ -66,14 +66,19 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let started = Instant::now();
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = ProgressBar::new_spinner();
-        b.set_style(ProgressStyle::with_template("{spinner} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+        b.set_style(
+            ProgressStyle::with_template("{spinner} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
         b
     });
     let mut tokens = 0usize;
     let out = generate_rows(&a.model, &rows, a.num_samples, &cfg, &candle_core::Device::Cpu, &mut |n| {
         tokens += n;
         if let Some(b) = &bar {
-            b.set_message(format!("{tokens} tokens, {:.0} tokens/s", tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)));
+            b.set_message(format!(
+                "{tokens} tokens, {:.0} tokens/s",
+                tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)
+            ));
             b.tick();
         }
     })?;
@@ -87,7 +92,12 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     }
     prospect::fsio::write_atomic(&a.output, text.as_bytes())?;
     let secs = started.elapsed().as_secs_f64();
-    eprintln!("{} completions, {tokens} tokens in {secs:.1} s ({:.0} tokens/s) -> {}", out.len(), tokens as f64 / secs.max(1e-9), a.output.display());
+    eprintln!(
+        "{} completions, {tokens} tokens in {secs:.1} s ({:.0} tokens/s) -> {}",
+        out.len(),
+        tokens as f64 / secs.max(1e-9),
+        a.output.display()
+    );
     Ok(())
 }
 

@@ -95,7 +95,9 @@ impl ReadArgs {
                 let threshold = match threshold {
                     "mean" => Threshold::Statistic(Statistic::Mean),
                     "median" => Threshold::Statistic(Statistic::Median),
-                    t => Threshold::Value(t.parse().with_context(|| format!("--label-from threshold must be a number, mean or median, got {t:?}"))?),
+                    t => Threshold::Value(t.parse().with_context(|| {
+                        format!("--label-from threshold must be a number, mean or median, got {t:?}")
+                    })?),
                 };
                 Some(LabelFrom { field: field.to_string(), threshold })
             }
@@ -236,13 +238,22 @@ fn run_train(path: &PathBuf, set: &[String], resume: bool) -> Result<()> {
     Ok(())
 }
 
-fn run_inspect(file: &std::path::Path, model: Option<&std::path::Path>, max_length: usize, chat_template: Option<&std::path::Path>, read: &ReadArgs) -> Result<()> {
+fn run_inspect(
+    file: &std::path::Path,
+    model: Option<&std::path::Path>,
+    max_length: usize,
+    chat_template: Option<&std::path::Path>,
+    read: &ReadArgs,
+) -> Result<()> {
     let options = read.options()?;
     let tok = match model {
-        Some(dir) => Some(HfTokenizer::load(dir).with_context(|| format!("cannot load the tokenizer of {}", dir.display()))?),
+        Some(dir) => {
+            Some(HfTokenizer::load(dir).with_context(|| format!("cannot load the tokenizer of {}", dir.display()))?)
+        }
         None => None,
     };
-    let report = inspect(file, &options, tok.as_ref(), chat_template, max_length).with_context(|| format!("{} is not valid training data", file.display()))?;
+    let report = inspect(file, &options, tok.as_ref(), chat_template, max_length)
+        .with_context(|| format!("{} is not valid training data", file.display()))?;
     print_inspection(&report);
     Ok(())
 }
@@ -264,8 +275,16 @@ fn print_inspection(r: &Inspection) {
     }
     if let (Some(nd), Some(nu)) = (r.desirable, r.undesirable) {
         let total = (nd + nu).max(1) as f64;
-        let what = if r.shape == prospect::data::RowFormat::Paired { " (each pair unpairs into one of each for KTO)" } else { "" };
-        println!("labels:       {nd} desirable ({:.1}%), {nu} undesirable ({:.1}%){what}", 100.0 * nd as f64 / total, 100.0 * nu as f64 / total);
+        let what = if r.shape == prospect::data::RowFormat::Paired {
+            " (each pair unpairs into one of each for KTO)"
+        } else {
+            ""
+        };
+        println!(
+            "labels:       {nd} desirable ({:.1}%), {nu} undesirable ({:.1}%){what}",
+            100.0 * nd as f64 / total,
+            100.0 * nu as f64 / total
+        );
     }
     if let Some((ld, lu)) = r.recommended_weights {
         let (nd, nu) = (r.desirable.unwrap_or(0).max(1) as f64, r.undesirable.unwrap_or(0).max(1) as f64);
@@ -279,13 +298,22 @@ fn print_inspection(r: &Inspection) {
     match &r.tokens {
         Some(t) => {
             let row = |name: &str, p: &Percentiles| {
-                println!("{name}  min {} p50 {} p90 {} p99 {} max {} mean {:.1}", p.min, p.p50, p.p90, p.p99, p.max, p.mean)
+                println!(
+                    "{name}  min {} p50 {} p90 {} p99 {} max {} mean {:.1}",
+                    p.min, p.p50, p.p90, p.p99, p.max, p.mean
+                )
             };
             row("prompt tokens:    ", &t.prompt);
             row("completion tokens:", &t.completion);
-            println!("max_length {}: {} rows truncated, {} rows dropped (prompt alone fills it)", t.max_length, t.truncated, t.dropped);
+            println!(
+                "max_length {}: {} rows truncated, {} rows dropped (prompt alone fills it)",
+                t.max_length, t.truncated, t.dropped
+            );
             if t.prompt_not_prefix > 0 {
-                println!("warning: in {} rows the tokenized prompt is not a prefix of prompt + completion", t.prompt_not_prefix);
+                println!(
+                    "warning: in {} rows the tokenized prompt is not a prefix of prompt + completion",
+                    t.prompt_not_prefix
+                );
             }
         }
         None => println!("token lengths: pass --model DIR to measure them"),
@@ -293,8 +321,15 @@ fn print_inspection(r: &Inspection) {
 }
 
 fn run_convert(input: &std::path::Path, output: &std::path::Path, read: &ReadArgs) -> Result<()> {
-    let (n, report) = convert(input, output, &read.options()?).with_context(|| format!("cannot convert {}", input.display()))?;
-    eprintln!("{}: {} format {}; wrote {n} rows to {}", input.display(), report.container, report.format, output.display());
+    let (n, report) =
+        convert(input, output, &read.options()?).with_context(|| format!("cannot convert {}", input.display()))?;
+    eprintln!(
+        "{}: {} format {}; wrote {n} rows to {}",
+        input.display(),
+        report.container,
+        report.format,
+        output.display()
+    );
     if report.filtered > 0 {
         eprintln!("left out {} records: {}", report.filtered, report.filter_rule.unwrap_or("the layout's rule"));
     }

@@ -51,7 +51,8 @@ fn bad_label_names_file_line_and_field() {
 fn malformed_json_and_missing_files_are_clear_errors() {
     let dir = scratch("cli-bad-json");
     let data = dir.join("broken.jsonl");
-    std::fs::write(&data, "{\"prompt\": \"a\", \"completion\": \"b\", \"label\": true}\n\n{\"prompt\": \"a\"\n").unwrap();
+    std::fs::write(&data, "{\"prompt\": \"a\", \"completion\": \"b\", \"label\": true}\n\n{\"prompt\": \"a\"\n")
+        .unwrap();
     let config = write_config(&dir, &data, "");
     let out = prospect(&["train", "--config", config.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
@@ -97,14 +98,32 @@ fn sft_then_kto_chains_through_the_example_configs() {
     let dir = scratch("cli-chain");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let (sft_out, kto_out) = (dir.join("sft"), dir.join("kto"));
-    let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_prospect")).args(args).current_dir(&root).output().unwrap();
-    let out = run(&["train", "--config", "configs/sft-tiny.toml", "--set", "max_steps=1", "--set", &format!("output_dir={:?}", sft_out)]);
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_prospect")).args(args).current_dir(&root).output().unwrap()
+    };
+    let out = run(&[
+        "train",
+        "--config",
+        "configs/sft-tiny.toml",
+        "--set",
+        "max_steps=1",
+        "--set",
+        &format!("output_dir={:?}", sft_out),
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let final_dir = format!("{:?}", sft_out.join("final"));
     let out = run(&[
-        "train", "--config", "configs/kto-after-sft.toml", "--set", "max_steps=1",
-        "--set", &format!("model={final_dir}"), "--set", &format!("reference={final_dir}"),
-        "--set", &format!("output_dir={:?}", kto_out),
+        "train",
+        "--config",
+        "configs/kto-after-sft.toml",
+        "--set",
+        "max_steps=1",
+        "--set",
+        &format!("model={final_dir}"),
+        "--set",
+        &format!("reference={final_dir}"),
+        "--set",
+        &format!("output_dir={:?}", kto_out),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     // Policy = reference at the first step: every log-ratio is 0 and KTO's loss is 1 − σ(0).
@@ -135,7 +154,9 @@ fn generate_appends_a_control_token_to_every_prompt() {
     let o = gen(&suffixed, &b, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let ids = |p: &Path| -> serde_json::Value {
-        serde_json::from_str::<serde_json::Value>(std::fs::read_to_string(p).unwrap().lines().next().unwrap()).unwrap()["completion_ids"].clone()
+        serde_json::from_str::<serde_json::Value>(std::fs::read_to_string(p).unwrap().lines().next().unwrap()).unwrap()
+            ["completion_ids"]
+            .clone()
     };
     assert_eq!(ids(&a), ids(&b));
     // A token the vocabulary lacks is an error, not a silent no-op.

@@ -38,12 +38,23 @@ fn inspect_llamafactory_kto_demo() {
 #[test]
 fn inspect_llamafactory_dpo_demo_with_a_model() {
     let model = repo().join("tests/fixtures/tiny-llama");
-    let out = prospect(&["data", "inspect", &shared_data("dpo_en_demo.json"), "--model", model.to_str().unwrap(), "--max-length", "1024"]);
+    let out = prospect(&[
+        "data",
+        "inspect",
+        &shared_data("dpo_en_demo.json"),
+        "--model",
+        model.to_str().unwrap(),
+        "--max-length",
+        "1024",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = stdout(&out);
     assert!(text.contains("format:       sharegpt_dpo -> paired (prompt, chosen, rejected), conversational"), "{text}");
     assert!(text.contains("rows:         300\n"), "{text}");
-    assert!(text.contains("prompt tokens:") && text.contains("completion tokens:") && text.contains("max_length 1024: "), "{text}");
+    assert!(
+        text.contains("prompt tokens:") && text.contains("completion tokens:") && text.contains("max_length 1024: "),
+        "{text}"
+    );
 }
 
 #[test]
@@ -55,7 +66,10 @@ fn inspect_invalid_data_exits_non_zero_with_file_and_line() {
     let out = prospect(&["data", "inspect", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "a clean failure, not a panic (101)");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{}:2: field `label` must be true or false, got the string \"no\"", bad.display())), "{err}");
+    assert!(
+        err.contains(&format!("{}:2: field `label` must be true or false, got the string \"no\"", bad.display())),
+        "{err}"
+    );
     // With --skip-invalid the file is usable and the skip is reported.
     let out = prospect(&["data", "inspect", bad.to_str().unwrap(), "--skip-invalid"]);
     assert!(out.status.success());
@@ -76,7 +90,8 @@ fn convert_sharegpt_to_canonical_jsonl() {
     let out = prospect(&["data", "convert", input.to_str().unwrap(), output.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The canonical rows are TRL's conversational rows, the ones the ShareGPT file was written from.
-    let parse = |text: &str| text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).collect::<Vec<_>>();
+    let parse =
+        |text: &str| text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).collect::<Vec<_>>();
     let got = parse(&std::fs::read_to_string(&output).unwrap());
     let want = parse(&std::fs::read_to_string(repo().join("tests/fixtures/data/conv_unpaired.jsonl")).unwrap());
     assert_eq!(got, want);

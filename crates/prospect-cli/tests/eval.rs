@@ -13,7 +13,8 @@ fn write(path: &Path, rows: &[&str]) {
     std::fs::write(path, rows.iter().map(|r| format!("{r}\n")).collect::<String>()).unwrap();
 }
 
-const PROMPTS: [&str; 4] = ["please bring the red cup", "please open the blue box", "please find the green key", "please hold the black pen"];
+const PROMPTS: [&str; 4] =
+    ["please bring the red cup", "please open the blue box", "please find the green key", "please hold the black pen"];
 
 /// Candidate: good, good, rude, good. Baseline: rude, good, good, wrong object.
 /// Rule scores: c = [3, 3, 1, 3], b = [1, 3, 3, 2] → win, tie, loss, win: (2 + 0.5) / 4 = 0.625.
@@ -23,7 +24,17 @@ fn generation_files(dir: &Path) -> (PathBuf, PathBuf) {
     let cand = [" sure , the red cup .", " sure , the blue box .", " no , i will not .", " sure , the black pen ."];
     let base = [" no , i will not .", " sure , the blue box .", " sure , the green key .", " sure , the red key ."];
     let row = |p: &str, c: &str| serde_json::json!({"prompt": p, "completion": c}).to_string();
-    write(&c, &PROMPTS.iter().zip(cand).map(|(p, x)| row(p, x)).collect::<Vec<_>>().iter().map(String::as_str).collect::<Vec<_>>());
+    write(
+        &c,
+        &PROMPTS
+            .iter()
+            .zip(cand)
+            .map(|(p, x)| row(p, x))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
     // The baseline lists the prompts in another order: rows pair up by prompt, not by line.
     let mut brows: Vec<String> = PROMPTS.iter().zip(base).map(|(p, x)| row(p, x)).collect();
     brows.reverse();
@@ -36,7 +47,17 @@ fn rule_judge_counts_wins_ties_and_losses() {
     let dir = scratch("eval-rule");
     let (c, b) = generation_files(&dir);
     let out = dir.join("out");
-    let o = prospect(&["eval", "--candidate", c.to_str().unwrap(), "--baseline", b.to_str().unwrap(), "--judge", "rule:polite-reply", "--output", out.to_str().unwrap()]);
+    let o = prospect(&[
+        "eval",
+        "--candidate",
+        c.to_str().unwrap(),
+        "--baseline",
+        b.to_str().unwrap(),
+        "--judge",
+        "rule:polite-reply",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
     let k = &r["candidates"][0];
@@ -45,7 +66,10 @@ fn rule_judge_counts_wins_ties_and_losses() {
     // Wilson at p = 0.625, n = 4; python: z=1.959963984540054; n=4; p=.625; d=1+z*z/n; c=(p+z*z/(2*n))/d;
     //   h=z/d*math.sqrt(p*(1-p)/n+z*z/(4*n*n)); (c-h, c+h)  ->  (0.21943, 0.90810)
     let ci = k["ci95"].as_array().unwrap();
-    assert!((ci[0].as_f64().unwrap() - 0.21943).abs() < 1e-4 && (ci[1].as_f64().unwrap() - 0.90810).abs() < 1e-4, "{ci:?}");
+    assert!(
+        (ci[0].as_f64().unwrap() - 0.21943).abs() < 1e-4 && (ci[1].as_f64().unwrap() - 0.90810).abs() < 1e-4,
+        "{ci:?}"
+    );
     assert_eq!(k["mean_candidate_score"].as_f64(), Some(2.5));
     assert_eq!(r["ci_method"], "wilson");
     assert!(std::fs::read_to_string(out.join("results.md")).unwrap().contains("| kto | 0.625 |"));
@@ -78,7 +102,15 @@ fn fake_judge(requests: usize) -> (String, std::thread::JoinHandle<Vec<String>>)
             reader.read_exact(&mut body).unwrap();
             let req: serde_json::Value = serde_json::from_slice(&body).unwrap();
             let content = req["messages"][0]["content"].as_str().unwrap().to_string();
-            let a = content.split("Response A:\n").nth(1).unwrap().split("\n\nResponse B:").next().unwrap().trim().to_string();
+            let a = content
+                .split("Response A:\n")
+                .nth(1)
+                .unwrap()
+                .split("\n\nResponse B:")
+                .next()
+                .unwrap()
+                .trim()
+                .to_string();
             let b = content.split("Response B:\n").nth(1).unwrap().split("\n\n").next().unwrap().trim().to_string();
             let answer = if content.contains("green key") {
                 "I think A".to_string()
@@ -89,7 +121,8 @@ fn fake_judge(requests: usize) -> (String, std::thread::JoinHandle<Vec<String>>)
                     _ => "tie".into(),
                 }
             };
-            let reply = serde_json::json!({"choices": [{"message": {"role": "assistant", "content": answer}}]}).to_string();
+            let reply =
+                serde_json::json!({"choices": [{"message": {"role": "assistant", "content": answer}}]}).to_string();
             write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}", reply.len()).unwrap();
             seen.push(content);
         }
@@ -105,7 +138,19 @@ fn llm_judge_over_loopback_randomises_order_and_parses_strictly() {
     let (url, server) = fake_judge(4);
     let out = dir.join("out");
     let judge = format!("llm:{url}");
-    let o = prospect(&["eval", "--candidate", c.to_str().unwrap(), "--baseline", b.to_str().unwrap(), "--judge", &judge, "--output", out.to_str().unwrap(), "--seed", "1"]);
+    let o = prospect(&[
+        "eval",
+        "--candidate",
+        c.to_str().unwrap(),
+        "--baseline",
+        b.to_str().unwrap(),
+        "--judge",
+        &judge,
+        "--output",
+        out.to_str().unwrap(),
+        "--seed",
+        "1",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let seen = server.join().unwrap();
     assert_eq!(seen.len(), 4);
@@ -115,7 +160,11 @@ fn llm_judge_over_loopback_randomises_order_and_parses_strictly() {
     let k = &r["candidates"][0];
     assert_eq!((k["wins"].as_u64(), k["ties"].as_u64(), k["losses"].as_u64()), (Some(1), Some(3), Some(0)));
     assert_eq!(k["unparseable"].as_u64(), Some(1));
-    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("comparisons-kto.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("comparisons-kto.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let positions: Vec<&str> = log.iter().map(|e| e["candidate_position"].as_str().unwrap()).collect();
     assert!(positions.contains(&"A") && positions.contains(&"B"), "order must be randomised: {positions:?}");
     assert_eq!(log[2]["judge_answer"], "I think A");
@@ -129,9 +178,26 @@ fn generate_writes_completions_and_carries_fields() {
     write(&prompts, &["{\"prompt\": \"The sky is\", \"id\": 7}", "", "{\"prompt\": \"Two plus two is\", \"id\": 8}"]);
     let out = dir.join("gen.jsonl");
     let model = fixtures().join("tiny-llama");
-    let o = prospect(&["generate", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--output", out.to_str().unwrap(), "--max-new-tokens", "5", "--num-samples", "2", "--temperature", "1.0", "--seed", "4"]);
+    let o = prospect(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--max-new-tokens",
+        "5",
+        "--num-samples",
+        "2",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "4",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 4);
     assert_eq!(rows.iter().map(|r| r["id"].as_u64().unwrap()).collect::<Vec<_>>(), vec![7, 7, 8, 8]);
     assert_eq!(rows.iter().map(|r| r["sample"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1, 0, 1]);
@@ -142,7 +208,15 @@ fn generate_writes_completions_and_carries_fields() {
     }
     let bad = dir.join("bad.jsonl");
     write(&bad, &["{\"text\": \"no prompt\"}"]);
-    let o = prospect(&["generate", "--model", model.to_str().unwrap(), "--prompts", bad.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    let o = prospect(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompts",
+        bad.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("bad.jsonl:1: field `prompt` is missing"));
 }
@@ -156,16 +230,38 @@ fn generate_renders_conversational_prompts_with_the_chat_template() {
     write(&prompts, &["{\"prompt\": [{\"role\": \"user\", \"content\": \"What color is the sky?\"}]}"]);
     let out = dir.join("gen.jsonl");
     let model = fixtures().join("tiny-llama");
-    let o = prospect(&["generate", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--output", out.to_str().unwrap(), "--max-new-tokens", "4"]);
+    let o = prospect(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--max-new-tokens",
+        "4",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let row: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&out).unwrap().lines().next().unwrap()).unwrap();
+    let row: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&out).unwrap().lines().next().unwrap()).unwrap();
     // Greedy decoding of the rendered text must equal greedy decoding of the same text given as a string.
     let plain = dir.join("plain.jsonl");
     write(&plain, &[&serde_json::json!({"prompt": "<|im_start|>user\nWhat color is the sky?<|im_end|>\n<|im_start|>assistant\n"}).to_string()]);
     let out2 = dir.join("gen2.jsonl");
-    let o = prospect(&["generate", "--model", model.to_str().unwrap(), "--prompts", plain.to_str().unwrap(), "--output", out2.to_str().unwrap(), "--max-new-tokens", "4"]);
+    let o = prospect(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompts",
+        plain.to_str().unwrap(),
+        "--output",
+        out2.to_str().unwrap(),
+        "--max-new-tokens",
+        "4",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let row2: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&out2).unwrap().lines().next().unwrap()).unwrap();
+    let row2: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&out2).unwrap().lines().next().unwrap()).unwrap();
     assert_eq!(row["completion_ids"], row2["completion_ids"]);
     assert_eq!(row["completion_ids"].as_array().unwrap().len(), 4);
 }
@@ -182,34 +278,71 @@ fn reward_judge_scores_as_transformers_does() {
     write(&b, &[&row("The sky is", " green today."), &row("Two plus two is", " five.")]);
     let out = dir.join("out");
     let judge = format!("reward:{}", rm.display());
-    let o = prospect(&["eval", "--candidate", c.to_str().unwrap(), "--baseline", b.to_str().unwrap(), "--judge", &judge, "--output", out.to_str().unwrap()]);
+    let o = prospect(&[
+        "eval",
+        "--candidate",
+        c.to_str().unwrap(),
+        "--baseline",
+        b.to_str().unwrap(),
+        "--judge",
+        &judge,
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("comparisons-cand.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("comparisons-cand.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
 
     let tok = prospect::model::HfTokenizer::load(&rm).unwrap();
     let mut ids = vec![];
     let mut ours = vec![];
     for e in &log {
         for (side, key) in [("candidate", "candidate_score"), ("baseline", "baseline_score")] {
-            let seq = prospect::data::tokenize_text(&tok, e["prompt"].as_str().unwrap(), e[side].as_str().unwrap(), &mut Default::default()).unwrap();
+            let seq = prospect::data::tokenize_text(
+                &tok,
+                e["prompt"].as_str().unwrap(),
+                e[side].as_str().unwrap(),
+                &mut Default::default(),
+            )
+            .unwrap();
             ids.push(seq.prompt_ids.iter().chain(&seq.completion_ids).copied().collect::<Vec<u32>>());
             ours.push(e[key].as_f64().unwrap());
         }
     }
     let width = ids.iter().map(Vec::len).max().unwrap();
-    let padded: Vec<Vec<u32>> = ids.iter().map(|r| r.iter().copied().chain(std::iter::repeat(tok.pad_token_id)).take(width).collect()).collect();
+    let padded: Vec<Vec<u32>> = ids
+        .iter()
+        .map(|r| r.iter().copied().chain(std::iter::repeat(tok.pad_token_id)).take(width).collect())
+        .collect();
     let python = std::env::var("PROSPECT_PYTHON").expect("PROSPECT_PYTHON: run through scripts/test.sh");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/hf_scores.py");
-    let run = std::process::Command::new(python).arg(script).arg(&rm).arg(serde_json::to_string(&padded).unwrap()).env("HF_HUB_OFFLINE", "1").output().unwrap();
+    let run = std::process::Command::new(python)
+        .arg(script)
+        .arg(&rm)
+        .arg(serde_json::to_string(&padded).unwrap())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let want: Vec<f64> = serde_json::from_value(serde_json::from_slice::<serde_json::Value>(&run.stdout).unwrap()["scores"].clone()).unwrap();
+    let want: Vec<f64> =
+        serde_json::from_value(serde_json::from_slice::<serde_json::Value>(&run.stdout).unwrap()["scores"].clone())
+            .unwrap();
     for (o, w) in ours.iter().zip(&want) {
         assert!((o - w).abs() < 1e-4, "Prospect {ours:?} vs transformers {want:?}");
     }
     // The verdicts follow the scores.
     for e in &log {
         let (cs, bs) = (e["candidate_score"].as_f64().unwrap(), e["baseline_score"].as_f64().unwrap());
-        let want = if cs > bs { "candidate" } else if cs < bs { "baseline" } else { "tie" };
+        let want = if cs > bs {
+            "candidate"
+        } else if cs < bs {
+            "baseline"
+        } else {
+            "tie"
+        };
         assert_eq!(e["verdict"], want);
     }
 }

@@ -26,15 +26,22 @@ fn model_dir() -> Option<PathBuf> {
 #[test]
 fn greedy_generation_equals_transformers_on_smollm2() {
     let Some(dir) = model_dir() else { return };
-    let fixture: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2_greedy.json")).unwrap()).unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2_greedy.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
     let dev = Device::Cpu;
     let tok = HfTokenizer::load(&dir).unwrap();
     let eos = fixture["eos_token_id"].as_u64().unwrap() as u32;
     assert_eq!(tok.eos_token_id, eos);
     let model = Policy::load(&dir, &dev).unwrap().0.frozen_model(&dev).unwrap();
     let cases = fixture["cases"].as_array().unwrap();
-    let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    };
     let prompts: Vec<Vec<u32>> = cases
         .iter()
         .map(|c| {

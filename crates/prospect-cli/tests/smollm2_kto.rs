@@ -33,14 +33,23 @@ fn kto_steps_on_smollm2_and_llamafactory_rows() {
     let config = root.join("configs/smollm2-kto.toml");
     let set = |k: &str, v: &Path| format!("{k}=\"{}\"", v.display());
     let o = prospect(&[
-        "train", "--config", config.to_str().unwrap(),
-        "--set", &set("model", &model),
-        "--set", &set("train_data", &data),
-        "--set", &set("output_dir", &dir.join("run")),
-        "--set", "max_steps=2",
-        "--set", "batch_size=4",
-        "--set", "microbatch_size=2",
-        "--set", "max_length=64",
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--set",
+        &set("model", &model),
+        "--set",
+        &set("train_data", &data),
+        "--set",
+        &set("output_dir", &dir.join("run")),
+        "--set",
+        "max_steps=2",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "microbatch_size=2",
+        "--set",
+        "max_length=64",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("run/metrics.jsonl"))
@@ -50,8 +59,16 @@ fn kto_steps_on_smollm2_and_llamafactory_rows() {
         .collect();
     assert_eq!(lines.len(), 2);
     let f = |i: usize, k: &str| lines[i][k].as_f64().unwrap_or_else(|| panic!("step {}: no {k}", i + 1));
-    assert!((f(0, "loss") - 0.5).abs() < 1e-6 && f(0, "kl") == 0.0 && f(0, "rewards/chosen").abs() < 1e-6, "{}", lines[0]);
+    assert!(
+        (f(0, "loss") - 0.5).abs() < 1e-6 && f(0, "kl") == 0.0 && f(0, "rewards/chosen").abs() < 1e-6,
+        "{}",
+        lines[0]
+    );
     assert!(f(0, "grad_norm") > 0.0 && f(1, "grad_norm").is_finite());
-    assert!((f(1, "loss") - 0.5).abs() > 1e-7 && f(1, "kl_raw") != 0.0, "the first step must move the model: {}", lines[1]);
+    assert!(
+        (f(1, "loss") - 0.5).abs() > 1e-7 && f(1, "kl_raw") != 0.0,
+        "the first step must move the model: {}",
+        lines[1]
+    );
     assert!(dir.join("run/final/model.safetensors").exists());
 }

@@ -30,9 +30,7 @@ fn time<T>(label: &str, repeats: usize, mut f: impl FnMut() -> T) -> (f64, T) {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let model_dir = args
-        .get(1)
-        .ok_or("usage: profile_kto_step MODEL_DIR [b] [t] [repeats]")?;
+    let model_dir = args.get(1).ok_or("usage: profile_kto_step MODEL_DIR [b] [t] [repeats]")?;
     let b: usize = args.get(2).map_or(Ok(4), |s| s.parse())?;
     let t: usize = args.get(3).map_or(Ok(128), |s| s.parse())?;
     let repeats: usize = args.get(4).map_or(Ok(3), |s| s.parse())?;
@@ -47,23 +45,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         candle_core::utils::get_num_threads()
     );
 
-    let ids: Vec<u32> = (0..b * t)
-        .map(|i| ((i as u64 * 2654435761) % v as u64) as u32)
-        .collect();
+    let ids: Vec<u32> = (0..b * t).map(|i| ((i as u64 * 2654435761) % v as u64) as u32).collect();
     let ids = Tensor::from_vec(ids, (b, t), &device)?;
     let mask = Tensor::ones((b, t), candle_core::DType::F32, &device)?;
 
     let (fwd_frozen, logits) = time("forward to logits, no grad", repeats, || frozen.forward(&ids).unwrap());
-    let (fused, _) = time("sequence_logps, fused kernel", repeats, || {
-        sequence_logps(&logits, &ids, &mask).unwrap()
-    });
+    let (fused, _) = time("sequence_logps, fused kernel", repeats, || sequence_logps(&logits, &ids, &mask).unwrap());
     let (composite, _) = time("sequence_logps, composite (reference)", repeats, || {
         sequence_logps_composite(&logits, &ids, &mask).unwrap()
     });
     drop(logits);
-    let (fwd_grad, _) = time("forward to logits, grad tracked", repeats, || {
-        model.forward(&ids).unwrap()
-    });
+    let (fwd_grad, _) = time("forward to logits, grad tracked", repeats, || model.forward(&ids).unwrap());
     let (backward, _) = time("forward + fused logps + backward", repeats, || {
         let logits = model.forward(&ids).unwrap();
         let logps = sequence_logps(&logits, &ids, &mask).unwrap().logps;
@@ -83,11 +75,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let params = policy.params.num_elements() as f64;
     let attn = 4.0 * t as f64 * c.hidden_size as f64 * c.num_hidden_layers as f64 / 2.0; // causal: half
     let fwd_flops = tokens * (2.0 * params + attn);
-    println!(
-        "forward FLOPs {:.1} G: no-grad forward at {:.1} GFLOP/s",
-        fwd_flops / 1e9,
-        fwd_flops / fwd_frozen / 1e9
-    );
+    println!("forward FLOPs {:.1} G: no-grad forward at {:.1} GFLOP/s", fwd_flops / 1e9, fwd_flops / fwd_frozen / 1e9);
     let step = backward - fwd_grad;
     println!(
         "backward alone (fused) {:.1} ms at {:.1} GFLOP/s (2x forward FLOPs); logps fused {:.1} ms vs composite {:.1} ms; \

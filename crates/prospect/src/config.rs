@@ -127,18 +127,42 @@ pub enum LrScheduler {
 }
 
 mod defaults {
-    pub fn batch_size() -> usize { 8 }
-    pub fn microbatch_size() -> usize { 4 }
-    pub fn epochs() -> usize { 1 }
-    pub fn learning_rate() -> f64 { 1e-6 } // TRL's KTOConfig/DPOConfig default
-    pub fn adam_beta1() -> f64 { 0.9 }
-    pub fn adam_beta2() -> f64 { 0.999 }
-    pub fn adam_epsilon() -> f64 { 1e-8 }
-    pub fn max_grad_norm() -> f64 { 1.0 }
-    pub fn max_length() -> usize { 1024 } // TRL's default
-    pub fn shuffle() -> bool { true }
-    pub fn seed() -> u64 { 42 }
-    pub fn one() -> f64 { 1.0 }
+    pub fn batch_size() -> usize {
+        8
+    }
+    pub fn microbatch_size() -> usize {
+        4
+    }
+    pub fn epochs() -> usize {
+        1
+    }
+    pub fn learning_rate() -> f64 {
+        1e-6
+    } // TRL's KTOConfig/DPOConfig default
+    pub fn adam_beta1() -> f64 {
+        0.9
+    }
+    pub fn adam_beta2() -> f64 {
+        0.999
+    }
+    pub fn adam_epsilon() -> f64 {
+        1e-8
+    }
+    pub fn max_grad_norm() -> f64 {
+        1.0
+    }
+    pub fn max_length() -> usize {
+        1024
+    } // TRL's default
+    pub fn shuffle() -> bool {
+        true
+    }
+    pub fn seed() -> u64 {
+        42
+    }
+    pub fn one() -> f64 {
+        1.0
+    }
 }
 
 impl TrainConfig {
@@ -183,8 +207,7 @@ impl TrainConfig {
     /// Parse a TOML document, apply `key=value` overrides (dotted keys reach into tables, e.g.
     /// `loss.beta=0.2`), and validate. Relative paths are resolved against `base_dir`.
     pub fn from_toml(text: &str, overrides: &[String], base_dir: &Path) -> Result<Self> {
-        let mut table: toml::Table =
-            toml::from_str(text).map_err(|e| Error::config("<file>", e.to_string()))?;
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| Error::config("<file>", e.to_string()))?;
         for item in overrides {
             apply_override(&mut table, item)?;
         }
@@ -196,7 +219,9 @@ impl TrainConfig {
                 *path = base_dir.join(&*path);
             }
         }
-        for path in [config.reference.as_mut(), config.chat_template.as_mut(), config.eval_data.as_mut()].into_iter().flatten() {
+        for path in
+            [config.reference.as_mut(), config.chat_template.as_mut(), config.eval_data.as_mut()].into_iter().flatten()
+        {
             if path.is_relative() {
                 *path = base_dir.join(&*path);
             }
@@ -209,13 +234,10 @@ impl TrainConfig {
     /// as a user typing them at a shell expects.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_toml(&text, overrides, Path::new(""))
-            .map_err(|e| match e {
-                Error::Config { key, message } => {
-                    Error::config(key, format!("{message} (in {})", path.display()))
-                }
-                other => other,
-            })
+        Self::from_toml(&text, overrides, Path::new("")).map_err(|e| match e {
+            Error::Config { key, message } => Error::config(key, format!("{message} (in {})", path.display())),
+            other => other,
+        })
     }
 
     /// The resolved config as TOML, as saved next to checkpoints.
@@ -236,10 +258,7 @@ impl TrainConfig {
         if self.microbatch_size == 0 || self.batch_size % self.microbatch_size != 0 {
             return Err(Error::config(
                 "microbatch_size",
-                format!(
-                    "must divide batch_size ({}), got {}",
-                    self.batch_size, self.microbatch_size
-                ),
+                format!("must divide batch_size ({}), got {}", self.batch_size, self.microbatch_size),
             ));
         }
         if self.max_steps == Some(0) || (self.max_steps.is_none() && self.epochs == 0) {
@@ -262,7 +281,9 @@ impl TrainConfig {
         if self.max_length < 2 {
             return Err(Error::config("max_length", "must be at least 2 tokens"));
         }
-        for (key, value) in [("desirable_fraction", self.desirable_fraction), ("undesirable_fraction", self.undesirable_fraction)] {
+        for (key, value) in
+            [("desirable_fraction", self.desirable_fraction), ("undesirable_fraction", self.undesirable_fraction)]
+        {
             if !(value > 0.0 && value <= 1.0) {
                 return Err(Error::config(key, format!("must be in (0, 1], got {value}")));
             }
@@ -283,14 +304,20 @@ impl TrainConfig {
         if let Some(lf) = &self.label_from {
             if let crate::data::Threshold::Value(t) = lf.threshold {
                 if !t.is_finite() {
-                    return Err(Error::config("label_from.threshold", format!("must be a finite number, \"mean\" or \"median\", got {t}")));
+                    return Err(Error::config(
+                        "label_from.threshold",
+                        format!("must be a finite number, \"mean\" or \"median\", got {t}"),
+                    ));
                 }
             }
         }
         if self.precompute_ref_logps && !matches!(self.loss, LossConfig::Kto(_) | LossConfig::Dpo(_)) {
             return Err(Error::config(
                 "precompute_ref_logps",
-                format!("covers the kto and dpo losses; `{}` computes its reference log-probs during training", self.loss.name()),
+                format!(
+                    "covers the kto and dpo losses; `{}` computes its reference log-probs during training",
+                    self.loss.name()
+                ),
             ));
         }
         self.loss.validate(self.microbatch_size)
@@ -298,7 +325,11 @@ impl TrainConfig {
 
     /// How the data files are read, from `data_format`, `label_from` and `skip_invalid`.
     pub fn read_options(&self) -> crate::data::ReadOptions {
-        crate::data::ReadOptions { format: self.data_format, label_from: self.label_from.clone(), skip_invalid: self.skip_invalid }
+        crate::data::ReadOptions {
+            format: self.data_format,
+            label_from: self.label_from.clone(),
+            skip_invalid: self.skip_invalid,
+        }
     }
 
     /// Whether the run holds out rows for evaluation.
@@ -310,21 +341,15 @@ impl TrainConfig {
 /// Apply one `key=value` override to a parsed TOML table. The value is parsed as a TOML value
 /// (`0.2`, `true`, `"text"`, `[1, 2]`) and falls back to a bare string (`lr_scheduler=cosine`).
 pub fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
-    let (key, raw) = item
-        .split_once('=')
-        .ok_or_else(|| Error::config(item, "an override must look like key=value"))?;
+    let (key, raw) = item.split_once('=').ok_or_else(|| Error::config(item, "an override must look like key=value"))?;
     let key = key.trim();
     let value = parse_override_value(raw.trim());
     let mut parts: Vec<&str> = key.split('.').collect();
     let last = parts.pop().filter(|s| !s.is_empty()).ok_or_else(|| Error::config(key, "empty key"))?;
     let mut current = table;
     for part in parts {
-        let entry = current
-            .entry(part.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        current = entry
-            .as_table_mut()
-            .ok_or_else(|| Error::config(key, format!("`{part}` is not a table")))?;
+        let entry = current.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry.as_table_mut().ok_or_else(|| Error::config(key, format!("`{part}` is not a table")))?;
     }
     current.insert(last.to_string(), value);
     Ok(())
@@ -389,13 +414,9 @@ mod tests {
     #[test]
     fn unknown_keys_are_errors() {
         let top = format!("{MINIMAL}\n");
-        let err = TrainConfig::from_toml(&top, &["learnin_rate=1".into()], Path::new(""))
-            .unwrap_err()
-            .to_string();
+        let err = TrainConfig::from_toml(&top, &["learnin_rate=1".into()], Path::new("")).unwrap_err().to_string();
         assert!(err.contains("learnin_rate"), "{err}");
-        let err = TrainConfig::from_toml(MINIMAL, &["loss.betta=1".into()], Path::new(""))
-            .unwrap_err()
-            .to_string();
+        let err = TrainConfig::from_toml(MINIMAL, &["loss.betta=1".into()], Path::new("")).unwrap_err().to_string();
         assert!(err.contains("betta"), "{err}");
     }
 
@@ -443,15 +464,22 @@ mod tests {
         assert_eq!(c.data_format, Some(DataFormat::Sharegpt));
         assert_eq!(
             c.label_from,
-            Some(LabelFrom { field: "rating".into(), threshold: crate::data::Threshold::Statistic(crate::data::Statistic::Median) })
+            Some(LabelFrom {
+                field: "rating".into(),
+                threshold: crate::data::Threshold::Statistic(crate::data::Statistic::Median)
+            })
         );
         assert_eq!((c.desirable_fraction, c.undesirable_fraction, c.auto_weights), (0.1, 1.0, true));
         assert_eq!((c.eval_fraction, c.eval_every, c.skip_invalid), (0.2, 5, true));
         let err = TrainConfig::from_toml(MINIMAL, &["data_format=csv".into()], Path::new("")).unwrap_err().to_string();
         assert!(err.contains("unknown variant `csv`"), "{err}");
-        let err = TrainConfig::from_toml(MINIMAL, &["eval_fraction=0.1".into(), "eval_data=\"e.jsonl\"".into()], Path::new(""))
-            .unwrap_err()
-            .to_string();
+        let err = TrainConfig::from_toml(
+            MINIMAL,
+            &["eval_fraction=0.1".into(), "eval_data=\"e.jsonl\"".into()],
+            Path::new(""),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("not both"), "{err}");
     }
 

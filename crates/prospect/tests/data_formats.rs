@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use prospect::data::read::parse_rows;
-use prospect::data::{Content, DataFormat, LabelFrom, Message, PairedRow, ReadOptions, Rows, SftRow, Statistic, Threshold, UnpairedRow};
+use prospect::data::{
+    Content, DataFormat, LabelFrom, Message, PairedRow, ReadOptions, Rows, SftRow, Statistic, Threshold, UnpairedRow,
+};
 
 fn read(text: &str) -> (Rows, prospect::data::ReadReport) {
     parse_rows(text.as_bytes(), Path::new("in.json"), &ReadOptions::default()).unwrap()
@@ -37,8 +39,13 @@ fn trl_conversational_with_system() {
             line: 1
         }])
     );
-    let (rows, _) = read(r#"{"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "assistant", "content": "A"}], "rejected": [{"role": "assistant", "content": "B"}]}"#);
-    assert_eq!(rows, Rows::Paired(vec![pair(msgs(&[("user", "Q")]), msgs(&[("assistant", "A")]), msgs(&[("assistant", "B")]), 1)]));
+    let (rows, _) = read(
+        r#"{"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "assistant", "content": "A"}], "rejected": [{"role": "assistant", "content": "B"}]}"#,
+    );
+    assert_eq!(
+        rows,
+        Rows::Paired(vec![pair(msgs(&[("user", "Q")]), msgs(&[("assistant", "A")]), msgs(&[("assistant", "B")]), 1)])
+    );
 }
 
 #[test]
@@ -53,15 +60,28 @@ fn halos_binary_and_pairwise() {
     assert_eq!(
         rows,
         Rows::Unpaired(vec![
-            UnpairedRow { prompt: msgs(&[("user", "Q")]), completion: msgs(&[("assistant", "A")]), label: true, line: 2 },
-            UnpairedRow { prompt: msgs(&[("user", "R")]), completion: msgs(&[("assistant", "B")]), label: false, line: 3 },
+            UnpairedRow {
+                prompt: msgs(&[("user", "Q")]),
+                completion: msgs(&[("assistant", "A")]),
+                label: true,
+                line: 2
+            },
+            UnpairedRow {
+                prompt: msgs(&[("user", "R")]),
+                completion: msgs(&[("assistant", "B")]),
+                label: false,
+                line: 3
+            },
         ])
     );
     let (rows, report) = read(
         r#"[{"prompt": [{"role": "user", "content": "Q"}], "output_A": [{"role": "assistant", "content": "A"}], "output_B": [{"role": "assistant", "content": "B"}], "label": 0, "type": "pairwise_feedback"}]"#,
     );
     assert_eq!(report.format, DataFormat::HalosPairwise);
-    assert_eq!(rows, Rows::Paired(vec![pair(msgs(&[("user", "Q")]), msgs(&[("assistant", "B")]), msgs(&[("assistant", "A")]), 1)]));
+    assert_eq!(
+        rows,
+        Rows::Paired(vec![pair(msgs(&[("user", "Q")]), msgs(&[("assistant", "B")]), msgs(&[("assistant", "A")]), 1)])
+    );
 }
 
 #[test]
@@ -85,10 +105,18 @@ fn llamafactory_sharegpt_kto_dpo_and_sft() {
     assert_eq!(report.format, DataFormat::SharegptDpo);
     assert_eq!(
         rows,
-        Rows::Paired(vec![pair(msgs(&[("system", "S"), ("user", "Q")]), msgs(&[("assistant", "good")]), msgs(&[("assistant", "bad")]), 1)])
+        Rows::Paired(vec![pair(
+            msgs(&[("system", "S"), ("user", "Q")]),
+            msgs(&[("assistant", "good")]),
+            msgs(&[("assistant", "bad")]),
+            1
+        )])
     );
     let (rows, _) = read(r#"{"messages": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}"#);
-    assert_eq!(rows, Rows::Sft(vec![SftRow { prompt: msgs(&[("user", "Q")]), completion: msgs(&[("assistant", "A")]), line: 1 }]));
+    assert_eq!(
+        rows,
+        Rows::Sft(vec![SftRow { prompt: msgs(&[("user", "Q")]), completion: msgs(&[("assistant", "A")]), line: 1 }])
+    );
 }
 
 #[test]
@@ -122,7 +150,12 @@ fn stanford_shp_keeps_score_ratio_at_least_two() {
         rows,
         Rows::Paired(vec![
             pair(msgs(&[("user", "Why?")]), msgs(&[("assistant", "Because.")]), msgs(&[("assistant", "No idea.")]), 1),
-            pair(msgs(&[("user", "How?")]), msgs(&[("assistant", "Carefully.")]), msgs(&[("assistant", "Like so.")]), 2),
+            pair(
+                msgs(&[("user", "How?")]),
+                msgs(&[("assistant", "Carefully.")]),
+                msgs(&[("assistant", "Like so.")]),
+                2
+            ),
         ])
     );
 }
@@ -160,7 +193,15 @@ fn ultrafeedback_best_against_worst() {
     let (rows, report) = read(text);
     assert_eq!(report.format, DataFormat::Ultrafeedback);
     assert_eq!(report.filtered, 1);
-    assert_eq!(rows, Rows::Paired(vec![pair(msgs(&[("user", "Name a color.")]), msgs(&[("assistant", "Red.")]), msgs(&[("assistant", "Dog.")]), 1)]));
+    assert_eq!(
+        rows,
+        Rows::Paired(vec![pair(
+            msgs(&[("user", "Name a color.")]),
+            msgs(&[("assistant", "Red.")]),
+            msgs(&[("assistant", "Dog.")]),
+            1
+        )])
+    );
 }
 
 #[test]
@@ -170,7 +211,8 @@ fn label_from_scores() {
 {"prompt": "c", "completion": "z", "rating": 6}
 {"prompt": "d", "completion": "w", "rating": 7}"#;
     let labels = |threshold: Threshold| {
-        let options = ReadOptions { label_from: Some(LabelFrom { field: "rating".into(), threshold }), ..Default::default() };
+        let options =
+            ReadOptions { label_from: Some(LabelFrom { field: "rating".into(), threshold }), ..Default::default() };
         let (rows, report) = parse_rows(text.as_bytes(), Path::new("r.jsonl"), &options).unwrap();
         let Rows::Unpaired(v) = rows else { panic!() };
         (v.iter().map(|r| r.label).collect::<Vec<_>>(), report.label_threshold.unwrap())
@@ -179,8 +221,13 @@ fn label_from_scores() {
     // mean (9+3+6+7)/4 = 6.25; median (6+7)/2 = 6.5
     assert_eq!(labels(Threshold::Statistic(Statistic::Mean)), (vec![true, false, false, true], 6.25));
     assert_eq!(labels(Threshold::Statistic(Statistic::Median)), (vec![true, false, false, true], 6.5));
-    let options = ReadOptions { label_from: Some(LabelFrom { field: "rating".into(), threshold: Threshold::Value(1.0) }), ..Default::default() };
-    let e = parse_rows(b"{\"prompt\": \"a\", \"completion\": \"x\", \"rating\": \"high\"}", Path::new("r.jsonl"), &options).unwrap_err();
+    let options = ReadOptions {
+        label_from: Some(LabelFrom { field: "rating".into(), threshold: Threshold::Value(1.0) }),
+        ..Default::default()
+    };
+    let e =
+        parse_rows(b"{\"prompt\": \"a\", \"completion\": \"x\", \"rating\": \"high\"}", Path::new("r.jsonl"), &options)
+            .unwrap_err();
     assert_eq!(e.to_string(), "r.jsonl:1: field `rating` must be a number, got the string \"high\"");
 }
 
@@ -189,7 +236,10 @@ fn data_format_override_skips_detection() {
     // `chosen`/`rejected` without `prompt` would be detected as HH-RLHF; forced TRL, `prompt` is missing.
     let options = ReadOptions { format: Some(DataFormat::Trl), ..Default::default() };
     let e = parse_rows(b"{\"chosen\": \"a\", \"rejected\": \"b\"}", Path::new("f.jsonl"), &options).unwrap_err();
-    assert_eq!(e.to_string(), "f.jsonl:1: field `prompt` is missing; expected a string or a list of {role, content} messages");
+    assert_eq!(
+        e.to_string(),
+        "f.jsonl:1: field `prompt` is missing; expected a string or a list of {role, content} messages"
+    );
 }
 
 #[test]
@@ -248,7 +298,9 @@ fn canonical_jsonl_reads_back_to_the_same_rows() {
     let (rows, _) = read(text);
     let (back, _) = read(&rows.to_jsonl());
     assert_eq!(rows, back);
-    let (rows, _) = read(r#"{"conversations": [{"from": "human", "value": "Q \"x\""}], "chosen": {"from": "gpt", "value": "a\nb"}, "rejected": {"from": "gpt", "value": "c"}}"#);
+    let (rows, _) = read(
+        r#"{"conversations": [{"from": "human", "value": "Q \"x\""}], "chosen": {"from": "gpt", "value": "a\nb"}, "rejected": {"from": "gpt", "value": "c"}}"#,
+    );
     let (back, report) = read(&rows.to_jsonl());
     assert_eq!(report.format, DataFormat::Trl);
     assert_eq!(rows, back);

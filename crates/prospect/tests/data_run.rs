@@ -40,7 +40,11 @@ fn skip_invalid_is_counted_in_metrics_and_at_the_end() {
     let out = scratch("data-run-skip");
     let data = out.join("bad.jsonl");
     let good = std::fs::read_to_string(fixtures().join("data/unpaired.jsonl")).unwrap();
-    std::fs::write(&data, format!("{good}{{\"prompt\": \"x\", \"completion\": \"y\", \"label\": \"maybe\"}}\nnot json\n")).unwrap();
+    std::fs::write(
+        &data,
+        format!("{good}{{\"prompt\": \"x\", \"completion\": \"y\", \"label\": \"maybe\"}}\nnot json\n"),
+    )
+    .unwrap();
     let mut config = trl_config("unpaired.jsonl", LossConfig::Kto(KtoConfig::default()), &out);
     config.train_data = data.clone();
     let err = train(&config, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap_err().to_string();
@@ -51,7 +55,9 @@ fn skip_invalid_is_counted_in_metrics_and_at_the_end() {
     assert!(history.iter().all(|m| m.skipped_invalid == Some(2)));
     let last = notices(&events).into_iter().last().unwrap();
     assert_eq!(last, "skip_invalid: 2 invalid rows were skipped (metrics.jsonl: `data/skipped_invalid`)");
-    let first_line: Value = serde_json::from_str(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    let first_line: Value =
+        serde_json::from_str(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().next().unwrap())
+            .unwrap();
     assert_eq!(first_line["data/skipped_invalid"], 2);
 }
 
@@ -66,7 +72,11 @@ fn auto_weights_after_dropping_desirable_pairs() {
     let mut events = vec![];
     train(&config, &Device::Cpu, RunOptions::default(), &mut |e| events.push(e)).unwrap();
     let n = notices(&events);
-    assert!(n.iter().any(|m| m.starts_with("kept 2 of 8 desirable rows (desirable_fraction = 0.25) and 8 of 8 undesirable")), "{n:?}");
+    assert!(
+        n.iter()
+            .any(|m| m.starts_with("kept 2 of 8 desirable rows (desirable_fraction = 0.25) and 8 of 8 undesirable")),
+        "{n:?}"
+    );
     assert!(
         n.iter().any(|m| m.starts_with("auto_weights: 2 desirable and 8 undesirable examples; desirable_weight = 4.6667, undesirable_weight = 1.0000")),
         "{n:?}"
@@ -110,8 +120,11 @@ fn shuffling_after_unpairing_mixes_labels_in_batches() {
     let tok = HfTokenizer::load(&fixtures().join("tiny-llama")).unwrap();
     let path = fixtures().join("data/paired.jsonl");
     let kind = LossConfig::Kto(KtoConfig::default()).data_kind();
-    let Examples::Unpaired(ex) = prepare(read_jsonl(&path).unwrap(), kind, &tok, 32, &path).unwrap().0 else { panic!() };
-    let labels = |order: &[usize]| order.chunks(8).map(|b| b.iter().filter(|&&i| ex[i].label).count()).collect::<Vec<_>>();
+    let Examples::Unpaired(ex) = prepare(read_jsonl(&path).unwrap(), kind, &tok, 32, &path).unwrap().0 else {
+        panic!()
+    };
+    let labels =
+        |order: &[usize]| order.chunks(8).map(|b| b.iter().filter(|&&i| ex[i].label).count()).collect::<Vec<_>>();
     assert_eq!(labels(&epoch_order(16, 0, false, 42)), vec![8, 0]);
     let shuffled = labels(&epoch_order(16, 0, true, 42));
     assert!(shuffled.iter().all(|&d| d > 0 && d < 8), "{shuffled:?}");
@@ -127,7 +140,10 @@ fn eval_data_from_another_file_in_another_layout() {
     config.eval_data = Some(fixtures().join("data/sharegpt_kto.json"));
     let mut events = vec![];
     train(&config, &Device::Cpu, RunOptions::default(), &mut |e| events.push(e)).unwrap();
-    let evals: Vec<(usize, f64)> = events.iter().filter_map(|e| if let Event::Eval { step, loss, .. } = e { Some((*step, *loss)) } else { None }).collect();
+    let evals: Vec<(usize, f64)> = events
+        .iter()
+        .filter_map(|e| if let Event::Eval { step, loss, .. } = e { Some((*step, *loss)) } else { None })
+        .collect();
     assert_eq!(evals.len(), 1);
     assert!(evals[0].0 == 1 && evals[0].1.is_finite() && evals[0].1 > 0.0, "{evals:?}");
 }

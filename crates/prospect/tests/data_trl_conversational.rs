@@ -75,7 +75,9 @@ fn kto_on_conversational_rows_matches_trl() {
     // Token ids first: ChatML prompt with the generation prompt, completion from the common prefix.
     let tok = HfTokenizer::load(&fixtures().join("tiny-llama")).unwrap();
     let path = fixtures().join("data/conv_unpaired.jsonl");
-    let (examples, report) = prepare(read_jsonl(&path).unwrap(), LossConfig::Kto(KtoConfig::default()).data_kind(), &tok, 64, &path).unwrap();
+    let (examples, report) =
+        prepare(read_jsonl(&path).unwrap(), LossConfig::Kto(KtoConfig::default()).data_kind(), &tok, 64, &path)
+            .unwrap();
     assert_eq!(report.tokenize.prompt_not_prefix, 0);
     let Examples::Unpaired(ex) = examples else { panic!("KTO trains on unpaired examples") };
     let rows = fixture["rows"].as_array().unwrap();
@@ -94,7 +96,8 @@ fn kto_on_conversational_rows_matches_trl() {
     assert_eq!(completion, "The sky is blue.<|im_end|>\n");
 
     let out = scratch("trl-kto-conv");
-    let history = train(&kto_config("conv_unpaired.jsonl", &out), &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
+    let history =
+        train(&kto_config("conv_unpaired.jsonl", &out), &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
     check_steps(&fixture, &history);
 
     // The same rows as a LLaMA-Factory ShareGPT KTO file, and as Parquet: the same trajectory.
@@ -102,7 +105,12 @@ fn kto_on_conversational_rows_matches_trl() {
         let out = scratch(&format!("trl-kto-conv-{other}"));
         let h = train(&kto_config(other, &out), &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
         for (a, b) in h.iter().zip(&history) {
-            assert_eq!((a.loss, a.grad_norm, a.objective.kl), (b.loss, b.grad_norm, b.objective.kl), "{other} step {}", a.step);
+            assert_eq!(
+                (a.loss, a.grad_norm, a.objective.kl),
+                (b.loss, b.grad_norm, b.objective.kl),
+                "{other} step {}",
+                a.step
+            );
         }
     }
 }

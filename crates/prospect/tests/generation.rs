@@ -37,8 +37,11 @@ fn cached_logits_equal_full_forward_at_every_position() {
             mask.push(std::iter::repeat(0).take(width - n).chain(std::iter::repeat(1).take(n)).collect());
         }
         let mut cache = m.new_cache();
-        let first: Vec<Vec<Vec<f32>>> =
-            m.forward_cached(&Tensor::from_vec(ids, (2, width), &Device::Cpu).unwrap(), &mask, &mut cache).unwrap().to_vec3().unwrap();
+        let first: Vec<Vec<Vec<f32>>> = m
+            .forward_cached(&Tensor::from_vec(ids, (2, width), &Device::Cpu).unwrap(), &mask, &mut cache)
+            .unwrap()
+            .to_vec3()
+            .unwrap();
         let full: Vec<Vec<Vec<f32>>> = rows.iter().map(|r| full_logits(&m, r)).collect();
         let mut worst = 0f32;
         for (i, &n) in prompt_len.iter().enumerate() {
@@ -55,8 +58,11 @@ fn cached_logits_equal_full_forward_at_every_position() {
                 next.push(if real { r[pos] } else { 0 });
                 mask[i].push(u8::from(real));
             }
-            let out: Vec<Vec<Vec<f32>>> =
-                m.forward_cached(&Tensor::from_vec(next, (2, 1), &Device::Cpu).unwrap(), &mask, &mut cache).unwrap().to_vec3().unwrap();
+            let out: Vec<Vec<Vec<f32>>> = m
+                .forward_cached(&Tensor::from_vec(next, (2, 1), &Device::Cpu).unwrap(), &mask, &mut cache)
+                .unwrap()
+                .to_vec3()
+                .unwrap();
             for (i, r) in rows.iter().enumerate() {
                 let pos = prompt_len[i] + step;
                 if pos < r.len() {
@@ -114,6 +120,10 @@ fn sampling_is_reproducible_by_seed_and_stop_strings_cut() {
         let cut = GenerateConfig { stop: vec![stop.to_string()], ..cfg.clone() };
         let c = generate(&m, &tok, &prompts, &cut, &Device::Cpu, &mut |_| {}).unwrap();
         assert_eq!(c[0].finish, FinishReason::Stop);
-        assert!(!c[0].completion.contains(stop) && text.starts_with(c[0].completion.as_str()), "{:?} vs {text:?}", c[0].completion);
+        assert!(
+            !c[0].completion.contains(stop) && text.starts_with(c[0].completion.as_str()),
+            "{:?} vs {text:?}",
+            c[0].completion
+        );
     }
 }

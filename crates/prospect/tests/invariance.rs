@@ -90,7 +90,13 @@ fn precomputed_reference_logps_give_the_same_run() {
             assert_eq!(a.objective, b.objective, "step {}", a.step);
         }
         assert!(close(a.loss, b.loss, 1e-6, 1e-9), "step {}: loss {} live vs {} cached", a.step, a.loss, b.loss);
-        assert!(close(a.grad_norm, b.grad_norm, 1e-6, 1e-9), "step {}: grad_norm {} vs {}", a.step, a.grad_norm, b.grad_norm);
+        assert!(
+            close(a.grad_norm, b.grad_norm, 1e-6, 1e-9),
+            "step {}: grad_norm {} vs {}",
+            a.step,
+            a.grad_norm,
+            b.grad_norm
+        );
     }
 }
 

@@ -49,7 +49,9 @@ impl Case {
         for (name, v) in vars {
             let g: Vec<f64> = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let w: Vec<f64> = match &self.c["grads"][*name] {
-                Value::Array(rows) if rows.first().map(|r| r.is_array()).unwrap_or(false) => rows.iter().flat_map(vec1).collect(),
+                Value::Array(rows) if rows.first().map(|r| r.is_array()).unwrap_or(false) => {
+                    rows.iter().flat_map(vec1).collect()
+                }
                 other => vec1(other),
             };
             assert_eq!(g.len(), w.len());
@@ -64,7 +66,14 @@ impl Case {
 fn simpo_matches_trl_cpo_loss() {
     let c = Case::new("simpo");
     let (pc, pr) = (var(&c.input("pc")), var(&c.input("pr")));
-    let out = simpo_loss(&SimpoConfig::default(), pc.as_tensor(), pr.as_tensor(), &counts(&c.input("nc")), &counts(&c.input("nr"))).unwrap();
+    let out = simpo_loss(
+        &SimpoConfig::default(),
+        pc.as_tensor(),
+        pr.as_tensor(),
+        &counts(&c.input("nc")),
+        &counts(&c.input("nr")),
+    )
+    .unwrap();
     c.check(&out.loss, &[("pc", &pc), ("pr", &pr)]);
 }
 
@@ -72,7 +81,14 @@ fn simpo_matches_trl_cpo_loss() {
 fn orpo_matches_trl_odds_ratio_loss() {
     let c = Case::new("orpo");
     let (pc, pr) = (var(&c.input("pc")), var(&c.input("pr")));
-    let out = orpo_loss(&OrpoConfig::default(), pc.as_tensor(), pr.as_tensor(), &counts(&c.input("nc")), &counts(&c.input("nr"))).unwrap();
+    let out = orpo_loss(
+        &OrpoConfig::default(),
+        pc.as_tensor(),
+        pr.as_tensor(),
+        &counts(&c.input("nc")),
+        &counts(&c.input("nr")),
+    )
+    .unwrap();
     c.check(&out.loss, &[("pc", &pc), ("pr", &pr)]);
 }
 
@@ -80,7 +96,14 @@ fn orpo_matches_trl_odds_ratio_loss() {
 fn cdpo_matches_formula() {
     let c = Case::new("cdpo");
     let (pc, pr) = (var(&c.input("pc")), var(&c.input("pr")));
-    let out = cdpo_loss(&CdpoConfig::default(), pc.as_tensor(), pr.as_tensor(), &tensor(&c.input("rc")), &tensor(&c.input("rr"))).unwrap();
+    let out = cdpo_loss(
+        &CdpoConfig::default(),
+        pc.as_tensor(),
+        pr.as_tensor(),
+        &tensor(&c.input("rc")),
+        &tensor(&c.input("rr")),
+    )
+    .unwrap();
     c.check(&out.loss, &[("pc", &pc), ("pr", &pr)]);
 }
 
@@ -121,7 +144,9 @@ fn kto_zero_matches_formula() {
 fn apo_zero_unpaired_matches_formula() {
     let c = Case::new("apo_zero_unpaired");
     let p = var(&c.input("p"));
-    let out = apo_zero_unpaired_loss(&ApoZeroUnpairedConfig::default(), p.as_tensor(), &tensor(&c.input("r")), &c.labels()).unwrap();
+    let out =
+        apo_zero_unpaired_loss(&ApoZeroUnpairedConfig::default(), p.as_tensor(), &tensor(&c.input("r")), &c.labels())
+            .unwrap();
     c.check(&out.loss, &[("p", &p)]);
 }
 
@@ -153,7 +178,9 @@ fn ppo_offline_matches_halos_formula() {
     )
     .unwrap();
     let stats = &c.c["stats"];
-    for (key, got) in [("loss/policy", out.policy_loss), ("loss/critic", out.critic_loss), ("kl", out.kl), ("clipfrac", out.clipfrac)] {
+    for (key, got) in
+        [("loss/policy", out.policy_loss), ("loss/critic", out.critic_loss), ("kl", out.kl), ("clipfrac", out.clipfrac)]
+    {
         let want = stats[key].as_f64().unwrap();
         assert!(close(got, want, 1e-6, 1e-9), "{key}: prospect {got} vs reference {want}");
     }

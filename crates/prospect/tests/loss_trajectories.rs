@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use common::{close, fixture_json, fixtures, scratch, trl_config};
 use prospect::data::{collate_sequences, prepare, read_jsonl, Examples, Sequence};
-use prospect::loss::*;
 use prospect::eval::{generate, GenerateConfig};
+use prospect::loss::*;
 use prospect::model::{load_frozen, load_frozen_reward, load_tensors, HfTokenizer};
 use prospect::train::{train, RunOptions, StepMetrics};
 use prospect::TrainConfig;
@@ -106,7 +106,13 @@ fn ipo_matches_trl() {
 
 fn reward_run(name: &str) -> (Vec<StepMetrics>, PathBuf) {
     let out = scratch(name);
-    let c = config(&fixtures().join("tiny-llama-rm"), "paired.jsonl", LossConfig::Reward(RewardConfig::default()), &out, 64);
+    let c = config(
+        &fixtures().join("tiny-llama-rm"),
+        "paired.jsonl",
+        LossConfig::Reward(RewardConfig::default()),
+        &out,
+        64,
+    );
     (run(&c), out)
 }
 
@@ -116,15 +122,25 @@ fn reward_matches_trl() {
     // Same token ids as TRL's RewardTrainer (prompt + response + eos, tokenized as one string).
     let tok = HfTokenizer::load(&fixtures().join("tiny-llama-rm")).unwrap();
     let path = fixtures().join("data/paired.jsonl");
-    let Examples::Paired(ex) = prepare(read_jsonl(&path).unwrap(), DataKind::Paired, &tok, 64, &path).unwrap().0 else { panic!() };
-    let joined = |s: &Sequence| -> Vec<u64> { s.prompt_ids.iter().chain(&s.completion_ids).map(|&i| i as u64).collect() };
+    let Examples::Paired(ex) = prepare(read_jsonl(&path).unwrap(), DataKind::Paired, &tok, 64, &path).unwrap().0 else {
+        panic!()
+    };
+    let joined =
+        |s: &Sequence| -> Vec<u64> { s.prompt_ids.iter().chain(&s.completion_ids).map(|&i| i as u64).collect() };
     for (e, row) in ex.iter().zip(fixture["rows"].as_array().unwrap()) {
         let ids = |k: &str| -> Vec<u64> { row[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect() };
         assert_eq!(joined(&e.chosen), ids("chosen_ids"));
         assert_eq!(joined(&e.rejected), ids("rejected_ids"));
     }
     let (history, out) = reward_run("trl-reward");
-    check("reward", fixture["steps"].as_array().unwrap(), Some("log"), &history, &["loss", "grad_norm", "accuracy", "margin"], &STRICT);
+    check(
+        "reward",
+        fixture["steps"].as_array().unwrap(),
+        Some("log"),
+        &history,
+        &["loss", "grad_norm", "accuracy", "margin"],
+        &STRICT,
+    );
     check_final_params(&fixture, &out.join("final"));
 }
 
@@ -143,7 +159,9 @@ fn reward_model_round_trips_through_transformers() {
     let rm = load_frozen_reward(&final_dir, &Device::Cpu).unwrap();
     let tok = HfTokenizer::load(&final_dir).unwrap();
     let path = fixtures().join("data/paired.jsonl");
-    let Examples::Paired(ex) = prepare(read_jsonl(&path).unwrap(), DataKind::Paired, &tok, 64, &path).unwrap().0 else { panic!() };
+    let Examples::Paired(ex) = prepare(read_jsonl(&path).unwrap(), DataKind::Paired, &tok, 64, &path).unwrap().0 else {
+        panic!()
+    };
     let seqs: Vec<&Sequence> = ex.iter().map(|e| &e.chosen).chain(ex.iter().map(|e| &e.rejected)).collect();
     let batch = collate_sequences(&seqs, 64, tok.pad_token_id, &Device::Cpu).unwrap();
     let scores: Vec<f32> = rm.scores(&batch.input_ids, tok.pad_token_id).unwrap().to_vec1().unwrap();
@@ -188,7 +206,13 @@ fn orpo_matches_pytorch() {
     // AdamW's first update g/(|g| + 1e-8) turns their float noise into O(lr) differences in those
     // elements (seen in the per-tensor sums after one step: only those four tensors differ). The
     // loss-level test (`loss_reference.rs`) checks ORPO's value and gradient to 1e-6.
-    torch_trajectory_within(LossConfig::Orpo(OrpoConfig::default()), "paired.jsonl", &tiny_llama(), &PAIRED_KEYS, &[1e-5, 5e-3, 5e-3]);
+    torch_trajectory_within(
+        LossConfig::Orpo(OrpoConfig::default()),
+        "paired.jsonl",
+        &tiny_llama(),
+        &PAIRED_KEYS,
+        &[1e-5, 5e-3, 5e-3],
+    );
 }
 
 #[test]
@@ -203,7 +227,12 @@ fn slic_matches_pytorch() {
 
 #[test]
 fn kto_zero_matches_pytorch() {
-    torch_trajectory(LossConfig::KtoZero(KtoZeroConfig::default()), "unpaired.jsonl", &tiny_llama(), &["rewards/chosen", "rewards/rejected"]);
+    torch_trajectory(
+        LossConfig::KtoZero(KtoZeroConfig::default()),
+        "unpaired.jsonl",
+        &tiny_llama(),
+        &["rewards/chosen", "rewards/rejected"],
+    );
 }
 
 #[test]
@@ -247,7 +276,12 @@ fn ppo_offline_matches_pytorch() {
         std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
     }
     std::fs::copy(fixtures().join("ppo_value_head.safetensors"), model.join("value_head.safetensors")).unwrap();
-    torch_trajectory(LossConfig::PpoOffline(PpoOfflineConfig::default()), "unpaired.jsonl", &model, &["loss/policy", "loss/critic", "clipfrac"]);
+    torch_trajectory(
+        LossConfig::PpoOffline(PpoOfflineConfig::default()),
+        "unpaired.jsonl",
+        &model,
+        &["loss/policy", "loss/critic", "clipfrac"],
+    );
     let final_dir = scratch_path("torch-ppo_offline").join("final");
     assert!(final_dir.join("value_head.safetensors").exists());
     let lm = load_tensors(&final_dir, DType::F32, &Device::Cpu).unwrap();
@@ -291,8 +325,6 @@ fn sft_then_kto_chains_through_final() {
     assert!(saved.contains("reference = "), "{saved}");
 }
 
-
-
 #[test]
 fn reward_model_starts_from_a_causal_lm_folder() {
     // tiny-llama has no score.weight: it is initialised (and said so), trained, and saved without lm_head.
@@ -317,7 +349,13 @@ fn reward_model_starts_from_a_causal_lm_folder() {
 fn ppo_offline_takes_rewards_from_a_reward_model() {
     // Same first step as with ±1 labels except for the rewards: the critic loss must change, the
     // first-step KL (policy = reference) stays 0.
-    let with_labels = run(&config(&tiny_llama(), "unpaired.jsonl", LossConfig::PpoOffline(PpoOfflineConfig::default()), &scratch("ppo-labels"), 32));
+    let with_labels = run(&config(
+        &tiny_llama(),
+        "unpaired.jsonl",
+        LossConfig::PpoOffline(PpoOfflineConfig::default()),
+        &scratch("ppo-labels"),
+        32,
+    ));
     let scored = PpoOfflineConfig { reward_model: Some(fixtures().join("tiny-llama-rm")), ..Default::default() };
     let with_rm = run(&config(&tiny_llama(), "unpaired.jsonl", LossConfig::PpoOffline(scored), &scratch("ppo-rm"), 32));
     assert_eq!(with_rm[0].objective.kl, Some(0.0));
@@ -345,7 +383,21 @@ fn every_loss_example_config_parses() {
         let c = TrainConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         seen.insert(c.loss.name());
     }
-    for name in ["kto", "dpo", "sft", "csft", "cdpo", "ipo", "slic", "simpo", "orpo", "kto_zero", "apo_zero_unpaired", "reward", "ppo_offline"] {
+    for name in [
+        "kto",
+        "dpo",
+        "sft",
+        "csft",
+        "cdpo",
+        "ipo",
+        "slic",
+        "simpo",
+        "orpo",
+        "kto_zero",
+        "apo_zero_unpaired",
+        "reward",
+        "ppo_offline",
+    ] {
         assert!(seen.contains(name), "configs/ has no example for `{name}`");
     }
 }
@@ -378,7 +430,13 @@ fn the_split_into_microbatches_does_not_change_the_step() {
         let (a, b) = (run(&whole), run(&split));
         for (x, y) in a.iter().zip(&b) {
             assert!(close(x.loss, y.loss, 1e-5, 1e-7), "{name} step {}: loss {} vs {}", x.step, x.loss, y.loss);
-            assert!(close(x.grad_norm, y.grad_norm, 1e-4, 1e-7), "{name} step {}: grad_norm {} vs {}", x.step, x.grad_norm, y.grad_norm);
+            assert!(
+                close(x.grad_norm, y.grad_norm, 1e-4, 1e-7),
+                "{name} step {}: grad_norm {} vs {}",
+                x.step,
+                x.grad_norm,
+                y.grad_norm
+            );
         }
     }
 }

@@ -16,7 +16,11 @@ fn floats(v: &Value) -> Vec<f64> {
 }
 
 fn matrix_u32(v: &Value) -> Vec<Vec<u32>> {
-    v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
+        .collect()
 }
 
 /// Runs the fixture batch through the model; returns (max |Δlogit| over real tokens, logps, counts,
@@ -43,7 +47,10 @@ fn run_path(name: &str, path: Path) -> (f64, Vec<f64>, Vec<usize>, BTreeMap<Stri
     let ids = matrix_u32(&fixture["input_ids"]);
     let (b, t) = (ids.len(), ids[0].len());
     let input_ids = Tensor::new(ids.clone(), &dev).unwrap();
-    let mask: Vec<Vec<f32>> = matrix_u32(&fixture["completion_mask"]).into_iter().map(|r| r.into_iter().map(|x| x as f32).collect()).collect();
+    let mask: Vec<Vec<f32>> = matrix_u32(&fixture["completion_mask"])
+        .into_iter()
+        .map(|r| r.into_iter().map(|x| x as f32).collect())
+        .collect();
     let completion_mask = Tensor::new(mask, &dev).unwrap();
     let attention = matrix_u32(&fixture["attention_mask"]);
 
@@ -86,7 +93,8 @@ fn check(name: &str) {
 fn check_path(name: &str, path: Path) {
     let (max_diff, logps, counts, grads, fixture) = run_path(name, path);
     assert!(max_diff < 1e-4, "{name}: largest logit difference vs transformers: {max_diff:e}");
-    let want_counts: Vec<usize> = fixture["token_count"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+    let want_counts: Vec<usize> =
+        fixture["token_count"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
     assert_eq!(counts, want_counts);
     for (g, w) in logps.iter().zip(floats(&fixture["logps_sum"])) {
         assert!(close(*g, w, 1e-5, 1e-4), "{name}: logps {g} vs transformers {w}");
@@ -99,7 +107,11 @@ fn check_path(name: &str, path: Path) {
         let l2 = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64;
         let sum = g.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
         assert!(l2 > 0.0, "{name}: zero gradient for {pname}");
-        assert!(close(l2, w["l2_norm"].as_f64().unwrap(), 1e-4, 1e-5), "{name} {pname}: grad l2 {l2} vs {}", w["l2_norm"]);
+        assert!(
+            close(l2, w["l2_norm"].as_f64().unwrap(), 1e-4, 1e-5),
+            "{name} {pname}: grad l2 {l2} vs {}",
+            w["l2_norm"]
+        );
         assert!(close(sum, w["sum"].as_f64().unwrap(), 1e-3, 1e-3), "{name} {pname}: grad sum {sum} vs {}", w["sum"]);
     }
     for (pname, w) in fixture["grads_full"].as_object().unwrap() {
@@ -143,7 +155,11 @@ fn fast_paths_equal_the_composite_path() {
             for (pname, w) in &want_grads {
                 let scale = w.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-30);
                 let diff = (&grads[pname] - w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                assert!(diff / scale < 1e-5, "{name} {path:?} {pname}: gradient differs by {:e} of its largest entry", diff / scale);
+                assert!(
+                    diff / scale < 1e-5,
+                    "{name} {path:?} {pname}: gradient differs by {:e} of its largest entry",
+                    diff / scale
+                );
             }
         }
     }

@@ -33,7 +33,12 @@ fn hf_logits(model_dir: &Path, ids: &[Vec<u32>]) -> (String, Vec<Vec<Vec<f64>>>)
         .env("HF_HUB_OFFLINE", "1")
         .output()
         .expect("cannot run the reference Python");
-    assert!(out.status.success(), "transformers failed to load {}:\n{}", model_dir.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "transformers failed to load {}:\n{}",
+        model_dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let logits = serde_json::from_value(json["logits"].clone()).unwrap();
     (json["class"].as_str().unwrap().to_string(), logits)
@@ -52,7 +57,8 @@ fn trained_folder_loads_in_transformers_with_equal_logits() {
 
     let dev = Device::Cpu;
     let (policy, _) = Policy::load(&final_dir, &dev).unwrap();
-    let got: Vec<Vec<Vec<f32>>> = policy.model(&dev).unwrap().forward(&Tensor::new(ids, &dev).unwrap()).unwrap().to_vec3().unwrap();
+    let got: Vec<Vec<Vec<f32>>> =
+        policy.model(&dev).unwrap().forward(&Tensor::new(ids, &dev).unwrap()).unwrap().to_vec3().unwrap();
     let mut worst = 0f64;
     for (g, w) in got[0].iter().flatten().zip(want[0].iter().flatten()) {
         worst = worst.max((*g as f64 - w).abs());
@@ -60,8 +66,12 @@ fn trained_folder_loads_in_transformers_with_equal_logits() {
     assert!(worst < 1e-4, "largest logit difference Prospect vs transformers: {worst:e}");
 
     // And the trained model is not the starting one (the check would be vacuous otherwise).
-    let (_, start) = hf_logits(&fixtures().join("tiny-llama"), &[vec![330, 28, 355, 319, 298, 263, 264, 325, 33, 201, 362, 28, 287]]);
-    let moved = start[0].iter().flatten().zip(want[0].iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
+    let (_, start) = hf_logits(
+        &fixtures().join("tiny-llama"),
+        &[vec![330, 28, 355, 319, 298, 263, 264, 325, 33, 201, 362, 28, 287]],
+    );
+    let moved =
+        start[0].iter().flatten().zip(want[0].iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
     assert!(moved > 1e-3, "training did not change the logits ({moved:e})");
 }
 
@@ -81,15 +91,31 @@ fn reward_model_folder_loads_in_transformers_with_equal_scores() {
     // Right-padded with pad = eos = 0: the score sits on the token before the final eos.
     let ids = vec![vec![330u32, 28, 355, 319, 298, 263, 0], vec![54, 307, 201, 0, 0, 0, 0]];
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/hf_scores.py");
-    let run = Command::new(python()).arg(&script).arg(&final_dir).arg(serde_json::to_string(&ids).unwrap()).env("HF_HUB_OFFLINE", "1").output().unwrap();
-    assert!(run.status.success(), "transformers failed to load {}:\n{}", final_dir.display(), String::from_utf8_lossy(&run.stderr));
+    let run = Command::new(python())
+        .arg(&script)
+        .arg(&final_dir)
+        .arg(serde_json::to_string(&ids).unwrap())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "transformers failed to load {}:\n{}",
+        final_dir.display(),
+        String::from_utf8_lossy(&run.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(json["class"], "LlamaForSequenceClassification");
     assert_eq!(json["num_labels"], 1);
     let want: Vec<f64> = serde_json::from_value(json["scores"].clone()).unwrap();
 
     let dev = Device::Cpu;
-    let got: Vec<f32> = load_frozen_reward(&final_dir, &dev).unwrap().scores(&Tensor::new(ids, &dev).unwrap(), 0).unwrap().to_vec1().unwrap();
+    let got: Vec<f32> = load_frozen_reward(&final_dir, &dev)
+        .unwrap()
+        .scores(&Tensor::new(ids, &dev).unwrap(), 0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let worst = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0f64, f64::max);
     assert!(worst < 1e-4, "largest score difference Prospect vs transformers: {worst:e} ({got:?} vs {want:?})");
 }

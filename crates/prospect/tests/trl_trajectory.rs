@@ -25,7 +25,12 @@ fn run(data: &str, loss: LossConfig, name: &str) -> (Vec<StepMetrics>, std::path
     run_with(data, loss, name, false)
 }
 
-fn run_with(data: &str, loss: LossConfig, name: &str, precompute_ref_logps: bool) -> (Vec<StepMetrics>, std::path::PathBuf) {
+fn run_with(
+    data: &str,
+    loss: LossConfig,
+    name: &str,
+    precompute_ref_logps: bool,
+) -> (Vec<StepMetrics>, std::path::PathBuf) {
     let out = scratch(name);
     let mut config = trl_config(data, loss, &out);
     config.precompute_ref_logps = precompute_ref_logps;
@@ -181,7 +186,18 @@ fn metrics_file_has_one_line_per_step() {
     let lines: Vec<StepMetrics> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines, history);
     let first: BTreeMap<String, Value> = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-    for key in ["step", "loss", "grad_norm", "lr", "kl", "kl_raw", "rewards/chosen", "rewards/rejected", "step_time_s", "tokens_per_s"] {
+    for key in [
+        "step",
+        "loss",
+        "grad_norm",
+        "lr",
+        "kl",
+        "kl_raw",
+        "rewards/chosen",
+        "rewards/rejected",
+        "step_time_s",
+        "tokens_per_s",
+    ] {
         assert!(first.contains_key(key), "metrics.jsonl lacks `{key}`: {first:?}");
     }
     // The resolved config travels with the model.

@@ -36,10 +36,15 @@ pub fn kept(n: usize, fraction: f64) -> usize {
 /// Split rows into (train, held out): `round(fraction · n)` rows (at least one) chosen by `seed`.
 pub fn hold_out(rows: Rows, fraction: f64, seed: u64) -> (Rows, Rows) {
     fn split<T>(v: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
-        let held: std::collections::HashSet<usize> = choose(v.len(), kept(v.len(), fraction), seed ^ 0x5eed_e7a1).into_iter().collect();
+        let held: std::collections::HashSet<usize> =
+            choose(v.len(), kept(v.len(), fraction), seed ^ 0x5eed_e7a1).into_iter().collect();
         let (mut train, mut eval) = (vec![], vec![]);
         for (i, r) in v.into_iter().enumerate() {
-            if held.contains(&i) { eval.push(r) } else { train.push(r) }
+            if held.contains(&i) {
+                eval.push(r)
+            } else {
+                train.push(r)
+            }
         }
         (train, eval)
     }
@@ -62,11 +67,18 @@ pub fn hold_out(rows: Rows, fraction: f64, seed: u64) -> (Rows, Rows) {
 /// Keep `desirable_fraction` of the desirable rows and `undesirable_fraction` of the undesirable ones,
 /// chosen by `seed`, in their original order. Each class's base is its own count: for unpaired pairs
 /// that is the number of pairs.
-pub fn keep_fractions(rows: Vec<UnpairedRow>, desirable_fraction: f64, undesirable_fraction: f64, seed: u64) -> Vec<UnpairedRow> {
+pub fn keep_fractions(
+    rows: Vec<UnpairedRow>,
+    desirable_fraction: f64,
+    undesirable_fraction: f64,
+    seed: u64,
+) -> Vec<UnpairedRow> {
     if desirable_fraction >= 1.0 && undesirable_fraction >= 1.0 {
         return rows;
     }
-    let class = |label: bool| -> Vec<usize> { rows.iter().enumerate().filter(|(_, r)| r.label == label).map(|(i, _)| i).collect() };
+    let class = |label: bool| -> Vec<usize> {
+        rows.iter().enumerate().filter(|(_, r)| r.label == label).map(|(i, _)| i).collect()
+    };
     let mut keep = vec![false; rows.len()];
     for (label, fraction, salt) in [(true, desirable_fraction, 1u64), (false, undesirable_fraction, 2u64)] {
         let members = class(label);
@@ -96,7 +108,12 @@ mod tests {
 
     fn pairs(n: usize) -> Vec<PairedRow> {
         (0..n)
-            .map(|i| PairedRow { prompt: format!("p{i}").into(), chosen: format!("c{i}").into(), rejected: format!("r{i}").into(), line: i + 1 })
+            .map(|i| PairedRow {
+                prompt: format!("p{i}").into(),
+                chosen: format!("c{i}").into(),
+                rejected: format!("r{i}").into(),
+                line: i + 1,
+            })
             .collect()
     }
 

@@ -109,10 +109,8 @@ impl ChatTemplate {
 /// `strftime_now(fmt)`: the current UTC date/time, for templates that print today's date (Llama 3.1).
 /// Supports `%d %m %Y %y %b %B %H %M %S %%`, which is what HF templates use.
 fn strftime_now(fmt: String) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -124,8 +122,20 @@ fn strftime_now(fmt: String) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    const MONTHS: [&str; 12] =
-        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
     let name = MONTHS[(month - 1) as usize];
     let mut out = String::new();
     let mut chars = fmt.chars();
@@ -168,7 +178,12 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja:
 
 /// Python's `json.dumps` layout, keys in insertion order: `", "` and `": "` separators on one line,
 /// or newline + indent.
-fn python_json(v: &Value, indent: Option<usize>, depth: usize, out: &mut String) -> std::result::Result<(), minijinja::Error> {
+fn python_json(
+    v: &Value,
+    indent: Option<usize>,
+    depth: usize,
+    out: &mut String,
+) -> std::result::Result<(), minijinja::Error> {
     use minijinja::value::ValueKind as K;
     let newline = |out: &mut String, depth: usize| {
         if let Some(n) = indent {
@@ -245,14 +260,17 @@ mod tests {
     #[test]
     fn tojson_is_pythons_json_dumps() {
         // python: json.dumps({"a": [1, "<b>"], "c": {}}, ensure_ascii=False) == '{"a": [1, "<b>"], "c": {}}'
-        let t = ChatTemplate::new("{{ {'a': [1, '<b>'], 'c': {}} | tojson }}|{{ [1] | tojson(indent=2) }}", vec![], "t").unwrap();
+        let t =
+            ChatTemplate::new("{{ {'a': [1, '<b>'], 'c': {}} | tojson }}|{{ [1] | tojson(indent=2) }}", vec![], "t")
+                .unwrap();
         assert_eq!(t.render(&[], false).unwrap(), "{\"a\": [1, \"<b>\"], \"c\": {}}|[\n  1\n]");
     }
 
     #[test]
     fn strftime_now_formats_today() {
         // Llama 3.1's templates print `strftime_now("%d %b %Y")`, e.g. "26 Jul 2024".
-        let t = ChatTemplate::new("{{ strftime_now('%d %b %Y') }}|{{ strftime_now('%Y-%m-%d %%') }}", vec![], "t").unwrap();
+        let t =
+            ChatTemplate::new("{{ strftime_now('%d %b %Y') }}|{{ strftime_now('%Y-%m-%d %%') }}", vec![], "t").unwrap();
         let text = t.render(&[], false).unwrap();
         let (a, b) = text.split_once('|').unwrap();
         let parts: Vec<&str> = a.split(' ').collect();
@@ -272,12 +290,17 @@ mod tests {
 /// Token ids of a conversational prompt row for generation: the messages rendered with the model's chat
 /// template and `add_generation_prompt`, tokenized without adding special tokens (the template carries
 /// them), as `apply_chat_template(..., add_generation_prompt=True, tokenize=True)` does.
-pub fn prompt_ids(tok: &crate::model::HfTokenizer, row: &crate::eval::files::Row, model_dir: &std::path::Path) -> Result<Vec<u32>> {
-    let messages: Vec<Message> = serde_json::from_value(row.fields.get("prompt").cloned().unwrap_or_default()).map_err(|e| Error::Data {
-        path: model_dir.to_path_buf(),
-        line: row.line,
-        message: format!("`prompt` must be a string or a list of {{role, content}} messages: {e}"),
-    })?;
+pub fn prompt_ids(
+    tok: &crate::model::HfTokenizer,
+    row: &crate::eval::files::Row,
+    model_dir: &std::path::Path,
+) -> Result<Vec<u32>> {
+    let messages: Vec<Message> = serde_json::from_value(row.fields.get("prompt").cloned().unwrap_or_default())
+        .map_err(|e| Error::Data {
+            path: model_dir.to_path_buf(),
+            line: row.line,
+            message: format!("`prompt` must be a string or a list of {{role, content}} messages: {e}"),
+        })?;
     let template = ChatTemplate::for_tokenizer(tok, None)?;
     tok.encode_raw(&template.render(&messages, true)?)
 }

@@ -7,9 +7,9 @@
 
 use std::path::Path;
 
-use super::rows::{unpair, Rows};
 use super::chat::ChatTemplate;
 use super::rows::Content;
+use super::rows::{unpair, Rows};
 use super::tokenize::{Encoder, Sequence, TokenizeReport};
 use crate::error::{Error, Result};
 use crate::loss::DataKind;
@@ -64,13 +64,25 @@ pub struct PrepareReport {
 
 /// Tokenize `rows` for a loss that trains on `kind` data, with the tokenizer's own chat template for
 /// conversational rows.
-pub fn prepare(rows: Rows, kind: DataKind, tok: &HfTokenizer, max_length: usize, path: &Path) -> Result<(Examples, PrepareReport)> {
+pub fn prepare(
+    rows: Rows,
+    kind: DataKind,
+    tok: &HfTokenizer,
+    max_length: usize,
+    path: &Path,
+) -> Result<(Examples, PrepareReport)> {
     let template = if rows.is_conversational() { Some(ChatTemplate::for_tokenizer(tok, None)?) } else { None };
     prepare_with(rows, kind, Encoder { tok, template: template.as_ref() }, max_length, path)
 }
 
 /// Tokenize `rows` for a loss that trains on `kind` data with `encoder`.
-pub fn prepare_with(rows: Rows, kind: DataKind, encoder: Encoder, max_length: usize, path: &Path) -> Result<(Examples, PrepareReport)> {
+pub fn prepare_with(
+    rows: Rows,
+    kind: DataKind,
+    encoder: Encoder,
+    max_length: usize,
+    path: &Path,
+) -> Result<(Examples, PrepareReport)> {
     let mut report = PrepareReport { rows_read: rows.len(), ..Default::default() };
     let mut pair_report = TokenizeReport::default();
     // A template or tokenizer failure names the row's file and line.
@@ -138,7 +150,9 @@ pub fn prepare_with(rows: Rows, kind: DataKind, encoder: Encoder, max_length: us
     let before = examples.len();
     let examples = match examples {
         Examples::Unpaired(v) => Examples::Unpaired(v.into_iter().filter(|e| fits(&e.seq)).collect()),
-        Examples::Paired(v) => Examples::Paired(v.into_iter().filter(|e| fits(&e.chosen) && fits(&e.rejected)).collect()),
+        Examples::Paired(v) => {
+            Examples::Paired(v.into_iter().filter(|e| fits(&e.chosen) && fits(&e.rejected)).collect())
+        }
         Examples::Sft(v) => Examples::Sft(v.into_iter().filter(|s| fits(s)).collect()),
     };
     report.dropped_long_prompt = before - examples.len();

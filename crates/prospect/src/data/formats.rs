@@ -169,7 +169,12 @@ fn forced(format: DataFormat, obj: &Fields, label_from: Option<&LabelFrom>) -> L
 }
 
 /// Records → rows, as `options` says. See the module doc for the layouts.
-pub fn convert(container: Container, records: Vec<Result<Record>>, path: &Path, options: &ReadOptions) -> Result<(Rows, ReadReport)> {
+pub fn convert(
+    container: Container,
+    records: Vec<Result<Record>>,
+    path: &Path,
+    options: &ReadOptions,
+) -> Result<(Rows, ReadReport)> {
     let mut report = ReadReport {
         container,
         format: options.format.unwrap_or(DataFormat::Trl),
@@ -223,7 +228,10 @@ pub fn convert(container: Container, records: Vec<Result<Record>>, path: &Path, 
         match first {
             None => first = Some((layout, line)),
             Some((f, at)) if f != layout => {
-                skip(&mut report, err(line, format!("this row is {layout}, but the file started as {f} at line {at}")))?;
+                skip(
+                    &mut report,
+                    err(line, format!("this row is {layout}, but the file started as {f} at line {at}")),
+                )?;
                 continue;
             }
             _ => {}
@@ -241,7 +249,11 @@ pub fn convert(container: Container, records: Vec<Result<Record>>, path: &Path, 
         let message = if report.skipped.is_empty() {
             "the file has no rows".to_string()
         } else {
-            format!("no valid rows: all {} were skipped as invalid; the first: {}", report.skipped.len(), report.skipped[0])
+            format!(
+                "no valid rows: all {} were skipped as invalid; the first: {}",
+                report.skipped.len(),
+                report.skipped[0]
+            )
         };
         return Err(Error::DataFile { path: path.to_path_buf(), message });
     };
@@ -252,7 +264,8 @@ pub fn convert(container: Container, records: Vec<Result<Record>>, path: &Path, 
         report.filtered += deleted;
         converted.extend(pairs);
     }
-    let rows = assemble(layout.shape, converted, label_from, &mut report).map_err(|m| Error::DataFile { path: path.to_path_buf(), message: m })?;
+    let rows = assemble(layout.shape, converted, label_from, &mut report)
+        .map_err(|m| Error::DataFile { path: path.to_path_buf(), message: m })?;
     if rows.is_empty() {
         return Err(Error::DataFile {
             path: path.to_path_buf(),
@@ -277,7 +290,12 @@ fn filter_rule(format: DataFormat) -> Option<&'static str> {
     }
 }
 
-fn assemble(shape: RowFormat, converted: Vec<(usize, Converted)>, label_from: Option<&LabelFrom>, report: &mut ReadReport) -> std::result::Result<Rows, String> {
+fn assemble(
+    shape: RowFormat,
+    converted: Vec<(usize, Converted)>,
+    label_from: Option<&LabelFrom>,
+    report: &mut ReadReport,
+) -> std::result::Result<Rows, String> {
     let mut unpaired: Vec<(UnpairedRow, Label)> = vec![];
     let mut paired = vec![];
     let mut sft = vec![];
@@ -293,7 +311,8 @@ fn assemble(shape: RowFormat, converted: Vec<(usize, Converted)>, label_from: Op
     }
     Ok(match shape {
         RowFormat::Unpaired => {
-            let scores: Vec<f64> = unpaired.iter().filter_map(|(_, l)| if let Label::Score(s) = l { Some(*s) } else { None }).collect();
+            let scores: Vec<f64> =
+                unpaired.iter().filter_map(|(_, l)| if let Label::Score(s) = l { Some(*s) } else { None }).collect();
             let threshold = match label_from.map(|l| l.threshold) {
                 None => None,
                 Some(Threshold::Value(t)) => Some(t),
@@ -329,7 +348,11 @@ pub fn statistic(s: Statistic, scores: &[f64]) -> Option<f64> {
             let mut v = scores.to_vec();
             v.sort_by(f64::total_cmp);
             let n = v.len();
-            if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+            if n % 2 == 1 {
+                v[n / 2]
+            } else {
+                (v[n / 2 - 1] + v[n / 2]) / 2.0
+            }
         }
     })
 }
@@ -365,7 +388,9 @@ fn convert_one(layout: Layout, obj: &Fields, label_from: Option<&LabelFrom>) -> 
                 let m = match obj.get(name) {
                     Some(Value::Object(o)) => message(o).map_err(|e| format!("field `{name}`: {e}"))?,
                     Some(Value::Array(_)) => return content(obj, name),
-                    Some(other) => return Err(format!("field `{name}` must be one {{from, value}} message, got {}", kind(other))),
+                    Some(other) => {
+                        return Err(format!("field `{name}` must be one {{from, value}} message, got {}", kind(other)))
+                    }
                     None => return Err(format!("field `{name}` is missing; expected one {{from, value}} message")),
                 };
                 Ok(Content::Messages(vec![m]))
@@ -389,7 +414,12 @@ fn convert_one(layout: Layout, obj: &Fields, label_from: Option<&LabelFrom>) -> 
             let a_wins = match obj.get("labels") {
                 Some(Value::Number(n)) if n.as_f64() == Some(1.0) => true,
                 Some(Value::Number(n)) if n.as_f64() == Some(0.0) => false,
-                Some(other) => return Err(format!("field `labels` must be 1 (A preferred) or 0 (B preferred), got {}", kind(other))),
+                Some(other) => {
+                    return Err(format!(
+                        "field `labels` must be 1 (A preferred) or 0 (B preferred), got {}",
+                        kind(other)
+                    ))
+                }
                 None => return Err("field `labels` is missing; expected 1 (A preferred) or 0 (B preferred)".into()),
             };
             // The KTO paper's SHP filter (from HALOs): keep pairs whose score ratio is at least 2.
@@ -400,7 +430,11 @@ fn convert_one(layout: Layout, obj: &Fields, label_from: Option<&LabelFrom>) -> 
             }
             let prompt = Content::Messages(vec![Message::new("user", &history)]);
             let reply = |t: &str| Content::Messages(vec![Message::new("assistant", t)]);
-            Ok(if a_wins { Converted::Paired(prompt, reply(&a), reply(&b)) } else { Converted::Paired(prompt, reply(&b), reply(&a)) })
+            Ok(if a_wins {
+                Converted::Paired(prompt, reply(&a), reply(&b))
+            } else {
+                Converted::Paired(prompt, reply(&b), reply(&a))
+            })
         }
         (DataFormat::Ultrafeedback, _) => {
             let instruction = string(obj, "instruction")?;
@@ -410,14 +444,19 @@ fn convert_one(layout: Layout, obj: &Fields, label_from: Option<&LabelFrom>) -> 
             let mut scored = Vec::new();
             for (i, c) in list.iter().enumerate() {
                 let Value::Object(c) = c else {
-                    return Err(format!("field `completions`[{i}] must be an object with `response` and `overall_score`"));
+                    return Err(format!(
+                        "field `completions`[{i}] must be an object with `response` and `overall_score`"
+                    ));
                 };
                 let response = string(c, "response").map_err(|e| format!("`completions`[{i}]: {e}"))?;
                 let score = number(c, "overall_score").map_err(|e| format!("`completions`[{i}]: {e}"))?;
                 scored.push((score, response));
             }
             if scored.len() < 2 {
-                return Err(format!("field `completions` has {} entries; expected at least 2 to form a pair", scored.len()));
+                return Err(format!(
+                    "field `completions` has {} entries; expected at least 2 to form a pair",
+                    scored.len()
+                ));
             }
             // Best against worst by `overall_score`; the first on ties. Equal scores carry no preference.
             let best = scored.iter().enumerate().fold(0, |b, (i, s)| if s.0 > scored[b].0 { i } else { b });
@@ -472,7 +511,9 @@ fn label(obj: &Fields, label_from: Option<&LabelFrom>, allow_int: bool) -> std::
 fn known_label(obj: &Fields, allow_int: bool) -> std::result::Result<bool, String> {
     match obj.get("label") {
         Some(Value::Bool(b)) => Ok(*b),
-        Some(Value::Number(n)) if allow_int && (n.as_f64() == Some(1.0) || n.as_f64() == Some(0.0)) => Ok(n.as_f64() == Some(1.0)),
+        Some(Value::Number(n)) if allow_int && (n.as_f64() == Some(1.0) || n.as_f64() == Some(0.0)) => {
+            Ok(n.as_f64() == Some(1.0))
+        }
         Some(other) if allow_int => Err(format!("field `label` must be 1, 0, true or false, got {}", kind(other))),
         Some(other) => Err(format!("field `label` must be true or false, got {}", kind(other))),
         None => Err("field `label` is missing; expected true or false".into()),
@@ -510,9 +551,9 @@ fn content(obj: &Fields, name: &str) -> std::result::Result<Content, String> {
 fn reply(obj: &Fields, name: &str, prompt: &Content) -> std::result::Result<Content, String> {
     match (content(obj, name)?, prompt) {
         (Content::Text(t), Content::Messages(_)) => Ok(Content::Messages(vec![Message::new("assistant", &t)])),
-        (Content::Messages(_), Content::Text(_)) => {
-            Err(format!("field `{name}` is a list of messages but `prompt` is a string; expected both text or both messages"))
-        }
+        (Content::Messages(_), Content::Text(_)) => Err(format!(
+            "field `{name}` is a list of messages but `prompt` is a string; expected both text or both messages"
+        )),
         (c, _) => Ok(c),
     }
 }
@@ -521,7 +562,9 @@ fn messages(obj: &Fields, name: &str) -> std::result::Result<Vec<Message>, Strin
     let Some(Value::Array(list)) = obj.get(name) else {
         return match obj.get(name) {
             None => Err(format!("field `{name}` is missing; expected a list of {{role, content}} messages")),
-            Some(other) => Err(format!("field `{name}` must be a list of {{role, content}} messages, got {}", kind(other))),
+            Some(other) => {
+                Err(format!("field `{name}` must be a list of {{role, content}} messages, got {}", kind(other)))
+            }
         };
     };
     if list.is_empty() {
@@ -542,7 +585,12 @@ fn message(o: &Fields) -> std::result::Result<Message, String> {
     let (role, content) = match (get("role"), get("content"), get("from"), get("value")) {
         (Some(r), Some(c), _, _) => (r, c),
         (_, _, Some(f), Some(v)) => (f, v),
-        _ => return Err(format!("expected string fields `role` and `content` (or ShareGPT's `from` and `value`), got keys {:?}", o.keys().collect::<Vec<_>>())),
+        _ => {
+            return Err(format!(
+                "expected string fields `role` and `content` (or ShareGPT's `from` and `value`), got keys {:?}",
+                o.keys().collect::<Vec<_>>()
+            ))
+        }
     };
     let role = match role {
         "human" => "user",
@@ -556,9 +604,10 @@ fn message(o: &Fields) -> std::result::Result<Message, String> {
 /// Split off the last message as the reply: it must be the assistant's, after at least one message.
 fn split_reply(name: &str, messages: &mut Vec<Message>) -> std::result::Result<Message, String> {
     match messages.last() {
-        Some(m) if m.role != "assistant" => {
-            Err(format!("field `{name}`: the last message must be the assistant's reply (the completion), got role {:?}", m.role))
-        }
+        Some(m) if m.role != "assistant" => Err(format!(
+            "field `{name}`: the last message must be the assistant's reply (the completion), got role {:?}",
+            m.role
+        )),
         _ if messages.len() < 2 => Err(format!(
             "field `{name}` has {} message(s); expected at least one prompt message before the assistant's reply",
             messages.len()
@@ -589,7 +638,10 @@ fn hh_turns(text: &str) -> std::result::Result<Vec<Message>, String> {
     const HUMAN: &str = "\n\nHuman:";
     const ASSISTANT: &str = "\n\nAssistant:";
     if !text.starts_with(HUMAN) {
-        return Err(format!("expected the transcript to start with {HUMAN:?}, got {:?}", text.chars().take(20).collect::<String>()));
+        return Err(format!(
+            "expected the transcript to start with {HUMAN:?}, got {:?}",
+            text.chars().take(20).collect::<String>()
+        ));
     }
     let mut out: Vec<Message> = Vec::new();
     let mut rest = text;
@@ -640,7 +692,9 @@ fn oasst1_pairs(
         let mut id = start.to_string();
         for _ in 0..10_000 {
             let Some((_, obj)) = by_id.get(id.as_str()) else {
-                return Err(format!("message {id:?} of this reply's thread is not in the file; expected whole message trees"));
+                return Err(format!(
+                    "message {id:?} of this reply's thread is not in the file; expected whole message trees"
+                ));
             };
             let text = obj.get("text").and_then(Value::as_str).ok_or("field `text` must be a string")?;
             let role = match obj.get("role").and_then(Value::as_str) {

@@ -117,8 +117,18 @@ pub fn inspect(
     })
 }
 
-fn token_lengths(rows: &Rows, tok: &HfTokenizer, chat_template: Option<&Path>, max_length: usize, path: &Path) -> Result<TokenLengths> {
-    let template = if rows.is_conversational() || chat_template.is_some() { Some(ChatTemplate::for_tokenizer(tok, chat_template)?) } else { None };
+fn token_lengths(
+    rows: &Rows,
+    tok: &HfTokenizer,
+    chat_template: Option<&Path>,
+    max_length: usize,
+    path: &Path,
+) -> Result<TokenLengths> {
+    let template = if rows.is_conversational() || chat_template.is_some() {
+        Some(ChatTemplate::for_tokenizer(tok, chat_template)?)
+    } else {
+        None
+    };
     let encoder = Encoder { tok, template: template.as_ref() };
     let mut report = TokenizeReport::default();
     let (mut prompts, mut completions) = (vec![], vec![]);
@@ -135,19 +145,23 @@ fn token_lengths(rows: &Rows, tok: &HfTokenizer, chat_template: Option<&Path>, m
     match rows {
         Rows::Unpaired(v) => {
             for r in v {
-                let s = encoder.sequence(&r.prompt, &r.completion, &mut report).map_err(|e| at_line(e, path, r.line))?;
+                let s =
+                    encoder.sequence(&r.prompt, &r.completion, &mut report).map_err(|e| at_line(e, path, r.line))?;
                 count(&[&s], &mut prompts, &mut completions);
             }
         }
         Rows::Sft(v) => {
             for r in v {
-                let s = encoder.sequence(&r.prompt, &r.completion, &mut report).map_err(|e| at_line(e, path, r.line))?;
+                let s =
+                    encoder.sequence(&r.prompt, &r.completion, &mut report).map_err(|e| at_line(e, path, r.line))?;
                 count(&[&s], &mut prompts, &mut completions);
             }
         }
         Rows::Paired(v) => {
             for r in v {
-                let (c, j) = encoder.pair(&r.prompt, &r.chosen, &r.rejected, &mut report).map_err(|e| at_line(e, path, r.line))?;
+                let (c, j) = encoder
+                    .pair(&r.prompt, &r.chosen, &r.rejected, &mut report)
+                    .map_err(|e| at_line(e, path, r.line))?;
                 count(&[&c, &j], &mut prompts, &mut completions);
             }
         }
@@ -161,7 +175,9 @@ fn token_lengths(rows: &Rows, tok: &HfTokenizer, chat_template: Option<&Path>, m
 /// A template or tokenizer failure on one row, with the row's place in the file.
 fn at_line(e: Error, path: &Path, line: usize) -> Error {
     match e {
-        Error::Template { message, .. } | Error::Tokenizer(message) => Error::Data { path: path.to_path_buf(), line, message },
+        Error::Template { message, .. } | Error::Tokenizer(message) => {
+            Error::Data { path: path.to_path_buf(), line, message }
+        }
         other => other,
     }
 }

@@ -5,9 +5,9 @@
 
 use std::path::Path;
 
-use parquet::file::reader::{FileReader, SerializedFileReader};
 use super::read::Record;
 use crate::error::{Error, Result};
+use parquet::file::reader::{FileReader, SerializedFileReader};
 
 pub fn records(bytes: &[u8], path: &Path) -> Result<Vec<Result<Record>>> {
     let file_err = |message: String| Error::DataFile { path: path.to_path_buf(), message };
@@ -21,7 +21,9 @@ pub fn records(bytes: &[u8], path: &Path) -> Result<Vec<Result<Record>>> {
             Err(e) => Err(Error::Data {
                 path: path.to_path_buf(),
                 line: i + 1,
-                message: format!("cannot decode this Parquet row: {e} (Prospect reads Snappy-compressed or uncompressed Parquet)"),
+                message: format!(
+                    "cannot decode this Parquet row: {e} (Prospect reads Snappy-compressed or uncompressed Parquet)"
+                ),
             }),
         });
     }

@@ -177,7 +177,11 @@ fn json_array(bytes: &[u8], path: &Path) -> Result<Vec<Result<Record>>> {
                 break;
             }
             _ => {
-                return Err(data_err(path, line_at(pos.min(text.len())), "malformed JSON: expected `,` or `]` after an array element".into()))
+                return Err(data_err(
+                    path,
+                    line_at(pos.min(text.len())),
+                    "malformed JSON: expected `,` or `]` after an array element".into(),
+                ))
             }
         }
     }

@@ -64,8 +64,10 @@ impl Content {
         match self {
             Content::Text(s) => quote(s),
             Content::Messages(m) => {
-                let items: Vec<String> =
-                    m.iter().map(|m| format!("{{\"role\": {}, \"content\": {}}}", quote(&m.role), quote(&m.content))).collect();
+                let items: Vec<String> = m
+                    .iter()
+                    .map(|m| format!("{{\"role\": {}, \"content\": {}}}", quote(&m.role), quote(&m.content)))
+                    .collect();
                 format!("[{}]", items.join(", "))
             }
         }
@@ -166,12 +168,22 @@ impl Rows {
         };
         match self {
             Rows::Unpaired(rows) => rows.iter().for_each(|r| {
-                push(&[("prompt", r.prompt.to_json()), ("completion", r.completion.to_json()), ("label", r.label.to_string())])
+                push(&[
+                    ("prompt", r.prompt.to_json()),
+                    ("completion", r.completion.to_json()),
+                    ("label", r.label.to_string()),
+                ])
             }),
             Rows::Paired(rows) => rows.iter().for_each(|r| {
-                push(&[("prompt", r.prompt.to_json()), ("chosen", r.chosen.to_json()), ("rejected", r.rejected.to_json())])
+                push(&[
+                    ("prompt", r.prompt.to_json()),
+                    ("chosen", r.chosen.to_json()),
+                    ("rejected", r.rejected.to_json()),
+                ])
             }),
-            Rows::Sft(rows) => rows.iter().for_each(|r| push(&[("prompt", r.prompt.to_json()), ("completion", r.completion.to_json())])),
+            Rows::Sft(rows) => rows
+                .iter()
+                .for_each(|r| push(&[("prompt", r.prompt.to_json()), ("completion", r.completion.to_json())])),
         }
         out
     }
@@ -251,7 +263,9 @@ mod tests {
         }
         let got = parse("{\"prompt\": \"a\",").unwrap_err().to_string();
         assert!(got.starts_with("feedback.jsonl:1: malformed JSON"), "{got}");
-        let got = parse_jsonl(b"{\"prompt\":\"a\",\"completion\":\"b\"}\n\xff\xfe", Path::new("f.jsonl")).unwrap_err().to_string();
+        let got = parse_jsonl(b"{\"prompt\":\"a\",\"completion\":\"b\"}\n\xff\xfe", Path::new("f.jsonl"))
+            .unwrap_err()
+            .to_string();
         assert_eq!(got, "f.jsonl:2: invalid UTF-8 at byte 0 of the line; the file must be UTF-8 text");
     }
 

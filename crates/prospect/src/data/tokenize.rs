@@ -64,7 +64,12 @@ impl TokenizeReport {
 }
 
 /// Tokenize a plain-text prompt + completion the way TRL's KTO and SFT trainers do.
-pub fn tokenize_text(tok: &HfTokenizer, prompt: &str, completion: &str, report: &mut TokenizeReport) -> Result<Sequence> {
+pub fn tokenize_text(
+    tok: &HfTokenizer,
+    prompt: &str,
+    completion: &str,
+    report: &mut TokenizeReport,
+) -> Result<Sequence> {
     let prompt_ids = tok.encode(prompt)?;
     let full = tok.encode(&format!("{prompt}{}", with_eos(tok, completion)))?;
     let n = common_prefix_len(&prompt_ids, &full);
@@ -100,7 +105,10 @@ pub struct Encoder<'a> {
 impl Encoder<'_> {
     fn template(&self) -> Result<&ChatTemplate> {
         self.template.ok_or_else(|| {
-            Error::config("chat_template", "conversational rows need a chat template; set chat_template = \"path/to/template.jinja\"")
+            Error::config(
+                "chat_template",
+                "conversational rows need a chat template; set chat_template = \"path/to/template.jinja\"",
+            )
         })
     }
 
@@ -121,12 +129,20 @@ impl Encoder<'_> {
                 report.note(self.tok, &prompt_ids, n)?;
                 Ok(Sequence { prompt_ids: prompt_ids[..n].to_vec(), completion_ids: full[n..].to_vec() })
             }
-            _ => Err(Error::Tokenizer("a row mixes plain text and messages; prompt and completion must be the same kind".into())),
+            _ => Err(Error::Tokenizer(
+                "a row mixes plain text and messages; prompt and completion must be the same kind".into(),
+            )),
         }
     }
 
     /// A preference pair as TRL's DPO trainer tokenizes it: one prompt, cut at the shorter common prefix.
-    pub fn pair(&self, prompt: &Content, chosen: &Content, rejected: &Content, report: &mut TokenizeReport) -> Result<(Sequence, Sequence)> {
+    pub fn pair(
+        &self,
+        prompt: &Content,
+        chosen: &Content,
+        rejected: &Content,
+        report: &mut TokenizeReport,
+    ) -> Result<(Sequence, Sequence)> {
         match (prompt, chosen, rejected) {
             (Content::Text(p), Content::Text(c), Content::Text(r)) => tokenize_pair(self.tok, p, c, r, report),
             (Content::Messages(p), Content::Messages(c), Content::Messages(r)) => {
@@ -135,10 +151,15 @@ impl Encoder<'_> {
                 let full_r = self.chat_ids(&p.iter().chain(r).collect::<Vec<_>>(), false)?;
                 let n = common_prefix_len(&prompt_ids, &full_c).min(common_prefix_len(&prompt_ids, &full_r));
                 report.note(self.tok, &prompt_ids, n)?;
-                let side = |full: &[u32]| Sequence { prompt_ids: prompt_ids[..n].to_vec(), completion_ids: full[n..].to_vec() };
+                let side = |full: &[u32]| Sequence {
+                    prompt_ids: prompt_ids[..n].to_vec(),
+                    completion_ids: full[n..].to_vec(),
+                };
                 Ok((side(&full_c), side(&full_r)))
             }
-            _ => Err(Error::Tokenizer("a row mixes plain text and messages; prompt and completions must be the same kind".into())),
+            _ => Err(Error::Tokenizer(
+                "a row mixes plain text and messages; prompt and completions must be the same kind".into(),
+            )),
         }
     }
 }

@@ -24,8 +24,8 @@ use serde_json::json;
 
 use crate::config::{LrScheduler, TrainConfig};
 use crate::error::{Error, Result};
-use crate::eval::{generate, plot, GenerateConfig, SamplingConfig};
 use crate::eval::winrate::{Verdict, WinRate};
+use crate::eval::{generate, plot, GenerateConfig, SamplingConfig};
 use crate::fsio::write_atomic;
 use crate::loss::{DpoConfig, KtoConfig, LossConfig, SftConfig};
 use crate::model::{init::random_weights, save_tensors, HfTokenizer, LlamaConfig, Policy};
@@ -48,11 +48,27 @@ pub struct DemoScale {
 
 impl DemoScale {
     pub fn full() -> Self {
-        Self { base_rows: 16000, base_epochs: 1, sft_demos_per_prompt: 4, sft_epochs: 4, feedback_samples: 8, align_epochs: 3, eval_samples: 16 }
+        Self {
+            base_rows: 16000,
+            base_epochs: 1,
+            sft_demos_per_prompt: 4,
+            sft_epochs: 4,
+            feedback_samples: 8,
+            align_epochs: 3,
+            eval_samples: 16,
+        }
     }
 
     pub fn quick() -> Self {
-        Self { base_rows: 8000, base_epochs: 1, sft_demos_per_prompt: 4, sft_epochs: 4, feedback_samples: 4, align_epochs: 3, eval_samples: 8 }
+        Self {
+            base_rows: 8000,
+            base_epochs: 1,
+            sft_demos_per_prompt: 4,
+            sft_epochs: 4,
+            feedback_samples: 4,
+            align_epochs: 3,
+            eval_samples: 8,
+        }
     }
 }
 
@@ -118,7 +134,21 @@ pub fn run_demo(out: &Path, scale: DemoScale, seed: u64, on_event: &mut dyn FnMu
         .collect();
     write_jsonl(&data_dir.join("base.jsonl"), &base_rows)?;
     on_event(Event::Notice("stage 1/5: pre-training the base model on the task's language".into()));
-    let base = run(out, "base", &init_dir, None, &data_dir.join("base.jsonl"), LossConfig::Sft(SftConfig::default()), 3e-3, scale.base_epochs, 32, 32, seed, on_event, |_| {})?;
+    let base = run(
+        out,
+        "base",
+        &init_dir,
+        None,
+        &data_dir.join("base.jsonl"),
+        LossConfig::Sft(SftConfig::default()),
+        3e-3,
+        scale.base_epochs,
+        32,
+        32,
+        seed,
+        on_event,
+        |_| {},
+    )?;
 
     // 2. SFT on imperfect demonstrations: half good, half with one flaw.
     let mut demos = Vec::new();
@@ -136,7 +166,21 @@ pub fn run_demo(out: &Path, scale: DemoScale, seed: u64, on_event: &mut dyn FnMu
     demos.shuffle(&mut rng);
     write_jsonl(&data_dir.join("sft.jsonl"), &demos)?;
     on_event(Event::Notice("stage 2/5: SFT on imperfect demonstrations".into()));
-    let sft = run(out, "sft", &base, None, &data_dir.join("sft.jsonl"), LossConfig::Sft(SftConfig::default()), 3e-3, scale.sft_epochs, 16, 16, seed, on_event, |_| {})?;
+    let sft = run(
+        out,
+        "sft",
+        &base,
+        None,
+        &data_dir.join("sft.jsonl"),
+        LossConfig::Sft(SftConfig::default()),
+        3e-3,
+        scale.sft_epochs,
+        16,
+        16,
+        seed,
+        on_event,
+        |_| {},
+    )?;
 
     // 3. Binary feedback on the SFT model's own samples.
     on_event(Event::Notice("stage 3/5: sampling the SFT model and labelling its replies with the rule judge".into()));
@@ -164,7 +208,13 @@ pub fn run_demo(out: &Path, scale: DemoScale, seed: u64, on_event: &mut dyn FnMu
     let lambda_d = crate::data::balance::auto_weights(kept, n_undesirable).0;
     write_jsonl(&data_dir.join("feedback.jsonl"), &feedback)?;
     write_jsonl(&data_dir.join("pairs.jsonl"), &pairs)?;
-    let stats = FeedbackStats { desirable: n_desirable, undesirable: n_undesirable, pairs: pairs.len(), imbalanced_desirable_weight: lambda_d, imbalanced_desirable_kept: kept };
+    let stats = FeedbackStats {
+        desirable: n_desirable,
+        undesirable: n_undesirable,
+        pairs: pairs.len(),
+        imbalanced_desirable_weight: lambda_d,
+        imbalanced_desirable_kept: kept,
+    };
     on_event(Event::Notice(format!(
         "feedback: {n_desirable} desirable, {n_undesirable} undesirable, {} DPO pairs; 10%-desirable run keeps {kept} desirable rows with λ_D = {lambda_d:.2}",
         pairs.len()
@@ -175,14 +225,54 @@ pub fn run_demo(out: &Path, scale: DemoScale, seed: u64, on_event: &mut dyn FnMu
     let kto = |w: f64| LossConfig::Kto(KtoConfig { beta: 0.1, desirable_weight: w, undesirable_weight: 1.0 });
     let fb = data_dir.join("feedback.jsonl");
     let mut models: Vec<(&str, PathBuf)> = vec![("sft", sft.clone())];
-    models.push(("sft+dpo", run(out, "sft+dpo", &sft, Some(&sft), &data_dir.join("pairs.jsonl"), LossConfig::Dpo(DpoConfig::default()), 1e-3, scale.align_epochs, 16, 8, seed, on_event, |_| {})?));
-    models.push(("sft+kto", run(out, "sft+kto", &sft, Some(&sft), &fb, kto(1.0), 1e-3, scale.align_epochs, 16, 8, seed, on_event, |_| {})?));
-    models.push(("kto", run(out, "kto", &base, Some(&base), &fb, kto(1.0), 1e-3, scale.align_epochs, 16, 8, seed, on_event, |_| {})?));
+    models.push((
+        "sft+dpo",
+        run(
+            out,
+            "sft+dpo",
+            &sft,
+            Some(&sft),
+            &data_dir.join("pairs.jsonl"),
+            LossConfig::Dpo(DpoConfig::default()),
+            1e-3,
+            scale.align_epochs,
+            16,
+            8,
+            seed,
+            on_event,
+            |_| {},
+        )?,
+    ));
+    models.push((
+        "sft+kto",
+        run(out, "sft+kto", &sft, Some(&sft), &fb, kto(1.0), 1e-3, scale.align_epochs, 16, 8, seed, on_event, |_| {})?,
+    ));
+    models.push((
+        "kto",
+        run(out, "kto", &base, Some(&base), &fb, kto(1.0), 1e-3, scale.align_epochs, 16, 8, seed, on_event, |_| {})?,
+    ));
     let imbalance = |c: &mut TrainConfig| {
         c.desirable_fraction = 0.1;
         c.auto_weights = true;
     };
-    models.push(("kto-10%-desirable", run(out, "kto-10pct-desirable", &sft, Some(&sft), &fb, kto(1.0), 1e-3, scale.align_epochs, 16, 8, seed, on_event, imbalance)?));
+    models.push((
+        "kto-10%-desirable",
+        run(
+            out,
+            "kto-10pct-desirable",
+            &sft,
+            Some(&sft),
+            &fb,
+            kto(1.0),
+            1e-3,
+            scale.align_epochs,
+            16,
+            8,
+            seed,
+            on_event,
+            imbalance,
+        )?,
+    ));
 
     // 5. Held-out evaluation against SFT.
     on_event(Event::Notice("stage 5/5: judging every model against SFT on held-out prompts".into()));
@@ -191,7 +281,8 @@ pub fn run_demo(out: &Path, scale: DemoScale, seed: u64, on_event: &mut dyn FnMu
     let mut scores: BTreeMap<&str, Vec<Vec<u32>>> = BTreeMap::new();
     for (name, dir) in &models {
         let replies = sample(dir, &tok, &eval_prompts, scale.eval_samples, eval_seed, &device)?;
-        let s = eval_prompts.iter().zip(&replies).map(|(p, rs)| rs.iter().map(|c| task::score(p, c)).collect()).collect();
+        let s =
+            eval_prompts.iter().zip(&replies).map(|(p, rs)| rs.iter().map(|c| task::score(p, c)).collect()).collect();
         scores.insert(name, s);
     }
     let baseline = scores["sft"].clone();
@@ -255,7 +346,14 @@ pub fn results_markdown(r: &DemoResults) -> String {
         if let Some(m) = r.methods.get(name) {
             s.push_str(&format!(
                 "| {name} | {:.3} | [{:.3}, {:.3}] | {} / {} / {} | {:.2} | {:.1}% |\n",
-                m.win_rate_vs_sft, m.ci95[0], m.ci95[1], m.wins, m.ties, m.losses, m.mean_score, 100.0 * m.desirable_rate
+                m.win_rate_vs_sft,
+                m.ci95[0],
+                m.ci95[1],
+                m.wins,
+                m.ties,
+                m.losses,
+                m.mean_score,
+                100.0 * m.desirable_rate
             ));
         }
     }
@@ -277,7 +375,14 @@ fn random_quality_reply(r: &Request, rng: &mut impl Rng) -> String {
 }
 
 /// `samples` completions per prompt at temperature 1.
-fn sample(model_dir: &Path, tok: &HfTokenizer, prompts: &[String], samples: usize, seed: u64, device: &Device) -> Result<Vec<Vec<String>>> {
+fn sample(
+    model_dir: &Path,
+    tok: &HfTokenizer,
+    prompts: &[String],
+    samples: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<Vec<Vec<String>>> {
     let (policy, _) = Policy::load(model_dir, device)?;
     let model = policy.frozen_model(device)?;
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.encode(p)).collect::<Result<_>>()?;

@@ -46,7 +46,8 @@ pub fn read_rows(path: &Path, need_completion: bool) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = i + 1;
-        let text = std::str::from_utf8(raw).map_err(|e| err(line, format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
+        let text =
+            std::str::from_utf8(raw).map_err(|e| err(line, format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
         if text.trim().is_empty() {
             continue;
         }
@@ -57,7 +58,9 @@ pub fn read_rows(path: &Path, need_completion: bool) -> Result<Vec<Row>> {
         match fields.get("prompt") {
             Some(Value::String(_)) => {}
             Some(Value::Array(msgs)) if msgs.iter().all(|m| m["role"].is_string() && m["content"].is_string()) => {}
-            Some(_) => return Err(err(line, "field `prompt` must be a string or a list of {role, content} messages".into())),
+            Some(_) => {
+                return Err(err(line, "field `prompt` must be a string or a list of {role, content} messages".into()))
+            }
             None => return Err(err(line, "field `prompt` is missing; expected a string or a list of messages".into())),
         }
         if need_completion && !fields.get("completion").is_some_and(Value::is_string) {
@@ -105,7 +108,8 @@ mod tests {
     #[test]
     fn pairs_samples_in_order_and_counts_strays() {
         let c = rows("{\"prompt\":\"a\",\"completion\":\"1\"}\n{\"prompt\":\"a\",\"completion\":\"2\"}\n{\"prompt\":\"z\",\"completion\":\"3\"}\n", true).unwrap();
-        let b = rows("{\"prompt\":\"a\",\"completion\":\"x\"}\n\n{\"prompt\":\"a\",\"completion\":\"y\"}\n", true).unwrap();
+        let b =
+            rows("{\"prompt\":\"a\",\"completion\":\"x\"}\n\n{\"prompt\":\"a\",\"completion\":\"y\"}\n", true).unwrap();
         let (pairs, unmatched) = pair_by_prompt(&c, &b);
         assert_eq!(pairs, vec![(0, 0), (1, 1)]);
         assert_eq!(unmatched, 1);

@@ -27,7 +27,14 @@ pub struct GenerateConfig {
 
 impl Default for GenerateConfig {
     fn default() -> Self {
-        Self { max_new_tokens: 64, sampling: SamplingConfig::default(), stop: vec![], seed: 0, batch_size: 8, append_tokens: vec![] }
+        Self {
+            max_new_tokens: 64,
+            sampling: SamplingConfig::default(),
+            stop: vec![],
+            seed: 0,
+            batch_size: 8,
+            append_tokens: vec![],
+        }
     }
 }
 
@@ -106,9 +113,11 @@ fn generate_batch(
         mask.push(std::iter::repeat(0).take(n_pad).chain(std::iter::repeat(1).take(p.len())).collect());
     }
     let mut cache = model.new_cache();
-    let mut logits = last_logits(&model.forward_cached(&Tensor::from_vec(ids, (b, width), device)?, &mask, &mut cache)?)?;
-    let mut gens: Vec<Generation> =
-        (0..b).map(|_| Generation { completion_ids: vec![], completion: String::new(), finish: FinishReason::Length }).collect();
+    let mut logits =
+        last_logits(&model.forward_cached(&Tensor::from_vec(ids, (b, width), device)?, &mask, &mut cache)?)?;
+    let mut gens: Vec<Generation> = (0..b)
+        .map(|_| Generation { completion_ids: vec![], completion: String::new(), finish: FinishReason::Length })
+        .collect();
     let mut done = vec![false; b];
     for _ in 0..cfg.max_new_tokens {
         let mut next = Vec::with_capacity(b);

@@ -31,16 +31,22 @@ pub enum JudgeSpec {
 
 impl JudgeSpec {
     pub fn parse(spec: &str) -> Result<Self> {
-        let bad = |m: &str| Error::config("judge", format!("{m}; expected rule:NAME, llm:URL or reward:DIR, got {spec:?}"));
+        let bad =
+            |m: &str| Error::config("judge", format!("{m}; expected rule:NAME, llm:URL or reward:DIR, got {spec:?}"));
         match spec.split_once(':') {
             Some(("rule", name)) => {
                 if RULES.iter().any(|(n, _)| *n == name) {
                     Ok(JudgeSpec::Rule(name.to_string()))
                 } else {
-                    Err(bad(&format!("unknown rule `{name}` (known: {})", RULES.iter().map(|r| r.0).collect::<Vec<_>>().join(", "))))
+                    Err(bad(&format!(
+                        "unknown rule `{name}` (known: {})",
+                        RULES.iter().map(|r| r.0).collect::<Vec<_>>().join(", ")
+                    )))
                 }
             }
-            Some(("llm", url)) if url.starts_with("http://") || url.starts_with("https://") => Ok(JudgeSpec::Llm { url: url.to_string() }),
+            Some(("llm", url)) if url.starts_with("http://") || url.starts_with("https://") => {
+                Ok(JudgeSpec::Llm { url: url.to_string() })
+            }
             Some(("reward", dir)) if !dir.is_empty() => Ok(JudgeSpec::Reward(PathBuf::from(dir))),
             _ => Err(bad("unrecognised judge")),
         }
@@ -132,7 +138,8 @@ impl LlmJudge {
         let err = |m: String| Error::Train(format!("judge {}: {m}", self.url));
         let resp = req.send_string(&body.to_string()).map_err(|e| err(e.to_string()))?;
         let text = resp.into_string().map_err(|e| err(e.to_string()))?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(format!("response is not JSON ({e}): {text:.200}")))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| err(format!("response is not JSON ({e}): {text:.200}")))?;
         let answer = json["choices"][0]["message"]["content"]
             .as_str()
             .ok_or_else(|| err(format!("no choices[0].message.content in {text:.200}")))?
@@ -169,8 +176,10 @@ mod tests {
     #[test]
     fn specs_parse_and_name_what_is_wrong() {
         assert_eq!(JudgeSpec::parse("rule:polite-reply").unwrap(), JudgeSpec::Rule("polite-reply".into()));
-        assert_eq!(JudgeSpec::parse("llm:http://127.0.0.1:8080/v1/chat/completions").unwrap(),
-                   JudgeSpec::Llm { url: "http://127.0.0.1:8080/v1/chat/completions".into() });
+        assert_eq!(
+            JudgeSpec::parse("llm:http://127.0.0.1:8080/v1/chat/completions").unwrap(),
+            JudgeSpec::Llm { url: "http://127.0.0.1:8080/v1/chat/completions".into() }
+        );
         assert_eq!(JudgeSpec::parse("reward:runs/rm/final").unwrap(), JudgeSpec::Reward("runs/rm/final".into()));
         let e = JudgeSpec::parse("rule:nope").unwrap_err().to_string();
         assert!(e.contains("unknown rule `nope` (known: polite-reply)"), "{e}");
@@ -204,13 +213,19 @@ impl RewardJudge {
             Some(_) => Some(crate::data::chat::ChatTemplate::for_tokenizer(&tok, None)?),
             None => None,
         };
-        Ok(Self { model: crate::model::load_frozen_reward(dir, device)?, tok, template, max_length, device: device.clone() })
+        Ok(Self {
+            model: crate::model::load_frozen_reward(dir, device)?,
+            tok,
+            template,
+            max_length,
+            device: device.clone(),
+        })
     }
 
     /// The score of `completion` after `prompt` (a JSON string, or a list of messages).
     pub fn score(&self, prompt: &serde_json::Value, completion: &str) -> Result<f64> {
-        use crate::data::rows::Content;
         use crate::data::chat::Message;
+        use crate::data::rows::Content;
         let (p, c) = match prompt {
             serde_json::Value::String(s) => (Content::Text(s.clone()), Content::Text(completion.to_string())),
             other => {

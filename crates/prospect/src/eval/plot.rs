@@ -22,7 +22,11 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
 }
 
 /// Draw to a temporary file, then rename it into place (atomic like every other write).
-fn draw_atomic(path: &Path, size: (u32, u32), draw: impl FnOnce(&DrawingArea<BitMapBackend, plotters::coord::Shift>) -> Result<()>) -> Result<()> {
+fn draw_atomic(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&DrawingArea<BitMapBackend, plotters::coord::Shift>) -> Result<()>,
+) -> Result<()> {
     register_font();
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
@@ -61,14 +65,20 @@ pub fn win_rate_chart(path: &Path, title: &str, rows: &[(String, f64, [f64; 2])]
             .map_err(|e| plot_err(path, e))?;
         chart
             .draw_series(rows.iter().enumerate().map(|(i, (_, w, _))| {
-                let mut bar = Rectangle::new([(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), *w)], BLUE.mix(0.5).filled());
+                let mut bar = Rectangle::new(
+                    [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), *w)],
+                    BLUE.mix(0.5).filled(),
+                );
                 bar.set_margin(0, 0, 12, 12);
                 bar
             }))
             .map_err(|e| plot_err(path, e))?;
         chart
             .draw_series(rows.iter().enumerate().map(|(i, (_, _, ci))| {
-                PathElement::new(vec![(SegmentValue::CenterOf(i), ci[0]), (SegmentValue::CenterOf(i), ci[1])], BLACK.stroke_width(2))
+                PathElement::new(
+                    vec![(SegmentValue::CenterOf(i), ci[0]), (SegmentValue::CenterOf(i), ci[1])],
+                    BLACK.stroke_width(2),
+                )
             }))
             .map_err(|e| plot_err(path, e))?;
         chart

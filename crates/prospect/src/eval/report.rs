@@ -76,13 +76,20 @@ pub fn evaluate(
                 message: format!("no prompt of this file appears in the baseline {}", baseline.display()),
             });
         }
-        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| format!("candidate{ci}"));
+        let name =
+            path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| format!("candidate{ci}"));
         let mut verdicts = Vec::with_capacity(pairs.len());
         let mut log = String::new();
         let (mut c_scores, mut b_scores) = (Vec::new(), Vec::new());
         let mut unparseable = 0;
         let mut llm_judge = match &spec {
-            JudgeSpec::Llm { url } => Some(LlmJudge::new(url, &llm.model, llm.api_key.clone(), llm.prompt_template.clone(), seed.wrapping_add(ci as u64))),
+            JudgeSpec::Llm { url } => Some(LlmJudge::new(
+                url,
+                &llm.model,
+                llm.api_key.clone(),
+                llm.prompt_template.clone(),
+                seed.wrapping_add(ci as u64),
+            )),
             _ => None,
         };
         for &(i, j) in &pairs {
@@ -144,12 +151,22 @@ pub fn evaluate(
             mean_baseline_score: mean(&b_scores),
         });
     }
-    let report = EvalReport { judge: judge_spec.to_string(), baseline: baseline.to_path_buf(), ci_method: "wilson".into(), candidates: results };
+    let report = EvalReport {
+        judge: judge_spec.to_string(),
+        baseline: baseline.to_path_buf(),
+        ci_method: "wilson".into(),
+        candidates: results,
+    };
     let json = serde_json::to_vec_pretty(&report).map_err(|e| Error::Train(e.to_string()))?;
     write_atomic(&output.join("results.json"), &json)?;
     write_atomic(&output.join("results.md"), markdown(&report).as_bytes())?;
-    let bars: Vec<(String, f64, [f64; 2])> = report.candidates.iter().map(|c| (c.name.clone(), c.win_rate, c.ci95)).collect();
-    super::plot::win_rate_chart(&output.join("win_rates.png"), &format!("win rate vs {} ({})", stem(baseline), report.judge), &bars)?;
+    let bars: Vec<(String, f64, [f64; 2])> =
+        report.candidates.iter().map(|c| (c.name.clone(), c.win_rate, c.ci95)).collect();
+    super::plot::win_rate_chart(
+        &output.join("win_rates.png"),
+        &format!("win rate vs {} ({})", stem(baseline), report.judge),
+        &bars,
+    )?;
     Ok(report)
 }
 

@@ -40,10 +40,11 @@ pub fn apo_zero_unpaired_loss(
     let device = policy_logps.device();
     let logratios = (policy_logps - reference_logps)?; // [b]
     let s = sigmoid(&(&logratios * config.beta)?)?; // [b]
-    // Written as TRL writes it: desirable 1 − σ(βr), undesirable σ(βr); `is_d` selects per row.
+                                                    // Written as TRL writes it: desirable 1 − σ(βr), undesirable σ(βr); `is_d` selects per row.
     let is_d: Vec<u8> = labels.iter().map(|&l| l as u8).collect();
     let is_d = Tensor::from_vec(is_d, b, device)?;
-    let losses = is_d.where_cond(&((s.neg()? + 1.0)? * config.desirable_weight)?, &(&s * config.undesirable_weight)?)?; // [b]
+    let losses =
+        is_d.where_cond(&((s.neg()? + 1.0)? * config.desirable_weight)?, &(&s * config.undesirable_weight)?)?; // [b]
     let (rewards_chosen, rewards_rejected) = class_rewards(config.beta, &logratios, labels)?;
     Ok(UnpairedOutput { loss: losses.mean(D::Minus1)?, rewards_chosen, rewards_rejected })
 }
@@ -56,7 +57,8 @@ mod tests {
 
     fn run(cfg: &ApoZeroUnpairedConfig, pol: &[f32], refl: &[f32], labels: &[bool]) -> (f64, Vec<f32>) {
         let p = Var::new(pol, &Device::Cpu).unwrap();
-        let out = apo_zero_unpaired_loss(cfg, p.as_tensor(), &Tensor::new(refl, &Device::Cpu).unwrap(), labels).unwrap();
+        let out =
+            apo_zero_unpaired_loss(cfg, p.as_tensor(), &Tensor::new(refl, &Device::Cpu).unwrap(), labels).unwrap();
         let loss = out.loss.to_scalar::<f32>().unwrap() as f64;
         (loss, out.loss.backward().unwrap().get(p.as_tensor()).unwrap().to_vec1().unwrap())
     }

@@ -32,8 +32,12 @@ pub struct CdpoConfig {
     pub label_smoothing: f64,
 }
 
-fn default_beta() -> f64 { 0.1 }
-fn default_label_smoothing() -> f64 { 0.2 }
+fn default_beta() -> f64 {
+    0.1
+}
+fn default_label_smoothing() -> f64 {
+    0.2
+}
 
 impl Default for CdpoConfig {
     fn default() -> Self {
@@ -84,7 +88,13 @@ mod tests {
         Tensor::new(v, &Device::Cpu).unwrap()
     }
 
-    fn run(cfg: &CdpoConfig, pc: &[f32], pr: &[f32], rc: &[f32], rr: &[f32]) -> (f64, Vec<f32>, Vec<f32>, PairedOutput) {
+    fn run(
+        cfg: &CdpoConfig,
+        pc: &[f32],
+        pr: &[f32],
+        rc: &[f32],
+        rr: &[f32],
+    ) -> (f64, Vec<f32>, Vec<f32>, PairedOutput) {
         let (vc, vr) = (Var::new(pc, &Device::Cpu).unwrap(), Var::new(pr, &Device::Cpu).unwrap());
         let out = cdpo_loss(cfg, vc.as_tensor(), vr.as_tensor(), &t(rc), &t(rr)).unwrap();
         let loss = out.loss.to_scalar::<f32>().unwrap() as f64;

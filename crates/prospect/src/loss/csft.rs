@@ -32,8 +32,12 @@ pub struct CsftConfig {
     pub bad_token: String,
 }
 
-fn default_good() -> String { "<|good|>".into() }
-fn default_bad() -> String { "<|bad|>".into() }
+fn default_good() -> String {
+    "<|good|>".into()
+}
+fn default_bad() -> String {
+    "<|bad|>".into()
+}
 
 impl Default for CsftConfig {
     fn default() -> Self {
@@ -46,7 +50,10 @@ impl CsftConfig {
         if self.good_token.is_empty() || self.bad_token.is_empty() || self.good_token == self.bad_token {
             return Err(Error::config(
                 "loss.good_token",
-                format!("good_token and bad_token must be two different non-empty strings, got {:?} and {:?}", self.good_token, self.bad_token),
+                format!(
+                    "good_token and bad_token must be two different non-empty strings, got {:?} and {:?}",
+                    self.good_token, self.bad_token
+                ),
             ));
         }
         Ok(())

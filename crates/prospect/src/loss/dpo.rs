@@ -25,7 +25,9 @@ pub struct DpoConfig {
     pub beta: f64,
 }
 
-fn default_beta() -> f64 { 0.1 }
+fn default_beta() -> f64 {
+    0.1
+}
 
 impl Default for DpoConfig {
     fn default() -> Self {

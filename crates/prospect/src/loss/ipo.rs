@@ -31,7 +31,9 @@ pub struct IpoConfig {
     pub tau: f64,
 }
 
-fn default_tau() -> f64 { 0.1 }
+fn default_tau() -> f64 {
+    0.1
+}
 
 impl Default for IpoConfig {
     fn default() -> Self {
@@ -98,12 +100,25 @@ mod tests {
         Tensor::new(v, &Device::Cpu).unwrap()
     }
 
-    fn run(tau: f64, pc: &[f32], pr: &[f32], rc: &[f32], rr: &[f32], nc: &[usize], nr: &[usize]) -> (f64, Vec<f32>, Vec<f32>, PairedOutput) {
+    fn run(
+        tau: f64,
+        pc: &[f32],
+        pr: &[f32],
+        rc: &[f32],
+        rr: &[f32],
+        nc: &[usize],
+        nr: &[usize],
+    ) -> (f64, Vec<f32>, Vec<f32>, PairedOutput) {
         let (vc, vr) = (Var::new(pc, &Device::Cpu).unwrap(), Var::new(pr, &Device::Cpu).unwrap());
         let out = ipo_loss(&IpoConfig { tau }, vc.as_tensor(), vr.as_tensor(), &t(rc), &t(rr), nc, nr).unwrap();
         let loss = out.loss.to_scalar::<f32>().unwrap() as f64;
         let g = out.loss.backward().unwrap();
-        (loss, g.get(vc.as_tensor()).unwrap().to_vec1().unwrap(), g.get(vr.as_tensor()).unwrap().to_vec1().unwrap(), out)
+        (
+            loss,
+            g.get(vc.as_tensor()).unwrap().to_vec1().unwrap(),
+            g.get(vr.as_tensor()).unwrap().to_vec1().unwrap(),
+            out,
+        )
     }
 
     #[test]
@@ -123,7 +138,10 @@ mod tests {
         let (loss, gc, gr, _) = run(0.1, &[-4., -7.], &[-4., -7.], &[-4., -7.], &[-4., -7.], &[5, 5], &[5, 5]);
         assert!((loss - 25.0).abs() < 1e-5);
         // python: -2*5/5/2 = -1.0
-        assert!(gc.iter().all(|g| (g + 1.0).abs() < 1e-6) && gr.iter().all(|g| (g - 1.0).abs() < 1e-6), "{gc:?} {gr:?}");
+        assert!(
+            gc.iter().all(|g| (g + 1.0).abs() < 1e-6) && gr.iter().all(|g| (g - 1.0).abs() < 1e-6),
+            "{gc:?} {gr:?}"
+        );
     }
 
     #[test]

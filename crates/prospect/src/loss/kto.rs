@@ -39,8 +39,12 @@ pub struct KtoConfig {
     pub undesirable_weight: f64,
 }
 
-fn default_beta() -> f64 { 0.1 }
-fn one() -> f64 { 1.0 }
+fn default_beta() -> f64 {
+    0.1
+}
+fn one() -> f64 {
+    1.0
+}
 
 impl Default for KtoConfig {
     fn default() -> Self {
@@ -187,7 +191,14 @@ mod tests {
     }
 
     /// Runs the loss and returns (loss, kl, kl_raw, d loss / d policy_logps).
-    fn run(cfg: &KtoConfig, pol: &[f32], refl: &[f32], pkl: &[f32], rkl: &[f32], labels: &[bool]) -> (f64, f64, f64, Vec<f32>) {
+    fn run(
+        cfg: &KtoConfig,
+        pol: &[f32],
+        refl: &[f32],
+        pkl: &[f32],
+        rkl: &[f32],
+        labels: &[bool],
+    ) -> (f64, f64, f64, Vec<f32>) {
         let p = Var::new(pol, &Device::Cpu).unwrap();
         let out = kto_loss(
             cfg,
@@ -211,7 +222,8 @@ mod tests {
         // r = [1, -2, 0.5], labels [D, U, D]; KL pairs: policy [-3, -4, -5] ref [-4, -4, -4.5] -> mean(1, 0, -0.5) = 1/6
         // python: s=lambda x:1/(1+math.exp(-x)); z=1/6; (1-s(.1*(1-z)) + 1-s(.1*(z+2)) + 1-s(.1*(.5-z)))/3
         let cfg = KtoConfig::default();
-        let (loss, kl, kl_raw, g) = run(&cfg, &[-1., -5., -2.5], &[-2., -3., -3.], &[-3., -4., -5.], &[-4., -4., -4.5], &[true, false, true]);
+        let (loss, kl, kl_raw, g) =
+            run(&cfg, &[-1., -5., -2.5], &[-2., -3., -3.], &[-3., -4., -5.], &[-4., -4., -4.5], &[true, false, true]);
         let z = 1.0 / 6.0;
         let want = (1.0 - sig(0.1 * (1.0 - z)) + 1.0 - sig(0.1 * (z + 2.0)) + 1.0 - sig(0.1 * (0.5 - z))) / 3.0;
         assert!((kl_raw - z).abs() < 1e-6 && (kl - z).abs() < 1e-6);
@@ -273,7 +285,7 @@ mod tests {
         let cfg = KtoConfig::default();
         assert!(class_weight_advice(&cfg, 100, 100).is_none());
         assert!(class_weight_advice(&cfg, 120, 100).is_none()); // ratio 1.2 in [1, 4/3]
-        // 10 desirable vs 100 undesirable: λ_D in [10, 13.333].
+                                                                // 10 desirable vs 100 undesirable: λ_D in [10, 13.333].
         let msg = class_weight_advice(&cfg, 10, 100).unwrap();
         assert!(msg.contains("desirable_weight in [10.000, 13.333]"), "{msg}");
     }

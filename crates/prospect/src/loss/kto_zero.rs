@@ -37,8 +37,12 @@ pub struct KtoZeroConfig {
     pub undesirable_weight: f64,
 }
 
-fn default_beta() -> f64 { 0.1 }
-fn one() -> f64 { 1.0 }
+fn default_beta() -> f64 {
+    0.1
+}
+fn one() -> f64 {
+    1.0
+}
 
 impl Default for KtoZeroConfig {
     fn default() -> Self {
@@ -63,9 +67,18 @@ pub struct UnpairedOutput {
 }
 
 /// `labels[i]` is `true` for a desirable row.
-pub fn kto_zero_loss(config: &KtoZeroConfig, policy_logps: &Tensor, reference_logps: &Tensor, labels: &[bool]) -> Result<UnpairedOutput> {
+pub fn kto_zero_loss(
+    config: &KtoZeroConfig,
+    policy_logps: &Tensor,
+    reference_logps: &Tensor,
+    labels: &[bool],
+) -> Result<UnpairedOutput> {
     check_rows(labels.len(), &[("policy_logps", policy_logps), ("reference_logps", reference_logps)])?;
-    let kto = KtoConfig { beta: config.beta, desirable_weight: config.desirable_weight, undesirable_weight: config.undesirable_weight };
+    let kto = KtoConfig {
+        beta: config.beta,
+        desirable_weight: config.desirable_weight,
+        undesirable_weight: config.undesirable_weight,
+    };
     let logratios = (policy_logps - reference_logps)?; // [b]
     let losses = value_losses(&kto, &logratios, labels, 0.0)?; // [b]
     let (rewards_chosen, rewards_rejected) = class_rewards(config.beta, &logratios, labels)?;
@@ -77,7 +90,12 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    pub(crate) fn run(cfg: &KtoZeroConfig, pol: &[f32], refl: &[f32], labels: &[bool]) -> (f64, Vec<f32>, UnpairedOutput) {
+    pub(crate) fn run(
+        cfg: &KtoZeroConfig,
+        pol: &[f32],
+        refl: &[f32],
+        labels: &[bool],
+    ) -> (f64, Vec<f32>, UnpairedOutput) {
         let p = Var::new(pol, &Device::Cpu).unwrap();
         let out = kto_zero_loss(cfg, p.as_tensor(), &Tensor::new(refl, &Device::Cpu).unwrap(), labels).unwrap();
         let loss = out.loss.to_scalar::<f32>().unwrap() as f64;
@@ -92,7 +110,9 @@ mod tests {
         let (loss, g, out) = run(&KtoZeroConfig::default(), &[-1., -5., -2.5], &[-2., -3., -3.], &[true, false, true]);
         assert!((loss - 0.4708965).abs() < 1e-6, "{loss}");
         assert!(g[0] < 0.0 && g[2] < 0.0 && g[1] > 0.0, "{g:?}");
-        assert!((out.rewards_chosen.unwrap() - 0.075).abs() < 1e-6 && (out.rewards_rejected.unwrap() + 0.2).abs() < 1e-6);
+        assert!(
+            (out.rewards_chosen.unwrap() - 0.075).abs() < 1e-6 && (out.rewards_rejected.unwrap() + 0.2).abs() < 1e-6
+        );
     }
 
     #[test]

@@ -141,7 +141,12 @@ impl LossConfig {
     /// count). SFT and CSFT average over every completion token of the optimizer batch, so a
     /// microbatch counts in proportion to its tokens; that makes the update independent of how the
     /// batch is split.
-    pub fn microbatch_weight(&self, microbatches_in_step: usize, tokens_in_microbatch: usize, tokens_in_step: usize) -> f64 {
+    pub fn microbatch_weight(
+        &self,
+        microbatches_in_step: usize,
+        tokens_in_microbatch: usize,
+        tokens_in_step: usize,
+    ) -> f64 {
         match self {
             LossConfig::Sft(_) | LossConfig::Csft(_) => {
                 if tokens_in_step == 0 {

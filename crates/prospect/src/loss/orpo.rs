@@ -37,7 +37,9 @@ pub struct OrpoConfig {
     pub beta: f64,
 }
 
-fn default_beta() -> f64 { 0.1 }
+fn default_beta() -> f64 {
+    0.1
+}
 
 impl Default for OrpoConfig {
     fn default() -> Self {
@@ -80,7 +82,8 @@ pub fn orpo_loss(
     let nll = (pc.sum_all()?.neg()? / total_chosen as f64)?; // scalar
     let loss = (nll - (odds_ratio * config.beta)?)?.to_dtype(dtype)?;
     let chosen_rewards = (policy_chosen_logps.div(&counts(chosen_tokens, policy_chosen_logps)?)? * config.beta)?;
-    let rejected_rewards = (policy_rejected_logps.div(&counts(rejected_tokens, policy_rejected_logps)?)? * config.beta)?;
+    let rejected_rewards =
+        (policy_rejected_logps.div(&counts(rejected_tokens, policy_rejected_logps)?)? * config.beta)?;
     PairedOutput::new(loss, &chosen_rewards, &rejected_rewards)
 }
 

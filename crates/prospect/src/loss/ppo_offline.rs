@@ -67,11 +67,21 @@ pub struct PpoOfflineConfig {
     pub reward_model: Option<PathBuf>,
 }
 
-fn default_cliprange() -> f64 { 0.5 }
-fn default_gamma() -> f64 { 0.99 }
-fn default_lam() -> f64 { 0.95 }
-fn default_critic_coef() -> f64 { 0.01 }
-fn default_kl_coef() -> f64 { 0.1 }
+fn default_cliprange() -> f64 {
+    0.5
+}
+fn default_gamma() -> f64 {
+    0.99
+}
+fn default_lam() -> f64 {
+    0.95
+}
+fn default_critic_coef() -> f64 {
+    0.01
+}
+fn default_kl_coef() -> f64 {
+    0.1
+}
 
 impl Default for PpoOfflineConfig {
     fn default() -> Self {
@@ -90,7 +100,10 @@ impl PpoOfflineConfig {
     pub(crate) fn validate(&self) -> Result<()> {
         check_positive("loss.cliprange", self.cliprange)?;
         if self.cliprange >= 1.0 {
-            return Err(Error::config("loss.cliprange", format!("must be in (0, 1): the ratio is clipped to [ε, 1/ε]; got {}", self.cliprange)));
+            return Err(Error::config(
+                "loss.cliprange",
+                format!("must be in (0, 1): the ratio is clipped to [ε, 1/ε]; got {}", self.cliprange),
+            ));
         }
         for (key, v) in [("loss.gamma", self.gamma), ("loss.lam", self.lam)] {
             if !(0.0..=1.0).contains(&v) {
@@ -130,7 +143,13 @@ pub struct PpoOutput {
 type Rows = Vec<Vec<f64>>;
 
 /// GAE advantages (normalised) and rewards-to-go, computed without gradient.
-pub(crate) fn advantages_and_returns(values: &[Vec<f32>], mask: &[Vec<f32>], rewards: &[f32], gamma: f64, lam: f64) -> Result<(Rows, Rows)> {
+pub(crate) fn advantages_and_returns(
+    values: &[Vec<f32>],
+    mask: &[Vec<f32>],
+    rewards: &[f32],
+    gamma: f64,
+    lam: f64,
+) -> Result<(Rows, Rows)> {
     let mut adv = Vec::with_capacity(values.len());
     let mut ret = Vec::with_capacity(values.len());
     for ((v, m), &r) in values.iter().zip(mask).zip(rewards) {

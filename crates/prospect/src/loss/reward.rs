@@ -73,7 +73,12 @@ mod tests {
         let out = reward_loss(cfg, vc.as_tensor(), vr.as_tensor()).unwrap();
         let loss = out.loss.to_scalar::<f32>().unwrap() as f64;
         let g = out.loss.backward().unwrap();
-        (loss, g.get(vc.as_tensor()).unwrap().to_vec1().unwrap(), g.get(vr.as_tensor()).unwrap().to_vec1().unwrap(), out)
+        (
+            loss,
+            g.get(vc.as_tensor()).unwrap().to_vec1().unwrap(),
+            g.get(vr.as_tensor()).unwrap().to_vec1().unwrap(),
+            out,
+        )
     }
 
     #[test]

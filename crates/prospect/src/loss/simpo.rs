@@ -32,8 +32,12 @@ pub struct SimpoConfig {
     pub gamma: f64,
 }
 
-fn default_beta() -> f64 { 2.0 }
-fn default_gamma() -> f64 { 0.5 }
+fn default_beta() -> f64 {
+    2.0
+}
+fn default_gamma() -> f64 {
+    0.5
+}
 
 impl Default for SimpoConfig {
     fn default() -> Self {

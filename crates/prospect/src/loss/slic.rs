@@ -32,8 +32,12 @@ pub struct SlicConfig {
     pub lambda_coef: f64,
 }
 
-fn default_delta() -> f64 { 1.0 }
-fn default_lambda_coef() -> f64 { 0.1 }
+fn default_delta() -> f64 {
+    1.0
+}
+fn default_lambda_coef() -> f64 {
+    0.1
+}
 
 impl Default for SlicConfig {
     fn default() -> Self {
@@ -48,7 +52,11 @@ impl SlicConfig {
     }
 }
 
-pub fn slic_loss(config: &SlicConfig, policy_chosen_logps: &Tensor, policy_rejected_logps: &Tensor) -> Result<PairedOutput> {
+pub fn slic_loss(
+    config: &SlicConfig,
+    policy_chosen_logps: &Tensor,
+    policy_rejected_logps: &Tensor,
+) -> Result<PairedOutput> {
     let b = policy_chosen_logps.dims1()?;
     check_rows(b, &[("policy_rejected_logps", policy_rejected_logps)])?;
     // relu(x) = max(0, x); its gradient at exactly 0 is 0, as torch.clamp(min=0) has it.
@@ -68,7 +76,12 @@ mod tests {
         let out = slic_loss(cfg, vc.as_tensor(), vr.as_tensor()).unwrap();
         let loss = out.loss.to_scalar::<f32>().unwrap() as f64;
         let g = out.loss.backward().unwrap();
-        (loss, g.get(vc.as_tensor()).unwrap().to_vec1().unwrap(), g.get(vr.as_tensor()).unwrap().to_vec1().unwrap(), out)
+        (
+            loss,
+            g.get(vc.as_tensor()).unwrap().to_vec1().unwrap(),
+            g.get(vr.as_tensor()).unwrap().to_vec1().unwrap(),
+            out,
+        )
     }
 
     #[test]

@@ -65,8 +65,12 @@ pub struct RopeParameters {
     pub rope_type: Option<String>,
 }
 
-fn default_rms_norm_eps() -> f64 { 1e-6 }
-fn default_hidden_act() -> String { "silu".to_string() }
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+fn default_hidden_act() -> String {
+    "silu".to_string()
+}
 
 impl LlamaConfig {
     /// Read and check `config.json` from a model folder.
@@ -117,11 +121,7 @@ impl LlamaConfig {
 
     /// RoPE base frequency, wherever `config.json` put it (default 10000).
     pub fn rope_theta(&self) -> f64 {
-        self.rope_parameters
-            .as_ref()
-            .and_then(|p| p.rope_theta)
-            .or(self.rope_theta)
-            .unwrap_or(10_000.0)
+        self.rope_parameters.as_ref().and_then(|p| p.rope_theta).or(self.rope_theta).unwrap_or(10_000.0)
     }
 
     /// The attention window, when the model uses one (Mistral; Qwen2 with `use_sliding_window`).

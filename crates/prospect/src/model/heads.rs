@@ -51,7 +51,8 @@ impl RewardModel {
 /// token is padding, as `argmax` of all zeros gives in PyTorch).
 pub fn last_non_pad(input_ids: &Tensor, pad_token_id: u32) -> Result<Tensor> {
     let ids: Vec<Vec<u32>> = input_ids.to_vec2()?;
-    let last: Vec<u32> = ids.iter().map(|row| row.iter().rposition(|&id| id != pad_token_id).unwrap_or(0) as u32).collect();
+    let last: Vec<u32> =
+        ids.iter().map(|row| row.iter().rposition(|&id| id != pad_token_id).unwrap_or(0) as u32).collect();
     let b = last.len();
     Ok(Tensor::from_vec(last, (b, 1), input_ids.device())?)
 }

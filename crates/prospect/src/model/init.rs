@@ -84,7 +84,9 @@ mod tests {
         let e: Vec<f32> = w["model.embed_tokens.weight"].flatten_all().unwrap().to_vec1().unwrap();
         let std = (e.iter().map(|x| (x * x) as f64).sum::<f64>() / e.len() as f64).sqrt();
         assert!((std - 0.02).abs() < 0.002, "std {std}"); // 800 draws: sampling error ≈ 0.02/sqrt(1600)
-        assert_eq!(random_weights(&cfg, 0.02, 1, &Device::Cpu).unwrap()["model.embed_tokens.weight"].to_vec2::<f32>().unwrap(),
-                   w["model.embed_tokens.weight"].to_vec2::<f32>().unwrap());
+        assert_eq!(
+            random_weights(&cfg, 0.02, 1, &Device::Cpu).unwrap()["model.embed_tokens.weight"].to_vec2::<f32>().unwrap(),
+            w["model.embed_tokens.weight"].to_vec2::<f32>().unwrap()
+        );
     }
 }

@@ -13,16 +13,14 @@ use rayon::prelude::*;
 
 /// The contiguous f32 slice behind a storage and layout, or an error naming the op.
 fn f32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input must be contiguous")))?;
+    let (start, end) =
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{op}: input must be contiguous")))?;
     Ok(&s.as_slice::<f32>()?[start..end])
 }
 
 fn u32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input must be contiguous")))?;
+    let (start, end) =
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{op}: input must be contiguous")))?;
     Ok(&s.as_slice::<u32>()?[start..end])
 }
 
@@ -213,16 +211,14 @@ impl CustomOp3 for RmsNormBackward {
         let w = f32_slice(self.name(), s2, l2)?; // [d]
         let dy = f32_slice(self.name(), s3, l3)?; // [n, d]
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(d)
-            .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
-            .for_each(|(dx, (x, dy))| {
-                let r = inv_rms(x, self.eps);
-                let dot: f32 = x.iter().zip(dy).zip(w).map(|((x, dy), w)| w * dy * x).sum();
-                let c = r * r * r * dot / d as f32;
-                for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
-                    *dx = r * w * dy - c * x;
-                }
-            });
+        dx.par_chunks_mut(d).zip(x.par_chunks(d).zip(dy.par_chunks(d))).for_each(|(dx, (x, dy))| {
+            let r = inv_rms(x, self.eps);
+            let dot: f32 = x.iter().zip(dy).zip(w).map(|((x, dy), w)| w * dy * x).sum();
+            let c = r * r * r * dot / d as f32;
+            for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+                *dx = r * w * dy - c * x;
+            }
+        });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -237,9 +233,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor>
     let (dims, dtype) = (x.dims().to_vec(), x.dtype());
     let x2 = x.to_dtype(DType::F32)?.contiguous()?.reshape(((), d))?; // [n, d]
     let w = w.to_dtype(DType::F32)?.contiguous()?;
-    x2.apply_op2(&w, RmsNorm { eps: eps as f32 })?
-        .reshape(dims)?
-        .to_dtype(dtype)
+    x2.apply_op2(&w, RmsNorm { eps: eps as f32 })?.reshape(dims)?.to_dtype(dtype)
 }
 
 /// Causal attention probabilities from raw scores: `softmax(scale · s + causal mask)` over the last
@@ -260,25 +254,19 @@ impl CustomOp1 for CausalSoftmax {
         let t = dims[dims.len() - 1];
         let x = f32_slice(self.name(), s, l)?; // [m, t, t] flattened rows of t
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(t)
-            .zip(x.par_chunks(t))
-            .enumerate()
-            .for_each(|(row, (y, x))| {
-                let q = row % t; // query position: keys 0..=q are visible
-                let visible = &x[..=q];
-                let max = visible
-                    .iter()
-                    .map(|&v| v * self.scale)
-                    .fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (y, &v) in y[..=q].iter_mut().zip(visible) {
-                    *y = (v * self.scale - max).exp();
-                    sum += *y;
-                }
-                for y in &mut y[..=q] {
-                    *y /= sum;
-                }
-            });
+        y.par_chunks_mut(t).zip(x.par_chunks(t)).enumerate().for_each(|(row, (y, x))| {
+            let q = row % t; // query position: keys 0..=q are visible
+            let visible = &x[..=q];
+            let max = visible.iter().map(|&v| v * self.scale).fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (y, &v) in y[..=q].iter_mut().zip(visible) {
+                *y = (v * self.scale - max).exp();
+                sum += *y;
+            }
+            for y in &mut y[..=q] {
+                *y /= sum;
+            }
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -310,14 +298,12 @@ impl CustomOp2 for SoftmaxBackward {
         let y = f32_slice(self.name(), s1, l1)?;
         let dy = f32_slice(self.name(), s2, l2)?;
         let mut ds = vec![0f32; y.len()];
-        ds.par_chunks_mut(t)
-            .zip(y.par_chunks(t).zip(dy.par_chunks(t)))
-            .for_each(|(ds, (y, dy))| {
-                let dot: f32 = y.iter().zip(dy).map(|(y, dy)| y * dy).sum();
-                for ((ds, &y), &dy) in ds.iter_mut().zip(y).zip(dy) {
-                    *ds = self.scale * y * (dy - dot);
-                }
-            });
+        ds.par_chunks_mut(t).zip(y.par_chunks(t).zip(dy.par_chunks(t))).for_each(|(ds, (y, dy))| {
+            let dot: f32 = y.iter().zip(dy).map(|(y, dy)| y * dy).sum();
+            for ((ds, &y), &dy) in ds.iter_mut().zip(y).zip(dy) {
+                *ds = self.scale * y * (dy - dot);
+            }
+        });
         Ok((CpuStorage::F32(ds), l1.shape().clone()))
     }
 }
@@ -389,10 +375,7 @@ impl CustomOp3 for Rope {
         _res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = dy
-            .detach()
-            .contiguous()?
-            .apply_op3_no_bwd(cos, sin, &Rope { inverse: !self.inverse })?;
+        let dx = dy.detach().contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { inverse: !self.inverse })?;
         Ok((Some(dx), None, None))
     }
 }
@@ -410,10 +393,7 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result
     }
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?; // any strides
-    let (cos, sin) = (
-        cos.to_dtype(DType::F32)?.contiguous()?,
-        sin.to_dtype(DType::F32)?.contiguous()?,
-    );
+    let (cos, sin) = (cos.to_dtype(DType::F32)?.contiguous()?, sin.to_dtype(DType::F32)?.contiguous()?);
     x.apply_op3(&cos, &sin, Rope { inverse: false })?.to_dtype(dtype)
 }
 
@@ -436,13 +416,11 @@ impl CustomOp2 for SwiGlu {
         let g = f32_slice(self.name(), s1, l1)?;
         let u = f32_slice(self.name(), s2, l2)?;
         let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(4096)
-            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
-            .for_each(|(y, (g, u))| {
-                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g / (1.0 + (-g).exp()) * u;
-                }
-            });
+        y.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(y, (g, u))| {
+            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                *y = g / (1.0 + (-g).exp()) * u;
+            }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -485,16 +463,16 @@ impl CustomOp3 for SwiGluBackward {
         let u = f32_slice(self.name(), s2, l2)?;
         let dy = f32_slice(self.name(), s3, l3)?;
         let mut out = vec![0f32; 2 * g.len()];
-        out.par_chunks_mut(2 * f)
-            .zip(g.par_chunks(f).zip(u.par_chunks(f).zip(dy.par_chunks(f))))
-            .for_each(|(out, (g, (u, dy)))| {
+        out.par_chunks_mut(2 * f).zip(g.par_chunks(f).zip(u.par_chunks(f).zip(dy.par_chunks(f)))).for_each(
+            |(out, (g, (u, dy)))| {
                 let (dg, du) = out.split_at_mut(f);
                 for i in 0..f {
                     let sig = 1.0 / (1.0 + (-g[i]).exp());
                     du[i] = dy[i] * g[i] * sig;
                     dg[i] = dy[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
                 }
-            });
+            },
+        );
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("dims has at least one entry") = 2 * f;
         Ok((CpuStorage::F32(out), Shape::from(shape)))
@@ -507,10 +485,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
         candle_core::bail!("swiglu: gate {:?} and up {:?} differ", gate.dims(), up.dims());
     }
     let dtype = gate.dtype();
-    let (g, u) = (
-        gate.to_dtype(DType::F32)?.contiguous()?,
-        up.to_dtype(DType::F32)?.contiguous()?,
-    );
+    let (g, u) = (gate.to_dtype(DType::F32)?.contiguous()?, up.to_dtype(DType::F32)?.contiguous()?);
     g.apply_op2(&u, SwiGlu)?.to_dtype(dtype)
 }
 
@@ -534,42 +509,20 @@ mod tests {
 
     /// Largest |a − b| relative to the largest |b|.
     fn rel(a: &Tensor, b: &Tensor) -> f32 {
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1e-30);
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            / scale
+        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-30);
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() / scale
     }
 
     #[test]
     fn rms_norm_matches_composite_forward_and_backward() {
-        for (case, shape) in [vec![1, 1, 3], vec![2, 7, 13], vec![3, 5, 64], vec![4, 31, 576]]
-            .into_iter()
-            .enumerate()
-        {
+        for (case, shape) in [vec![1, 1, 3], vec![2, 7, 13], vec![3, 5, 64], vec![4, 31, 576]].into_iter().enumerate() {
             let d = shape[2];
             let x = Var::from_tensor(&uniform(&shape, case as u64, 3.0)).unwrap();
             let w = Var::from_tensor(&(uniform(&[d], 100 + case as u64, 1.0) + 1.0).unwrap()).unwrap();
             let r = uniform(&shape, 200 + case as u64, 1.0); // random upstream gradient
             let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
             let composite = ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
-            assert!(
-                rel(&fused, &composite) < 1e-5,
-                "case {case}: forward {}",
-                rel(&fused, &composite)
-            );
+            assert!(rel(&fused, &composite) < 1e-5, "case {case}: forward {}", rel(&fused, &composite));
             let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let gc = (composite * &r).unwrap().sum_all().unwrap().backward().unwrap();
             for (name, v) in [("x", &x), ("w", &w)] {
@@ -581,14 +534,8 @@ mod tests {
 
     #[test]
     fn rope_matches_composite_forward_and_backward() {
-        for (case, shape) in [
-            vec![1, 1, 1, 2],
-            vec![2, 3, 5, 8],
-            vec![1, 9, 17, 64],
-            vec![3, 2, 31, 6],
-        ]
-        .into_iter()
-        .enumerate()
+        for (case, shape) in
+            [vec![1, 1, 1, 2], vec![2, 3, 5, 8], vec![1, 9, 17, 64], vec![3, 2, 31, 6]].into_iter().enumerate()
         {
             let (t, e) = (shape[2], shape[3]);
             let (cos, sin) = ops::rope_tables(t, e, 10_000.0, &Device::Cpu).unwrap();
@@ -601,11 +548,7 @@ mod tests {
             assert!(!strided.is_contiguous() || shape[1] == 1 || shape[2] == 1);
             let fused_strided = apply_rope(&strided, &cos, &sin).unwrap();
             assert!(rel(&fused_strided, &composite) < 1e-5, "case {case}: strided forward");
-            assert!(
-                rel(&fused, &composite) < 1e-5,
-                "case {case}: forward {}",
-                rel(&fused, &composite)
-            );
+            assert!(rel(&fused, &composite) < 1e-5, "case {case}: forward {}", rel(&fused, &composite));
             let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let gc = (composite * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let e = rel(gf.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap());
@@ -615,20 +558,13 @@ mod tests {
 
     #[test]
     fn swiglu_matches_composite_forward_and_backward() {
-        for (case, shape) in [vec![1, 1, 1], vec![2, 7, 13], vec![4, 33, 1536]]
-            .into_iter()
-            .enumerate()
-        {
+        for (case, shape) in [vec![1, 1, 1], vec![2, 7, 13], vec![4, 33, 1536]].into_iter().enumerate() {
             let g = Var::from_tensor(&uniform(&shape, case as u64, 6.0)).unwrap();
             let u = Var::from_tensor(&uniform(&shape, 50 + case as u64, 2.0)).unwrap();
             let r = uniform(&shape, 500 + case as u64, 1.0);
             let fused = swiglu(g.as_tensor(), u.as_tensor()).unwrap();
             let composite = (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap();
-            assert!(
-                rel(&fused, &composite) < 1e-5,
-                "case {case}: forward {}",
-                rel(&fused, &composite)
-            );
+            assert!(rel(&fused, &composite) < 1e-5, "case {case}: forward {}", rel(&fused, &composite));
             let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let gc = (composite * &r).unwrap().sum_all().unwrap().backward().unwrap();
             for (name, v) in [("gate", &g), ("up", &u)] {
@@ -640,14 +576,8 @@ mod tests {
 
     #[test]
     fn causal_softmax_matches_composite_forward_and_backward() {
-        for (case, shape) in [
-            vec![1, 1, 1, 1],
-            vec![2, 3, 5, 5],
-            vec![1, 9, 17, 17],
-            vec![4, 2, 64, 64],
-        ]
-        .into_iter()
-        .enumerate()
+        for (case, shape) in
+            [vec![1, 1, 1, 1], vec![2, 3, 5, 5], vec![1, 9, 17, 17], vec![4, 2, 64, 64]].into_iter().enumerate()
         {
             let t = shape[3];
             let scale = 0.125;
@@ -657,11 +587,7 @@ mod tests {
             let mask = ops::causal_mask(t, DType::F32, &Device::Cpu).unwrap();
             let composite =
                 ops::softmax_last_dim(&(s.as_tensor() * scale).unwrap().broadcast_add(&mask).unwrap()).unwrap();
-            assert!(
-                rel(&fused, &composite) < 1e-5,
-                "case {case}: forward {}",
-                rel(&fused, &composite)
-            );
+            assert!(rel(&fused, &composite) < 1e-5, "case {case}: forward {}", rel(&fused, &composite));
             let sums: Vec<f32> = fused.sum(D::Minus1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
             let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();

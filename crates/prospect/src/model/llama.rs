@@ -53,7 +53,14 @@ impl Attention {
     /// `[b, h, t, k]`, or `None` for plain causal attention (the training path: fused softmax). With a
     /// cache, keys and values of earlier positions are prepended (`k` = past + t) and this call's are
     /// appended to it.
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, g, e) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // Views: the fused RoPE reads q and k through their strides; v is made contiguous.
@@ -61,7 +68,7 @@ impl Attention {
         let q = split(self.q_proj.forward(x)?, h)?; // [b, h, t, e]
         let k = split(self.k_proj.forward(x)?, g)?; // [b, g, t, e]
         let v = split(self.v_proj.forward(x)?, g)?.contiguous()?; // [b, g, t, e]
-        // Training (no mask, `cos`/`sin` `[t, e]`): fused RoPE; decoding (per-row positions): composite.
+                                                                  // Training (no mask, `cos`/`sin` `[t, e]`): fused RoPE; decoding (per-row positions): composite.
         let rope = |x: &Tensor| -> Result<Tensor> {
             Ok(match mask {
                 None => kernels::apply_rope(x, cos, sin)?,
@@ -244,7 +251,9 @@ impl Llama {
     /// The LM head on hidden states: `[..., d]` → `[..., v]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let lm_head = self.lm_head.as_ref().ok_or_else(|| {
-            crate::error::Error::Train("this model was built without an LM head (a reward model); it has no logits".into())
+            crate::error::Error::Train(
+                "this model was built without an LM head (a reward model); it has no logits".into(),
+            )
         })?;
         Ok(hidden.broadcast_matmul(&lm_head.t()?)?) // [b, t, v]
     }
@@ -273,7 +282,12 @@ impl Llama {
     /// `cache`, which this call extends. Rows may be left-padded: `attention_mask` `[b, past + t]` has 0
     /// on padding, and each token's position is the number of real tokens before it in its row (as in
     /// `transformers`' `generate`). The math is the training path's: same modules, same weights.
-    pub fn forward_cached(&self, input_ids: &Tensor, attention_mask: &[Vec<u8>], cache: &mut KvCache) -> Result<Tensor> {
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &[Vec<u8>],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let past = cache.len();
         let total = past + t;
@@ -319,7 +333,7 @@ impl Llama {
         let e = cfg.head_dim();
         let cos = cos.index_select(&idx, 0)?.reshape((b, 1, t, e))?; // [b, 1, t, e]
         let sin = sin.index_select(&idx, 0)?.reshape((b, 1, t, e))?; // [b, 1, t, e]
-        // A query whose row is all padding so far sees nothing; give it itself to avoid NaN.
+                                                                     // A query whose row is all padding so far sees nothing; give it itself to avoid NaN.
         for (i, chunk) in mask.chunks_mut(total).enumerate() {
             if chunk.iter().all(|v| v.is_infinite()) {
                 chunk[past + i % t] = 0.0;
@@ -331,7 +345,14 @@ impl Llama {
     }
 
     /// `mask`: additive `[b, 1, t, k]`, or `None` for causal attention over the `t` positions.
-    fn run_layers(&self, input_ids: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, mut caches: Option<&mut Vec<LayerCache>>) -> Result<Tensor> {
+    fn run_layers(
+        &self,
+        input_ids: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        mut caches: Option<&mut Vec<LayerCache>>,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let mut x = self.embed_tokens.forward(input_ids)?; // [b, t, d]
         let mask = mask.map(|m| m.to_dtype(x.dtype())).transpose()?;

@@ -69,7 +69,11 @@ pub fn token_logps(logits: &Tensor, input_ids: &Tensor, completion_mask: &Tensor
 pub fn completion_logps(model: &Llama, input_ids: &Tensor, completion_mask: &Tensor) -> Result<SequenceLogps> {
     let (b, t) = input_ids.dims2()?;
     if completion_mask.dims() != [b, t] {
-        return Err(Error::Shape { name: "completion_mask".into(), expected: vec![b, t], got: completion_mask.dims().to_vec() });
+        return Err(Error::Shape {
+            name: "completion_mask".into(),
+            expected: vec![b, t],
+            got: completion_mask.dims().to_vec(),
+        });
     }
     let device = input_ids.device();
     let ids: Vec<Vec<u32>> = input_ids.to_vec2()?;
@@ -98,7 +102,7 @@ pub fn completion_logps(model: &Llama, input_ids: &Tensor, completion_mask: &Ten
     let picked = hidden.reshape((b * t, d))?.index_select(&positions, 0)?; // [n, d]
     let logits = model.logits(&picked)?.to_dtype(DType::F32)?; // [n, v]
     let token_logps = kernels::token_logps(&logits, &Tensor::from_vec(targets, n, device)?)?; // [n]
-    // Per-row sums as one small matmul: [b, n] (mask weight where token k belongs to row r) x [n, 1].
+                                                                                              // Per-row sums as one small matmul: [b, n] (mask weight where token k belongs to row r) x [n, 1].
     let mut rows_of = vec![0f32; b * n];
     for (k, (&r, &w)) in rows.iter().zip(&weights).enumerate() {
         rows_of[r * n + k] = w;
@@ -122,7 +126,11 @@ fn check_shapes(logits: &Tensor, input_ids: &Tensor, completion_mask: &Tensor) -
 
 /// [`sequence_logps`] from candle primitives: log-softmax over the vocabulary (`[b, t-1, v]`), then
 /// gather. The reference the fused path is tested against.
-pub fn sequence_logps_composite(logits: &Tensor, input_ids: &Tensor, completion_mask: &Tensor) -> Result<SequenceLogps> {
+pub fn sequence_logps_composite(
+    logits: &Tensor,
+    input_ids: &Tensor,
+    completion_mask: &Tensor,
+) -> Result<SequenceLogps> {
     let (token_logps, mask) = token_logps(logits, input_ids, completion_mask)?; // [b, t-1] each
     let logps = token_logps.sum(D::Minus1)?; // [b]
     let token_counts = mask.sum(D::Minus1)?.to_vec1::<f32>()?.into_iter().map(|c| c as usize).collect();
@@ -158,7 +166,8 @@ mod tests {
         for (case, &(b, t, v)) in [(1, 2, 3), (3, 7, 50), (2, 5, 1031), (4, 13, 97)].iter().enumerate() {
             let seed = case as u64 * 10;
             let logits = Var::from_vec(uniform(b * t * v, seed, 8.0), (b, t, v), &Device::Cpu).unwrap();
-            let ids: Vec<u32> = uniform(b * t, seed + 1, 1.0).iter().map(|x| ((x + 1.0) / 2.0 * v as f32) as u32 % v as u32).collect();
+            let ids: Vec<u32> =
+                uniform(b * t, seed + 1, 1.0).iter().map(|x| ((x + 1.0) / 2.0 * v as f32) as u32 % v as u32).collect();
             let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
             let mask: Vec<f32> = uniform(b * t, seed + 2, 1.0).iter().map(|&x| f32::from(x > -0.3)).collect();
             let mask = Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap();

@@ -67,7 +67,12 @@ impl Policy {
     /// Load with a given head. A head the folder lacks (`score.weight`; `v_head.summary.*` in
     /// `value_head.safetensors`) is initialised from N(0, `initializer_range`²) with `seed` (bias 0).
     /// Returns the policy, the unused checkpoint tensors, and the names of initialised tensors.
-    pub fn load_with_head(dir: &Path, device: &Device, head: Head, seed: u64) -> Result<(Self, Vec<String>, Vec<String>)> {
+    pub fn load_with_head(
+        dir: &Path,
+        device: &Device,
+        head: Head,
+        seed: u64,
+    ) -> Result<(Self, Vec<String>, Vec<String>)> {
         let config = LlamaConfig::load(dir)?;
         let mut tensors = load_tensors(dir, TRAIN_DTYPE, device)?;
         let mut initialised = Vec::new();
@@ -226,7 +231,10 @@ pub fn load_frozen_reward(dir: &Path, device: &Device) -> Result<RewardModel> {
     if !tensors.contains_key(heads::SCORE_WEIGHT) {
         return Err(Error::model(dir, "not a reward model: no `score.weight` (train one with `type = \"reward\"`)"));
     }
-    Ok(weights::build_with(tensors, TRAIN_DTYPE, device, |vb| RewardModel::new(&config, vb).map_err(|e| annotate(dir, e)))?.0)
+    Ok(weights::build_with(tensors, TRAIN_DTYPE, device, |vb| {
+        RewardModel::new(&config, vb).map_err(|e| annotate(dir, e))
+    })?
+    .0)
 }
 
 /// A frozen model (the reference): plain tensors, no `Var`s, no gradient, no optimizer state.

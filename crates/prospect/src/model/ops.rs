@@ -42,9 +42,8 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// `emb = cat(freqs, freqs)`), so that angles round identically.
 pub fn rope_tables(seq_len: usize, head_dim: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-        .collect();
+    let inv_freq: Vec<f32> =
+        (0..half).map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
     let mut cos = Vec::with_capacity(seq_len * head_dim);
     let mut sin = Vec::with_capacity(seq_len * head_dim);
     for pos in 0..seq_len {
@@ -77,9 +76,8 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// Additive causal mask `[t, t]`: 0 where key <= query, -inf above the diagonal.
 pub fn causal_mask(seq_len: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..seq_len)
-        .flat_map(|q| (0..seq_len).map(move |k| if k <= q { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..seq_len).flat_map(|q| (0..seq_len).map(move |k| if k <= q { 0.0 } else { f32::NEG_INFINITY })).collect();
     Ok(Tensor::from_vec(mask, (seq_len, seq_len), device)?.to_dtype(dtype)?)
 }
 
@@ -90,10 +88,7 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, h_kv, t, e) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .broadcast_as((b, h_kv, n_rep, t, e))?
-        .contiguous()?
-        .reshape((b, h_kv * n_rep, t, e))?)
+    Ok(x.unsqueeze(2)?.broadcast_as((b, h_kv, n_rep, t, e))?.contiguous()?.reshape((b, h_kv * n_rep, t, e))?)
 }
 
 #[cfg(test)]
@@ -174,8 +169,11 @@ mod tests {
         let (cos, sin) = rope_tables(3, 4, 10_000.0, &Device::Cpu).unwrap();
         let q = apply_rope(&q, &cos, &sin).unwrap();
         let k = repeat_kv(&q.narrow(1, 0, 1).unwrap(), 2).unwrap();
-        let att = q.matmul(&k.t().unwrap()).unwrap()
-            .broadcast_add(&causal_mask(3, DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let att = q
+            .matmul(&k.t().unwrap())
+            .unwrap()
+            .broadcast_add(&causal_mask(3, DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
         let p = softmax_last_dim(&att).unwrap();
         let out = log_softmax_last_dim(&p.matmul(&q).unwrap()).unwrap();
         // A random projection of the output: sums of squares of normalised values would be

@@ -102,7 +102,9 @@ impl HfTokenizer {
     /// The special tokens a chat template may refer to, by the names `transformers` passes them under.
     pub fn template_tokens(&self) -> Vec<(&'static str, String)> {
         let mut out = vec![("eos_token", self.eos_token.clone())];
-        for (name, value) in [("bos_token", &self.bos_token), ("pad_token", &self.pad_token), ("unk_token", &self.unk_token)] {
+        for (name, value) in
+            [("bos_token", &self.bos_token), ("pad_token", &self.pad_token), ("unk_token", &self.unk_token)]
+        {
             if let Some(v) = value {
                 out.push((name, v.clone()));
             }

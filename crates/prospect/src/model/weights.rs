@@ -21,8 +21,8 @@ pub fn load_tensors(dir: &Path, dtype: DType, device: &Device) -> Result<BTreeMa
         vec![single]
     } else if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::model(&index, format!("invalid JSON: {e}")))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::model(&index, format!("invalid JSON: {e}")))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -47,10 +47,8 @@ pub fn load_tensors(dir: &Path, dtype: DType, device: &Device) -> Result<BTreeMa
 /// atomically: a temporary file in the same folder, then a rename.
 pub fn save_tensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let contiguous: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), t.contiguous()?)))
-        .collect::<Result<_>>()?;
+    let contiguous: Vec<(String, Tensor)> =
+        tensors.iter().map(|(k, t)| Ok((k.clone(), t.contiguous()?))).collect::<Result<_>>()?;
     let bytes = safetensors::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
         .map_err(|e| Error::model(path, format!("cannot serialize safetensors: {e}")))?;
     crate::fsio::write_atomic(path, &bytes)
@@ -78,7 +76,8 @@ impl SimpleBackend for TrackedTensors {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = self.tensors.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
+        let t =
+            self.tensors.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
         if let Ok(mut used) = self.used.lock() {
             used.insert(name.to_string());
         }
@@ -120,10 +119,7 @@ impl Params {
     /// Copy tensors into fresh `Var`s (the copy keeps a reference model loaded from the same
     /// tensors frozen at the starting weights).
     pub fn from_tensors(tensors: &BTreeMap<String, Tensor>) -> Result<Self> {
-        let vars = tensors
-            .iter()
-            .map(|(k, t)| Ok((k.clone(), Var::from_tensor(t)?)))
-            .collect::<Result<_>>()?;
+        let vars = tensors.iter().map(|(k, t)| Ok((k.clone(), Var::from_tensor(t)?))).collect::<Result<_>>()?;
         Ok(Self { vars })
     }
 

@@ -21,7 +21,13 @@ pub fn checkpoint_dir(output_dir: &Path) -> PathBuf {
 }
 
 /// Write `output_dir/checkpoint/` (weights, optimizer, state, resolved config).
-pub fn save(output_dir: &Path, params: &Params, opt: &AdamW, state: &TrainerState, config_toml: &str) -> Result<PathBuf> {
+pub fn save(
+    output_dir: &Path,
+    params: &Params,
+    opt: &AdamW,
+    state: &TrainerState,
+    config_toml: &str,
+) -> Result<PathBuf> {
     let dir = checkpoint_dir(output_dir);
     crate::fsio::replace_dir_atomic(&dir, |tmp| {
         crate::model::save_tensors(&params.detached_tensors(), &tmp.join("model.safetensors"))?;
@@ -35,20 +41,23 @@ pub fn save(output_dir: &Path, params: &Params, opt: &AdamW, state: &TrainerStat
 
 /// Load a checkpoint into `params` (in place) and return the optimizer and state, or `None` when
 /// there is no checkpoint.
-pub fn load(output_dir: &Path, params: &Params, opt_config: AdamWConfig, device: &candle_core::Device) -> Result<Option<(AdamW, TrainerState)>> {
+pub fn load(
+    output_dir: &Path,
+    params: &Params,
+    opt_config: AdamWConfig,
+    device: &candle_core::Device,
+) -> Result<Option<(AdamW, TrainerState)>> {
     let dir = checkpoint_dir(output_dir);
     let state_path = dir.join("trainer_state.json");
     if !state_path.exists() {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
-    let state: TrainerState = serde_json::from_str(&text)
-        .map_err(|e| Error::model(&state_path, format!("invalid trainer state: {e}")))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| Error::model(&state_path, format!("invalid trainer state: {e}")))?;
     let tensors = load_tensors(&dir, TRAIN_DTYPE, device)?;
     for (name, var) in params.iter() {
-        let t = tensors
-            .get(name)
-            .ok_or_else(|| Error::model(&dir, format!("checkpoint lacks parameter `{name}`")))?;
+        let t = tensors.get(name).ok_or_else(|| Error::model(&dir, format!("checkpoint lacks parameter `{name}`")))?;
         if t.dims() != var.dims() {
             return Err(Error::Shape { name: name.clone(), expected: var.dims().to_vec(), got: t.dims().to_vec() });
         }

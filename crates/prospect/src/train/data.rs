@@ -50,7 +50,8 @@ pub fn load(config: &TrainConfig, tok: &HfTokenizer, on_event: &mut dyn FnMut(Ev
         None => (rows, None),
     };
     let conversational = rows.is_conversational() || eval_rows.as_ref().is_some_and(Rows::is_conversational);
-    let template = if conversational { Some(ChatTemplate::for_tokenizer(tok, config.chat_template.as_deref())?) } else { None };
+    let template =
+        if conversational { Some(ChatTemplate::for_tokenizer(tok, config.chat_template.as_deref())?) } else { None };
     let encoder = Encoder { tok, template: template.as_ref() };
     let kind = config.loss.data_kind();
 
@@ -62,7 +63,9 @@ pub fn load(config: &TrainConfig, tok: &HfTokenizer, on_event: &mut dyn FnMut(Ev
                 Rows::Unpaired(u) => u,
                 other => return prepare_only(config, other, encoder, on_event, skipped_invalid, eval_rows),
             };
-            let count = |v: &[crate::data::UnpairedRow]| (v.iter().filter(|r| r.label).count(), v.iter().filter(|r| !r.label).count());
+            let count = |v: &[crate::data::UnpairedRow]| {
+                (v.iter().filter(|r| r.label).count(), v.iter().filter(|r| !r.label).count())
+            };
             let before = count(&unpaired);
             let kept = keep_fractions(unpaired, config.desirable_fraction, config.undesirable_fraction, config.seed);
             let after = count(&kept);
@@ -130,7 +133,9 @@ fn report_read(path: &Path, rows: &Rows, report: &ReadReport, on_event: &mut dyn
         )));
     }
     if let Some(t) = report.label_threshold {
-        on_event(Event::Notice(format!("{path}: label_from threshold {t}: a row is desirable when its score is >= {t}")));
+        on_event(Event::Notice(format!(
+            "{path}: label_from threshold {t}: a row is desirable when its score is >= {t}"
+        )));
     }
     if !report.skipped.is_empty() {
         on_event(Event::Notice(format!(
@@ -142,7 +147,14 @@ fn report_read(path: &Path, rows: &Rows, report: &ReadReport, on_event: &mut dyn
 }
 
 /// `loss` is the training loss for the training file (class-weight advice), `None` for eval files.
-fn report_prepare(config: &TrainConfig, path: &Path, examples: &Examples, report: &PrepareReport, loss: Option<&LossConfig>, on_event: &mut dyn FnMut(Event)) {
+fn report_prepare(
+    config: &TrainConfig,
+    path: &Path,
+    examples: &Examples,
+    report: &PrepareReport,
+    loss: Option<&LossConfig>,
+    on_event: &mut dyn FnMut(Event),
+) {
     let path = path.display();
     on_event(Event::Notice(format!("{path}: {} rows read, {} examples", report.rows_read, examples.len())));
     if report.rows_unused > 0 {

@@ -8,12 +8,14 @@ use candle_core::{Device, Tensor};
 
 use super::metrics::ObjectiveMetrics;
 use super::reference::{ReferenceLogps, SeqKey};
-use crate::data::{collate_sequences, rotate_for_kl, Examples, PairedExample, Sequence, SequenceBatch, UnpairedExample};
+use crate::data::{
+    collate_sequences, rotate_for_kl, Examples, PairedExample, Sequence, SequenceBatch, UnpairedExample,
+};
 use crate::error::{Error, Result};
 use crate::loss::{
-    apo_zero_unpaired_loss, cdpo_loss, dpo_loss, ipo_loss, kto_loss, kto_zero::UnpairedOutput, kto_zero_loss, orpo_loss,
-    ppo_offline_loss, reward_loss, sft_loss, simpo_loss, slic_loss, DpoInputs, KtoInputs, LossConfig, PairedOutput,
-    PpoInputs,
+    apo_zero_unpaired_loss, cdpo_loss, dpo_loss, ipo_loss, kto_loss, kto_zero::UnpairedOutput, kto_zero_loss,
+    orpo_loss, ppo_offline_loss, reward_loss, sft_loss, simpo_loss, slic_loss, DpoInputs, KtoInputs, LossConfig,
+    PairedOutput, PpoInputs,
 };
 use crate::model::{completion_logps, token_logps, Llama, RewardModel, ValueHead};
 
@@ -100,7 +102,13 @@ struct PairedLogps {
 }
 
 impl PairedLogps {
-    fn run(all: &[PairedExample], rows: &[usize], models: &Models, s: &BatchSettings, with_reference: bool) -> Result<Self> {
+    fn run(
+        all: &[PairedExample],
+        rows: &[usize],
+        models: &Models,
+        s: &BatchSettings,
+        with_reference: bool,
+    ) -> Result<Self> {
         let b = rows.len();
         let seqs: Vec<&Sequence> =
             rows.iter().map(|&i| &all[i].chosen).chain(rows.iter().map(|&i| &all[i].rejected)).collect();
@@ -183,10 +191,14 @@ struct KtoBatches {
 
 fn kto_batches(all: &[crate::data::UnpairedExample], rows: &[usize], s: &BatchSettings) -> Result<KtoBatches> {
     let target: Vec<&Sequence> = rows.iter().map(|&i| &all[i].seq).collect();
-    let pairing: Vec<(usize, usize)> = rotate_for_kl(rows.len()).into_iter().enumerate().map(|(i, j)| (rows[i], rows[j])).collect();
+    let pairing: Vec<(usize, usize)> =
+        rotate_for_kl(rows.len()).into_iter().enumerate().map(|(i, j)| (rows[i], rows[j])).collect();
     let kl_seqs: Vec<Sequence> = pairing
         .iter()
-        .map(|&(p, c)| Sequence { prompt_ids: all[p].seq.prompt_ids.clone(), completion_ids: all[c].seq.completion_ids.clone() })
+        .map(|&(p, c)| Sequence {
+            prompt_ids: all[p].seq.prompt_ids.clone(),
+            completion_ids: all[c].seq.completion_ids.clone(),
+        })
         .collect();
     Ok(KtoBatches {
         target: collate_sequences(&target, s.max_length, s.pad_id, s.device)?,
@@ -197,15 +209,26 @@ fn kto_batches(all: &[crate::data::UnpairedExample], rows: &[usize], s: &BatchSe
 }
 
 /// DPO's one batch: rows 0..b are the chosen sequences, b..2b the rejected ones.
-fn dpo_batch(all: &[crate::data::PairedExample], rows: &[usize], s: &BatchSettings) -> Result<(SequenceBatch, Vec<SeqKey>)> {
-    let seqs: Vec<&Sequence> = rows.iter().map(|&i| &all[i].chosen).chain(rows.iter().map(|&i| &all[i].rejected)).collect();
+fn dpo_batch(
+    all: &[crate::data::PairedExample],
+    rows: &[usize],
+    s: &BatchSettings,
+) -> Result<(SequenceBatch, Vec<SeqKey>)> {
+    let seqs: Vec<&Sequence> =
+        rows.iter().map(|&i| &all[i].chosen).chain(rows.iter().map(|&i| &all[i].rejected)).collect();
     let keys = rows.iter().map(|&i| SeqKey::Own(i)).chain(rows.iter().map(|&i| SeqKey::Rejected(i))).collect();
     Ok((collate_sequences(&seqs, s.max_length, s.pad_id, s.device)?, keys))
 }
 
 /// The reference log-probs of one microbatch's sequences, batched exactly as [`run`] batches them (so
 /// that the cached values are the ones `run` would compute): `(key, Σ log p_ref)` per sequence.
-pub fn reference_logps(loss: &LossConfig, examples: &Examples, rows: &[usize], reference: &Llama, s: &BatchSettings) -> Result<Vec<(SeqKey, f32)>> {
+pub fn reference_logps(
+    loss: &LossConfig,
+    examples: &Examples,
+    rows: &[usize],
+    reference: &Llama,
+    s: &BatchSettings,
+) -> Result<Vec<(SeqKey, f32)>> {
     let mut out = Vec::new();
     let mut run_batch = |batch: &SequenceBatch, keys: Vec<SeqKey>| -> Result<()> {
         let values = logps(reference, batch)?.to_vec1::<f32>()?; // [b]
@@ -222,12 +245,20 @@ pub fn reference_logps(loss: &LossConfig, examples: &Examples, rows: &[usize], r
             let (batch, keys) = dpo_batch(all, rows, s)?;
             run_batch(&batch, keys)?;
         }
-        (loss, _) => return Err(Error::Train(format!("loss `{}` has no reference log-probs to precompute", loss.name()))),
+        (loss, _) => {
+            return Err(Error::Train(format!("loss `{}` has no reference log-probs to precompute", loss.name())))
+        }
     }
     Ok(out)
 }
 
-pub fn run(loss: &LossConfig, examples: &Examples, rows: &[usize], models: &Models, s: &BatchSettings) -> Result<MicrobatchOutput> {
+pub fn run(
+    loss: &LossConfig,
+    examples: &Examples,
+    rows: &[usize],
+    models: &Models,
+    s: &BatchSettings,
+) -> Result<MicrobatchOutput> {
     match (loss, examples) {
         (LossConfig::Kto(cfg), Examples::Unpaired(all)) => {
             let labels: Vec<bool> = rows.iter().map(|&i| all[i].label).collect();
@@ -335,7 +366,11 @@ pub fn run(loss: &LossConfig, examples: &Examples, rows: &[usize], models: &Mode
             let out = reward_loss(cfg, &scores.narrow(0, 0, b)?, &scores.narrow(0, b, b)?)?;
             Ok(MicrobatchOutput {
                 loss: out.loss,
-                metrics: ObjectiveMetrics { accuracy: Some(out.accuracy), margin: Some(out.margin), ..Default::default() },
+                metrics: ObjectiveMetrics {
+                    accuracy: Some(out.accuracy),
+                    margin: Some(out.margin),
+                    ..Default::default()
+                },
                 completion_tokens: batch.total_completion_tokens(),
                 num_tokens: batch.num_tokens,
             })
@@ -344,7 +379,8 @@ pub fn run(loss: &LossConfig, examples: &Examples, rows: &[usize], models: &Mode
             let picked: Vec<&UnpairedExample> = rows.iter().map(|&i| &all[i]).collect();
             let seqs: Vec<&Sequence> = picked.iter().map(|e| &e.seq).collect();
             let batch = collate_sequences(&seqs, s.max_length, s.pad_id, s.device)?;
-            let value_head = models.value_head.ok_or_else(|| Error::Train("`ppo_offline` needs a value head".into()))?;
+            let value_head =
+                models.value_head.ok_or_else(|| Error::Train("`ppo_offline` needs a value head".into()))?;
             let (hidden, logits) = models.policy.forward_with_hidden(&batch.input_ids)?; // [b, t, d], [b, t, v]
             let (policy_logps, mask) = token_logps(&logits, &batch.input_ids, &batch.completion_mask)?; // [b, t-1]
             let t = hidden.dim(1)?;
@@ -352,12 +388,20 @@ pub fn run(loss: &LossConfig, examples: &Examples, rows: &[usize], models: &Mode
             let ref_logits = reference_model(models)?.forward(&batch.input_ids)?; // [b, t, v]
             let reference_logps = token_logps(&ref_logits, &batch.input_ids, &batch.completion_mask)?.0.detach(); // [b, t-1]
             let rewards: Vec<f32> = match models.scorer {
-                Some(rm) => rm.scores(&batch.input_ids, s.pad_id)?.detach().to_dtype(candle_core::DType::F32)?.to_vec1()?,
+                Some(rm) => {
+                    rm.scores(&batch.input_ids, s.pad_id)?.detach().to_dtype(candle_core::DType::F32)?.to_vec1()?
+                }
                 None => picked.iter().map(|e| if e.label { 1.0 } else { -1.0 }).collect(),
             };
             let out = ppo_offline_loss(
                 cfg,
-                &PpoInputs { policy_logps: &policy_logps, reference_logps: &reference_logps, values: &values, mask: &mask, rewards: &rewards },
+                &PpoInputs {
+                    policy_logps: &policy_logps,
+                    reference_logps: &reference_logps,
+                    values: &values,
+                    mask: &mask,
+                    rewards: &rewards,
+                },
             )?;
             Ok(MicrobatchOutput {
                 loss: out.loss,

@@ -36,21 +36,30 @@ use crate::data::Examples;
 use crate::error::{Error, Result};
 use crate::loss::LossConfig;
 use crate::model::{load_frozen, load_frozen_reward, Head, HfTokenizer, Policy};
-pub use metrics::{ObjectiveMetrics, StepMetrics};
 use metrics::ObjectiveAccumulator;
+pub use metrics::{ObjectiveMetrics, StepMetrics};
 use microbatch::{truncated_completion_len, BatchSettings, Models, Reference};
-use reference::ReferenceLogps;
 use optim::{accumulate, clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
+use reference::ReferenceLogps;
 
 /// Progress of a run, for the caller to display.
 #[derive(Debug, Clone)]
 pub enum Event {
     /// Something the user should know (data dropped, weights advice, ...).
     Notice(String),
-    Started { start_step: usize, total_steps: usize, examples: usize, parameters: usize },
+    Started {
+        start_step: usize,
+        total_steps: usize,
+        examples: usize,
+        parameters: usize,
+    },
     Step(StepMetrics),
     /// Metrics on the held-out rows after `step` (the same keys as training, logged under `eval/`).
-    Eval { step: usize, loss: f64, metrics: ObjectiveMetrics },
+    Eval {
+        step: usize,
+        loss: f64,
+        metrics: ObjectiveMetrics,
+    },
     Checkpoint(PathBuf),
     Finished(PathBuf),
 }
@@ -73,7 +82,12 @@ pub fn epoch_order(n: usize, epoch: usize, shuffle: bool, seed: u64) -> Vec<usiz
 }
 
 /// Train as `config` says and save `output_dir/final/`. Returns the final metrics.
-pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_event: &mut dyn FnMut(Event)) -> Result<Vec<StepMetrics>> {
+pub fn train(
+    config: &TrainConfig,
+    device: &Device,
+    options: RunOptions,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Vec<StepMetrics>> {
     config.validate()?;
     let mut tok = HfTokenizer::load(&config.model)?;
     let head = match &config.loss {
@@ -87,7 +101,11 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
         on_event(Event::Notice(format!("checkpoint tensors the model does not use, left out of training: {unused:?}")));
     }
     if !initialised.is_empty() {
-        on_event(Event::Notice(format!("{} has no {initialised:?}: initialised from N(0, initializer_range²) with seed {}", config.model.display(), config.seed)));
+        on_event(Event::Notice(format!(
+            "{} has no {initialised:?}: initialised from N(0, initializer_range²) with seed {}",
+            config.model.display(),
+            config.seed
+        )));
     }
     // CSFT: the control tokens, added to the tokenizer and the embeddings when missing.
     let mut saved_tokenizer: Option<Vec<u8>> = None;
@@ -98,7 +116,11 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
                 let grown = policy.grow_vocab(tok.vocab_size(), device)?;
                 on_event(Event::Notice(format!(
                     "added control tokens {added:?} to the tokenizer{}",
-                    if grown > 0 { format!(" and {grown} embedding rows (the mean of the existing rows)") } else { String::new() }
+                    if grown > 0 {
+                        format!(" and {grown} embedding rows (the mean of the existing rows)")
+                    } else {
+                        String::new()
+                    }
                 )));
                 saved_tokenizer = Some(tok.to_json_bytes()?);
             }
@@ -140,10 +162,15 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
     let config_toml = config.to_toml()?;
     let metrics_path = config.output_dir.join("metrics.jsonl");
     std::fs::create_dir_all(&config.output_dir).map_err(|e| Error::io(&config.output_dir, e))?;
-    let resumed = if options.resume { checkpoint::load(&config.output_dir, &policy.params, opt_config, device)? } else { None };
+    let resumed =
+        if options.resume { checkpoint::load(&config.output_dir, &policy.params, opt_config, device)? } else { None };
     let (mut opt, start_step) = match resumed {
         Some((opt, state)) => {
-            on_event(Event::Notice(format!("resuming after step {} from {}", state.step, checkpoint::checkpoint_dir(&config.output_dir).display())));
+            on_event(Event::Notice(format!(
+                "resuming after step {} from {}",
+                state.step,
+                checkpoint::checkpoint_dir(&config.output_dir).display()
+            )));
             keep_metrics_through(&metrics_path, state.step)?;
             (opt, state.step)
         }
@@ -152,20 +179,26 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
             (AdamW::new(opt_config), 0)
         }
     };
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| Error::io(&metrics_path, e))?;
+    let mut metrics_file =
+        std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
 
     on_event(Event::Started { start_step, total_steps, examples: n, parameters: policy.params.num_elements() });
 
     let settings = BatchSettings { max_length: config.max_length, pad_id: tok.pad_token_id, device, control_ids };
-    let schedule = Schedule { n, steps_per_epoch, batch_size: config.batch_size, microbatch_size: config.microbatch_size, shuffle: config.shuffle, seed: config.seed };
+    let schedule = Schedule {
+        n,
+        steps_per_epoch,
+        batch_size: config.batch_size,
+        microbatch_size: config.microbatch_size,
+        shuffle: config.shuffle,
+        seed: config.seed,
+    };
     let cached = match reference.take() {
         Some(model) if config.precompute_ref_logps => {
             let started = Instant::now();
             let mbs: Vec<Vec<usize>> = (start_step..total_steps).flat_map(|step| schedule.microbatches(step)).collect();
-            let cache = ReferenceLogps::compute(&config.loss, &examples, mbs.iter().map(Vec::as_slice), &model, &settings)?;
+            let cache =
+                ReferenceLogps::compute(&config.loss, &examples, mbs.iter().map(Vec::as_slice), &model, &settings)?;
             on_event(Event::Notice(format!(
                 "reference log-probs of {} sequences precomputed in {:.1} s; reference model freed",
                 cache.len(),
@@ -241,7 +274,8 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
             return Err(Error::Train(format!("non-finite gradient norm at step {}", step + 1)));
         }
         clip_grad_norm(&mut grads, grad_norm, config.max_grad_norm)?;
-        let lr = schedule::learning_rate(config.lr_scheduler, config.learning_rate, step, total_steps, config.warmup_steps);
+        let lr =
+            schedule::learning_rate(config.lr_scheduler, config.learning_rate, step, total_steps, config.warmup_steps);
         opt.step(&policy.params, &grads, lr)?;
 
         let elapsed = started.elapsed().as_secs_f64();
@@ -287,13 +321,21 @@ pub fn train(config: &TrainConfig, device: &Device, options: RunOptions, on_even
         }
 
         if config.save_every > 0 && (step + 1) % config.save_every == 0 {
-            let dir = checkpoint::save(&config.output_dir, &policy.params, &opt, &checkpoint::TrainerState { step: step + 1 }, &config_toml)?;
+            let dir = checkpoint::save(
+                &config.output_dir,
+                &policy.params,
+                &opt,
+                &checkpoint::TrainerState { step: step + 1 },
+                &config_toml,
+            )?;
             on_event(Event::Checkpoint(dir));
         }
     }
 
     if let Some(n) = skipped_invalid {
-        on_event(Event::Notice(format!("skip_invalid: {n} invalid rows were skipped (metrics.jsonl: `data/skipped_invalid`)")));
+        on_event(Event::Notice(format!(
+            "skip_invalid: {n} invalid rows were skipped (metrics.jsonl: `data/skipped_invalid`)"
+        )));
     }
     let final_dir = config.output_dir.join("final");
     let mut extra: Vec<(&str, &[u8])> = vec![("prospect.toml", config_toml.as_bytes())];
@@ -341,14 +383,23 @@ fn step_completion_tokens(examples: &Examples, rows: &[usize], max_length: usize
             .sum(),
         Examples::Paired(v) => rows
             .iter()
-            .map(|&i| truncated_completion_len(&v[i].chosen, max_length) + truncated_completion_len(&v[i].rejected, max_length))
+            .map(|&i| {
+                truncated_completion_len(&v[i].chosen, max_length)
+                    + truncated_completion_len(&v[i].rejected, max_length)
+            })
             .sum(),
     }
 }
 
 /// The loss and metrics on held-out examples, with no gradient: the policy's current weights run
 /// frozen, in microbatches of `microbatch_size` in file order; the loss is the mean over microbatches.
-fn evaluate(loss: &LossConfig, examples: &Examples, models: &Models, settings: &BatchSettings, microbatch_size: usize) -> Result<(f64, ObjectiveMetrics)> {
+fn evaluate(
+    loss: &LossConfig,
+    examples: &Examples,
+    models: &Models,
+    settings: &BatchSettings,
+    microbatch_size: usize,
+) -> Result<(f64, ObjectiveMetrics)> {
     let order: Vec<usize> = (0..examples.len()).collect();
     let mut objective = ObjectiveAccumulator::default();
     let (mut sum, mut count) = (0f64, 0usize);
@@ -363,7 +414,8 @@ fn evaluate(loss: &LossConfig, examples: &Examples, models: &Models, settings: &
 
 /// On resume: keep only the metrics lines of steps already checkpointed.
 fn keep_metrics_through(path: &Path, step: usize) -> Result<()> {
-    let text = if path.exists() { std::fs::read_to_string(path).map_err(|e| Error::io(path, e))? } else { String::new() };
+    let text =
+        if path.exists() { std::fs::read_to_string(path).map_err(|e| Error::io(path, e))? } else { String::new() };
     let mut kept = String::new();
     for line in text.lines() {
         // Step lines and `eval/` lines both carry `step`.

@@ -74,7 +74,11 @@ impl AdamW {
             m.inplace_op2(&g, &MomentUpdate { beta: c.beta1, square: false })?;
             v.inplace_op2(&g, &MomentUpdate { beta: c.beta2, square: true })?;
             let decay = if c.weight_decay != 0.0 && decays(name) { Some(1.0 - lr * c.weight_decay) } else { None };
-            var.as_tensor().inplace_op3(m, v, &ParamUpdate { decay, inv_bias2_sqrt: 1.0 / bias2_sqrt, eps: c.eps, step_size: lr / bias1 })?;
+            var.as_tensor().inplace_op3(
+                m,
+                v,
+                &ParamUpdate { decay, inv_bias2_sqrt: 1.0 / bias2_sqrt, eps: c.eps, step_size: lr / bias1 },
+            )?;
         }
         Ok(())
     }
@@ -125,9 +129,9 @@ impl AdamW {
         let mut moments = BTreeMap::new();
         for (key, m) in &tensors {
             if let Some(name) = key.strip_prefix("m.") {
-                let v = tensors.get(&format!("v.{name}")).ok_or_else(|| {
-                    Error::model(dir, format!("optimizer state has m.{name} but no v.{name}"))
-                })?;
+                let v = tensors
+                    .get(&format!("v.{name}"))
+                    .ok_or_else(|| Error::model(dir, format!("optimizer state has m.{name} but no v.{name}")))?;
                 moments.insert(name.to_string(), (m.clone(), v.clone()));
             }
         }
@@ -177,8 +181,18 @@ impl InplaceOp3 for ParamUpdate {
         "adamw-param"
     }
 
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<()> {
-        let (Some((p0, p1)), Some((m0, m1)), Some((v0, v1))) = (l1.contiguous_offsets(), l2.contiguous_offsets(), l3.contiguous_offsets()) else {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let (Some((p0, p1)), Some((m0, m1)), Some((v0, v1))) =
+            (l1.contiguous_offsets(), l2.contiguous_offsets(), l3.contiguous_offsets())
+        else {
             candle_core::bail!("adamw-param: tensors must be contiguous")
         };
         let decay = self.decay.map(|d| d as f32);
@@ -287,7 +301,8 @@ mod tests {
     fn fused_step_equals_composite_step() {
         // Odd sizes, weight decay on one tensor and not the other, three steps: bit-identical weights.
         let init = |seed: u32, n: usize| -> Tensor {
-            let v: Vec<f32> = (0..n).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect();
+            let v: Vec<f32> =
+                (0..n).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect();
             Tensor::from_vec(v, n, &Device::Cpu).unwrap()
         };
         let tensors: BTreeMap<String, Tensor> =
@@ -297,7 +312,8 @@ mod tests {
         let (mut fused, mut composite) = (AdamW::new(config), AdamW::new(config));
         for step in 0..3u32 {
             let grads: BTreeMap<String, Tensor> =
-                [("a.weight".to_string(), init(10 + step, 1031)), ("a_norm.weight".to_string(), init(20 + step, 7))].into();
+                [("a.weight".to_string(), init(10 + step, 1031)), ("a_norm.weight".to_string(), init(20 + step, 7))]
+                    .into();
             fused.step(&pa, &grads, 1e-3).unwrap();
             composite.step_composite(&pb, &grads, 1e-3).unwrap();
         }

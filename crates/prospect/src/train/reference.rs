@@ -93,16 +93,11 @@ fn keys_of(loss: &LossConfig, examples: &Examples, rows: &[usize]) -> Vec<SeqKey
             let rotation = crate::data::rotate_for_kl(rows.len());
             rows.iter()
                 .map(|&i| SeqKey::Own(i))
-                .chain(rotation.into_iter().enumerate().map(|(i, j)| SeqKey::Kl {
-                    prompt: rows[i],
-                    completion: rows[j],
-                }))
+                .chain(
+                    rotation.into_iter().enumerate().map(|(i, j)| SeqKey::Kl { prompt: rows[i], completion: rows[j] }),
+                )
                 .collect()
         }
-        _ => rows
-            .iter()
-            .map(|&i| SeqKey::Own(i))
-            .chain(rows.iter().map(|&i| SeqKey::Rejected(i)))
-            .collect(),
+        _ => rows.iter().map(|&i| SeqKey::Own(i)).chain(rows.iter().map(|&i| SeqKey::Rejected(i))).collect(),
     }
 }

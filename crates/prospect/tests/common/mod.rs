@@ -43,7 +43,11 @@ pub fn trl_config(data: &str, loss: LossConfig, out: &Path) -> TrainConfig {
         max_length: 32,
         shuffle: false,
         seed: 0,
-        ..TrainConfig::with_defaults(fixtures().join("tiny-llama"), fixtures().join("data").join(data), out.to_path_buf(), loss)
+        ..TrainConfig::with_defaults(
+            fixtures().join("tiny-llama"),
+            fixtures().join("data").join(data),
+            out.to_path_buf(),
+            loss,
+        )
     }
 }
-
