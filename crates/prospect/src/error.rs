@@ -42,9 +42,25 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
-    /// A run cannot go on (e.g. a non-finite loss).
-    #[error("training: {0}")]
-    Train(String),
+    /// A judge could not score (an LLM judge's HTTP call failed, or it answered something unusable).
+    #[error("judge {judge}: {message}")]
+    Judge { judge: String, message: String },
+
+    /// A number went non-finite or out of range: a loss, a gradient norm, the weights after a step.
+    #[error("numerics: {0}")]
+    Numerics(String),
+
+    /// Inputs a loss or a model cannot compute on (e.g. a microbatch with no completion tokens).
+    #[error("{0}")]
+    Compute(String),
+
+    /// Writing a report, a plot or a metrics line failed for a reason other than I/O.
+    #[error("{}: {message}", path.display())]
+    Output { path: PathBuf, message: String },
+
+    /// An error raised inside an optimizer step, with the step (1-based) and the loss that was running.
+    #[error("step {step} ({loss}): {source}")]
+    Step { step: usize, loss: &'static str, source: Box<Error> },
 }
 
 /// Result with the library's [`Error`].
@@ -57,6 +73,18 @@ impl Error {
 
     pub(crate) fn model(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Error::Model { path: path.into(), message: message.into() }
+    }
+
+    pub(crate) fn output(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
+        Error::Output { path: path.into(), message: message.to_string() }
+    }
+
+    /// Attach the optimizer step and the loss to an error raised inside a step.
+    pub(crate) fn in_step(self, step: usize, loss: &'static str) -> Self {
+        match self {
+            e @ Error::Step { .. } => e,
+            e => Error::Step { step, loss, source: Box::new(e) },
+        }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

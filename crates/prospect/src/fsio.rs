@@ -55,6 +55,12 @@ pub fn replace_dir_atomic(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -
     Ok(())
 }
 
+/// Write `value` as pretty JSON, atomically.
+pub fn write_json_atomic(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let json = serde_json::to_vec_pretty(value).map_err(|e| Error::output(path, e))?;
+    write_atomic(path, &json)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

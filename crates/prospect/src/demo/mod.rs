@@ -316,8 +316,7 @@ pub fn run_demo(out: &Path, scale: DemoScale, seed: u64, on_event: &mut dyn FnMu
         );
     }
     let results = DemoResults { methods, judge: "rule:polite-reply".into(), seed, feedback: stats };
-    let json = serde_json::to_vec_pretty(&results).map_err(|e| Error::Train(e.to_string()))?;
-    write_atomic(&out.join("results.json"), &json)?;
+    crate::fsio::write_json_atomic(&out.join("results.json"), &results)?;
     write_atomic(&out.join("results.md"), results_markdown(&results).as_bytes())?;
     let bars: Vec<(String, f64, [f64; 2])> = METHODS
         .iter()
@@ -475,10 +474,9 @@ fn write_initial_model(dir: &Path, seed: u64, device: &Device) -> Result<()> {
         "tie_word_embeddings": true, "max_position_embeddings": 64, "hidden_act": "silu",
         "eos_token_id": 0, "pad_token_id": 0, "bos_token_id": null, "torch_dtype": "float32"
     });
-    let pretty = |v: &serde_json::Value| serde_json::to_vec_pretty(v).map_err(|e| Error::Train(e.to_string()));
-    write_atomic(&dir.join("tokenizer.json"), &pretty(&tokenizer)?)?;
-    write_atomic(&dir.join("tokenizer_config.json"), &pretty(&tokenizer_config)?)?;
-    write_atomic(&dir.join("config.json"), &pretty(&config)?)?;
+    crate::fsio::write_json_atomic(&dir.join("tokenizer.json"), &tokenizer)?;
+    crate::fsio::write_json_atomic(&dir.join("tokenizer_config.json"), &tokenizer_config)?;
+    crate::fsio::write_json_atomic(&dir.join("config.json"), &config)?;
     let cfg = LlamaConfig::load(dir)?;
     save_tensors(&random_weights(&cfg, 0.02, seed, device)?, &dir.join("model.safetensors"))
 }

@@ -135,7 +135,7 @@ impl LlmJudge {
         if let Some(key) = &self.api_key {
             req = req.set("Authorization", &format!("Bearer {key}"));
         }
-        let err = |m: String| Error::Train(format!("judge {}: {m}", self.url));
+        let err = |m: String| Error::Judge { judge: self.url.clone(), message: m };
         let resp = req.send_string(&body.to_string()).map_err(|e| err(e.to_string()))?;
         let text = resp.into_string().map_err(|e| err(e.to_string()))?;
         let json: serde_json::Value =

@@ -18,7 +18,7 @@ fn register_font() {
 }
 
 fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Train(format!("cannot draw {}: {e}", path.display()))
+    Error::output(path, format!("cannot draw: {e}"))
 }
 
 /// Draw to a temporary file, then rename it into place (atomic like every other write).

@@ -157,8 +157,7 @@ pub fn evaluate(
         ci_method: "wilson".into(),
         candidates: results,
     };
-    let json = serde_json::to_vec_pretty(&report).map_err(|e| Error::Train(e.to_string()))?;
-    write_atomic(&output.join("results.json"), &json)?;
+    crate::fsio::write_json_atomic(&output.join("results.json"), &report)?;
     write_atomic(&output.join("results.md"), markdown(&report).as_bytes())?;
     let bars: Vec<(String, f64, [f64; 2])> =
         report.candidates.iter().map(|c| (c.name.clone(), c.win_rate, c.ci95)).collect();

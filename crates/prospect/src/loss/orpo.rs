@@ -70,7 +70,7 @@ pub fn orpo_loss(
     check_counts(b, chosen_tokens, rejected_tokens)?;
     let total_chosen: usize = chosen_tokens.iter().sum();
     if total_chosen == 0 {
-        return Err(Error::Train("ORPO microbatch has no chosen completion tokens".into()));
+        return Err(Error::Compute("ORPO microbatch has no chosen completion tokens".into()));
     }
     let dtype = policy_chosen_logps.dtype();
     let pc = policy_chosen_logps.to_dtype(DType::F64)?;

@@ -178,7 +178,7 @@ pub(crate) fn advantages_and_returns(
         }
     }
     if count == 0.0 {
-        return Err(Error::Train("PPO microbatch has no completion tokens".into()));
+        return Err(Error::Compute("PPO microbatch has no completion tokens".into()));
     }
     let mean = sum / count;
     let mut var = 0.0;

@@ -24,7 +24,7 @@ pub struct SftConfig {}
 /// Mean negative log-likelihood per completion token of the microbatch. Scalar.
 pub fn sft_loss(logps: &Tensor, num_tokens: usize) -> Result<Tensor> {
     if num_tokens == 0 {
-        return Err(Error::Train("SFT microbatch has no completion tokens".into()));
+        return Err(Error::Compute("SFT microbatch has no completion tokens".into()));
     }
     Ok((logps.sum_all()?.neg()? / num_tokens as f64)?)
 }

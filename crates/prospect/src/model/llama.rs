@@ -251,7 +251,7 @@ impl Llama {
     /// The LM head on hidden states: `[..., d]` → `[..., v]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let lm_head = self.lm_head.as_ref().ok_or_else(|| {
-            crate::error::Error::Train(
+            crate::error::Error::Compute(
                 "this model was built without an LM head (a reward model); it has no logits".into(),
             )
         })?;
@@ -264,7 +264,7 @@ impl Llama {
         let cfg = &self.config;
         let device = input_ids.device();
         if let Some(window) = cfg.attention_window().filter(|&w| t > w) {
-            return Err(crate::error::Error::Train(format!(
+            return Err(crate::error::Error::Compute(format!(
                 "sequence of {t} tokens is longer than the model's sliding attention window ({window}); \
                  lower max_length (sliding-window attention is not implemented)"
             )));
@@ -301,7 +301,7 @@ impl Llama {
             });
         }
         if let Some(window) = cfg.attention_window().filter(|&w| total > w) {
-            return Err(crate::error::Error::Train(format!(
+            return Err(crate::error::Error::Compute(format!(
                 "generation reached {total} tokens, beyond the sliding attention window ({window})"
             )));
         }

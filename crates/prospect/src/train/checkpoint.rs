@@ -32,8 +32,7 @@ pub fn save(
     crate::fsio::replace_dir_atomic(&dir, |tmp| {
         crate::model::save_tensors(&params.detached_tensors(), &tmp.join("model.safetensors"))?;
         opt.save(&tmp.join("optimizer.safetensors"))?;
-        let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Train(e.to_string()))?;
-        crate::fsio::write_atomic(&tmp.join("trainer_state.json"), &json)?;
+        crate::fsio::write_json_atomic(&tmp.join("trainer_state.json"), state)?;
         crate::fsio::write_atomic(&tmp.join("prospect.toml"), config_toml.as_bytes())
     })?;
     Ok(dir)

@@ -79,14 +79,14 @@ fn logps(model: &Llama, batch: &SequenceBatch) -> Result<Tensor> {
 }
 
 fn reference<'a>(models: &Models<'a>) -> Result<Reference<'a>> {
-    models.reference.ok_or_else(|| Error::Train("this loss needs a reference model".into()))
+    models.reference.ok_or_else(|| Error::Compute("this loss needs a reference model".into()))
 }
 
 /// The reference as a model, for losses whose reference log-probs are not precomputed.
 fn reference_model<'a>(models: &Models<'a>) -> Result<&'a Llama> {
     match reference(models)? {
         Reference::Model(m) => Ok(m),
-        Reference::Cached(_) => Err(Error::Train("precompute_ref_logps covers kto and dpo only".into())),
+        Reference::Cached(_) => Err(Error::Compute("precompute_ref_logps covers kto and dpo only".into())),
     }
 }
 
@@ -123,7 +123,7 @@ impl PairedLogps {
     }
 
     fn reference(&self) -> Result<(Tensor, Tensor)> {
-        let r = self.reference.as_ref().ok_or_else(|| Error::Train("reference log-probs were not computed".into()))?;
+        let r = self.reference.as_ref().ok_or_else(|| Error::Compute("reference log-probs were not computed".into()))?;
         Ok((r.narrow(0, 0, self.b)?, r.narrow(0, self.b, self.b)?))
     }
 
@@ -246,7 +246,7 @@ pub fn reference_logps(
             run_batch(&batch, keys)?;
         }
         (loss, _) => {
-            return Err(Error::Train(format!("loss `{}` has no reference log-probs to precompute", loss.name())))
+            return Err(Error::Compute(format!("loss `{}` has no reference log-probs to precompute", loss.name())))
         }
     }
     Ok(out)
@@ -361,7 +361,7 @@ pub fn run(
             let seqs: Vec<&Sequence> =
                 rows.iter().map(|&i| &all[i].chosen).chain(rows.iter().map(|&i| &all[i].rejected)).collect();
             let batch = collate_sequences(&seqs, s.max_length, s.pad_id, s.device)?;
-            let rm = models.reward_model.ok_or_else(|| Error::Train("`reward` needs a reward model".into()))?;
+            let rm = models.reward_model.ok_or_else(|| Error::Compute("`reward` needs a reward model".into()))?;
             let scores = rm.scores(&batch.input_ids, s.pad_id)?; // [2b]
             let out = reward_loss(cfg, &scores.narrow(0, 0, b)?, &scores.narrow(0, b, b)?)?;
             Ok(MicrobatchOutput {
@@ -380,7 +380,7 @@ pub fn run(
             let seqs: Vec<&Sequence> = picked.iter().map(|e| &e.seq).collect();
             let batch = collate_sequences(&seqs, s.max_length, s.pad_id, s.device)?;
             let value_head =
-                models.value_head.ok_or_else(|| Error::Train("`ppo_offline` needs a value head".into()))?;
+                models.value_head.ok_or_else(|| Error::Compute("`ppo_offline` needs a value head".into()))?;
             let (hidden, logits) = models.policy.forward_with_hidden(&batch.input_ids)?; // [b, t, d], [b, t, v]
             let (policy_logps, mask) = token_logps(&logits, &batch.input_ids, &batch.completion_mask)?; // [b, t-1]
             let t = hidden.dim(1)?;
@@ -418,7 +418,7 @@ pub fn run(
         }
         (LossConfig::Csft(_), Examples::Unpaired(all)) => {
             // The control token becomes the first completion token: <|good|> y or <|bad|> y.
-            let (good, bad) = s.control_ids.ok_or_else(|| Error::Train("`csft` needs its control token ids".into()))?;
+            let (good, bad) = s.control_ids.ok_or_else(|| Error::Compute("`csft` needs its control token ids".into()))?;
             let seqs: Vec<Sequence> = rows
                 .iter()
                 .map(|&i| {
@@ -450,7 +450,7 @@ pub fn run(
                 num_tokens: batch.num_tokens,
             })
         }
-        (loss, _) => Err(Error::Train(format!("loss `{}` got examples of the wrong shape", loss.name()))),
+        (loss, _) => Err(Error::Compute(format!("loss `{}` got examples of the wrong shape", loss.name()))),
     }
 }
 

@@ -249,7 +249,7 @@ pub fn train(
             let scaled = (&out.loss * weight)?;
             let value = scaled.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
-                return Err(Error::Train(format!("non-finite loss {value} at step {}", step + 1)));
+                return Err(Error::Numerics(format!("non-finite loss {value}")).in_step(step + 1, loss.name()));
             }
             loss_sum += value;
             objective.add(&out.metrics);
@@ -271,7 +271,7 @@ pub fn train(
 
         let grad_norm = global_grad_norm(&grads)?;
         if !grad_norm.is_finite() {
-            return Err(Error::Train(format!("non-finite gradient norm at step {}", step + 1)));
+            return Err(Error::Numerics(format!("non-finite gradient norm {grad_norm}")).in_step(step + 1, loss.name()));
         }
         clip_grad_norm(&mut grads, grad_norm, config.max_grad_norm)?;
         let lr =
@@ -292,7 +292,7 @@ pub fn train(
             tokens_per_s: num_tokens as f64 / elapsed.max(1e-9),
             skipped_invalid,
         };
-        let mut line = serde_json::to_string(&m).map_err(|e| Error::Train(e.to_string()))?;
+        let mut line = serde_json::to_string(&m).map_err(|e| Error::output(&metrics_path, e))?;
         line.push('\n');
         metrics_file.write_all(line.as_bytes()).map_err(|e| Error::io(&metrics_path, e))?;
         metrics_file.flush().map_err(|e| Error::io(&metrics_path, e))?;

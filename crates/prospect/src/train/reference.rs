@@ -76,7 +76,7 @@ impl ReferenceLogps {
             .iter()
             .map(|k| {
                 self.values.get(k).copied().ok_or_else(|| {
-                    Error::Train(format!(
+                    Error::Compute(format!(
                         "reference log-probs of {k:?} were not precomputed (a bug: the schedule changed)"
                     ))
                 })
