@@ -199,7 +199,7 @@ fn run_train(path: &PathBuf, set: &[String], resume: bool) -> Result<()> {
             }
         }
         Event::Step(m) => {
-            let kl = m.objective.kl.map(|k| format!(" kl {k:.4}")).unwrap_or_default();
+            let kl = m.objective.get("kl").map(|k| format!(" kl {k:.4}")).unwrap_or_default();
             let line = format!(
                 "step {} loss {:.6} grad_norm {:.4} lr {:.3e}{kl} {:.0} tok/s",
                 m.step, m.loss, m.grad_norm, m.lr, m.tokens_per_s
@@ -213,7 +213,7 @@ fn run_train(path: &PathBuf, set: &[String], resume: bool) -> Result<()> {
             }
         }
         Event::Eval { step, loss, metrics } => {
-            let kl = metrics.kl.map(|k| format!(" kl {k:.4}")).unwrap_or_default();
+            let kl = metrics.get("kl").map(|k| format!(" kl {k:.4}")).unwrap_or_default();
             let msg = format!("eval after step {step}: loss {loss:.6}{kl}");
             match &bar {
                 Some(b) => b.println(msg),

@@ -288,11 +288,24 @@ impl TrainConfig {
                 return Err(Error::config(key, format!("must be in (0, 1], got {value}")));
             }
         }
-        let kto = matches!(self.loss, LossConfig::Kto(_));
-        if !kto && (self.desirable_fraction != 1.0 || self.undesirable_fraction != 1.0 || self.auto_weights) {
+        let unpaired = self.loss.shape() == crate::data::Shape::Unpaired;
+        if !unpaired && (self.desirable_fraction != 1.0 || self.undesirable_fraction != 1.0) {
             return Err(Error::config(
                 "desirable_fraction",
-                "desirable_fraction, undesirable_fraction and auto_weights apply to unpaired feedback, i.e. loss.type = \"kto\"",
+                format!(
+                    "desirable_fraction and undesirable_fraction apply to losses that train on unpaired feedback \
+                     (e.g. kto); `{}` does not",
+                    self.loss.name()
+                ),
+            ));
+        }
+        if self.auto_weights && self.loss.class_weights().is_none() {
+            return Err(Error::config(
+                "auto_weights",
+                format!(
+                    "sets λ_D and λ_U, which `{}` does not have (kto, kto_zero, apo_zero_unpaired do)",
+                    self.loss.name()
+                ),
             ));
         }
         if !(0.0..1.0).contains(&self.eval_fraction) {
@@ -311,12 +324,13 @@ impl TrainConfig {
                 }
             }
         }
-        if self.precompute_ref_logps && !matches!(self.loss, LossConfig::Kto(_) | LossConfig::Dpo(_)) {
+        if self.precompute_ref_logps && !self.loss.can_precompute_reference() {
             return Err(Error::config(
                 "precompute_ref_logps",
                 format!(
-                    "covers the kto and dpo losses; `{}` computes its reference log-probs during training",
-                    self.loss.name()
+                    "covers losses that compare sequence log-probs with a reference; `{}` has {}",
+                    self.loss.name(),
+                    if self.loss.needs_reference() { "per-token reference log-probs" } else { "no reference" }
                 ),
             ));
         }
@@ -428,11 +442,19 @@ mod tests {
     }
 
     #[test]
-    fn precompute_is_for_kto_and_dpo() {
-        assert!(TrainConfig::from_toml(MINIMAL, &["precompute_ref_logps=true".into()], Path::new("")).is_ok());
-        let sets = vec!["precompute_ref_logps=true".to_string(), "loss.type=\"ipo\"".to_string()];
-        let err = TrainConfig::from_toml(MINIMAL, &sets, Path::new("")).unwrap_err().to_string();
-        assert!(err.contains("precompute_ref_logps") && err.contains("`ipo`"), "{err}");
+    fn precompute_is_for_losses_with_a_sequence_reference() {
+        for ok in ["kto", "dpo", "ipo", "cdpo", "kto_zero", "apo_zero_unpaired"] {
+            let sets = vec!["precompute_ref_logps=true".to_string(), format!("loss={{ type = \"{ok}\" }}")];
+            assert!(TrainConfig::from_toml(MINIMAL, &sets, Path::new("")).is_ok(), "{ok}");
+        }
+        for (bad, why) in [("simpo", "no reference"), ("ppo_offline", "per-token")] {
+            let sets = vec!["precompute_ref_logps=true".to_string(), format!("loss={{ type = \"{bad}\" }}")];
+            let err = TrainConfig::from_toml(MINIMAL, &sets, Path::new("")).unwrap_err().to_string();
+            assert!(
+                err.contains("precompute_ref_logps") && err.contains(&format!("`{bad}`")) && err.contains(why),
+                "{err}"
+            );
+        }
     }
 
     #[test]

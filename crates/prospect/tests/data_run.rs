@@ -119,7 +119,7 @@ fn shuffling_after_unpairing_mixes_labels_in_batches() {
     use prospect::train::epoch_order;
     let tok = HfTokenizer::load(&fixtures().join("tiny-llama")).unwrap();
     let path = fixtures().join("data/paired.jsonl");
-    let kind = LossConfig::Kto(KtoConfig::default()).data_kind();
+    let kind = LossConfig::Kto(KtoConfig::default()).shape();
     let Examples::Unpaired(ex) = prepare(read_jsonl(&path).unwrap(), kind, &tok, 32, &path).unwrap().0 else {
         panic!()
     };
@@ -162,7 +162,7 @@ fn evaluation_does_not_change_training() {
     };
     let (with, without) = (run(true, "data-run-with-eval"), run(false, "data-run-without-eval"));
     for (a, b) in with.iter().zip(&without) {
-        assert_eq!((a.loss, a.grad_norm, a.objective.kl), (b.loss, b.grad_norm, b.objective.kl), "step {}", a.step);
+        assert_eq!((a.loss, a.grad_norm, a.objective.get("kl")), (b.loss, b.grad_norm, b.objective.get("kl")), "step {}", a.step);
     }
 }
 

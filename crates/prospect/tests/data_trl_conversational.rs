@@ -56,9 +56,9 @@ fn check_steps(fixture: &Value, ours: &[StepMetrics]) {
         let pairs = [
             ("loss", Some(m.loss)),
             ("grad_norm", Some(m.grad_norm)),
-            ("kl", m.objective.kl),
-            ("rewards/chosen", m.objective.rewards_chosen),
-            ("rewards/rejected", m.objective.rewards_rejected),
+            ("kl", m.objective.get("kl")),
+            ("rewards/chosen", m.objective.get("rewards/chosen")),
+            ("rewards/rejected", m.objective.get("rewards/rejected")),
             ("epoch", Some(m.epoch)),
         ];
         for (key, got) in pairs {
@@ -76,7 +76,7 @@ fn kto_on_conversational_rows_matches_trl() {
     let tok = HfTokenizer::load(&fixtures().join("tiny-llama")).unwrap();
     let path = fixtures().join("data/conv_unpaired.jsonl");
     let (examples, report) =
-        prepare(read_jsonl(&path).unwrap(), LossConfig::Kto(KtoConfig::default()).data_kind(), &tok, 64, &path)
+        prepare(read_jsonl(&path).unwrap(), LossConfig::Kto(KtoConfig::default()).shape(), &tok, 64, &path)
             .unwrap();
     assert_eq!(report.tokenize.prompt_not_prefix, 0);
     let Examples::Unpaired(ex) = examples else { panic!("KTO trains on unpaired examples") };
@@ -106,8 +106,8 @@ fn kto_on_conversational_rows_matches_trl() {
         let h = train(&kto_config(other, &out), &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
         for (a, b) in h.iter().zip(&history) {
             assert_eq!(
-                (a.loss, a.grad_norm, a.objective.kl),
-                (b.loss, b.grad_norm, b.objective.kl),
+                (a.loss, a.grad_norm, a.objective.get("kl")),
+                (b.loss, b.grad_norm, b.objective.get("kl")),
                 "{other} step {}",
                 a.step
             );
@@ -135,7 +135,7 @@ fn dpo_on_conversational_rows_matches_trl() {
     let loss = LossConfig::Dpo(prospect::loss::DpoConfig::default());
     let tok = HfTokenizer::load(&fixtures().join("tiny-llama")).unwrap();
     let path = fixtures().join("data/conv_paired.jsonl");
-    let (examples, _) = prepare(read_jsonl(&path).unwrap(), loss.data_kind(), &tok, 64, &path).unwrap();
+    let (examples, _) = prepare(read_jsonl(&path).unwrap(), loss.shape(), &tok, 64, &path).unwrap();
     let Examples::Paired(ex) = examples else { panic!("DPO trains on pairs") };
     for (e, row) in ex.iter().zip(fixture["rows"].as_array().unwrap()) {
         assert_eq!(e.chosen.prompt_ids, ids(&row["prompt_ids"]));
@@ -153,9 +153,9 @@ fn dpo_on_conversational_rows_matches_trl() {
         let pairs = [
             ("loss", Some(m.loss)),
             ("grad_norm", Some(m.grad_norm)),
-            ("rewards/chosen", m.objective.rewards_chosen),
-            ("rewards/rejected", m.objective.rewards_rejected),
-            ("rewards/margins", m.objective.rewards_margins),
+            ("rewards/chosen", m.objective.get("rewards/chosen")),
+            ("rewards/rejected", m.objective.get("rewards/rejected")),
+            ("rewards/margins", m.objective.get("rewards/margins")),
         ];
         for (key, got) in pairs {
             let want = log[key].as_f64().unwrap();

@@ -42,16 +42,16 @@ fn metric(key: &str) -> Getter {
     match key {
         "loss" => |m| Some(m.loss),
         "grad_norm" => |m| Some(m.grad_norm),
-        "kl" => |m| m.objective.kl,
-        "rewards/chosen" => |m| m.objective.rewards_chosen,
-        "rewards/rejected" => |m| m.objective.rewards_rejected,
-        "rewards/margins" => |m| m.objective.rewards_margins,
-        "rewards/accuracies" => |m| m.objective.rewards_accuracies,
-        "accuracy" => |m| m.objective.accuracy,
-        "margin" => |m| m.objective.margin,
-        "loss/policy" => |m| m.objective.policy_loss,
-        "loss/critic" => |m| m.objective.critic_loss,
-        "clipfrac" => |m| m.objective.clipfrac,
+        "kl" => |m| m.objective.get("kl"),
+        "rewards/chosen" => |m| m.objective.get("rewards/chosen"),
+        "rewards/rejected" => |m| m.objective.get("rewards/rejected"),
+        "rewards/margins" => |m| m.objective.get("rewards/margins"),
+        "rewards/accuracies" => |m| m.objective.get("rewards/accuracies"),
+        "accuracy" => |m| m.objective.get("accuracy"),
+        "margin" => |m| m.objective.get("margin"),
+        "loss/policy" => |m| m.objective.get("loss/policy"),
+        "loss/critic" => |m| m.objective.get("loss/critic"),
+        "clipfrac" => |m| m.objective.get("clipfrac"),
         other => panic!("no getter for {other}"),
     }
 }
@@ -309,8 +309,8 @@ fn sft_then_kto_chains_through_final() {
     let history = run(&kto);
     // Policy = reference at the first step: every log-ratio is 0, so z0 = 0 and the loss is 1 − σ(0).
     assert!((history[0].loss - 0.5).abs() < 1e-6, "{:?}", history[0]);
-    assert_eq!(history[0].objective.kl, Some(0.0));
-    assert!(history[0].objective.rewards_chosen.unwrap().abs() < 1e-6);
+    assert_eq!(history[0].objective.get("kl"), Some(0.0));
+    assert!(history[0].objective.get("rewards/chosen").unwrap().abs() < 1e-6);
 
     // The reference really comes from `reference`: starting from tiny-llama against the SFT model, the
     // first step already has non-zero rewards.
@@ -319,7 +319,7 @@ fn sft_then_kto_chains_through_final() {
     mixed.reference = Some(sft_final);
     mixed.max_steps = Some(1);
     let history = run(&mixed);
-    assert!(history[0].objective.rewards_chosen.unwrap().abs() > 1e-3, "{:?}", history[0]);
+    assert!(history[0].objective.get("rewards/chosen").unwrap().abs() > 1e-3, "{:?}", history[0]);
     // And the chained config round-trips with its reference path.
     let saved = std::fs::read_to_string(mixed_out.join("final/prospect.toml")).unwrap();
     assert!(saved.contains("reference = "), "{saved}");
@@ -338,7 +338,7 @@ fn reward_model_starts_from_a_causal_lm_folder() {
         }
     })
     .unwrap();
-    assert!(history[0].loss.is_finite() && history[0].objective.accuracy.is_some());
+    assert!(history[0].loss.is_finite() && history[0].objective.get("accuracy").is_some());
     assert!(notices.iter().any(|n| n.contains("score.weight")), "{notices:?}");
     let tensors = load_tensors(&out.join("final"), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(tensors["score.weight"].dims(), &[1, 32]);
@@ -358,8 +358,8 @@ fn ppo_offline_takes_rewards_from_a_reward_model() {
     ));
     let scored = PpoOfflineConfig { reward_model: Some(fixtures().join("tiny-llama-rm")), ..Default::default() };
     let with_rm = run(&config(&tiny_llama(), "unpaired.jsonl", LossConfig::PpoOffline(scored), &scratch("ppo-rm"), 32));
-    assert_eq!(with_rm[0].objective.kl, Some(0.0));
-    let (a, b) = (with_labels[0].objective.critic_loss.unwrap(), with_rm[0].objective.critic_loss.unwrap());
+    assert_eq!(with_rm[0].objective.get("kl"), Some(0.0));
+    let (a, b) = (with_labels[0].objective.get("loss/critic").unwrap(), with_rm[0].objective.get("loss/critic").unwrap());
     assert!((a - b).abs() > 1e-3, "critic loss {a} vs {b}");
     // A folder without a score head is refused with a message that says what to do.
     let bad = PpoOfflineConfig { reward_model: Some(tiny_llama()), ..Default::default() };

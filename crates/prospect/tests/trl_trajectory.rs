@@ -41,7 +41,7 @@ fn run_with(
 fn examples(data: &str, loss: &LossConfig) -> Examples {
     let tok = HfTokenizer::load(&fixtures().join("tiny-llama")).unwrap();
     let path = fixtures().join("data").join(data);
-    prepare(read_jsonl(&path).unwrap(), loss.data_kind(), &tok, 32, &path).unwrap().0
+    prepare(read_jsonl(&path).unwrap(), loss.shape(), &tok, 32, &path).unwrap().0
 }
 
 /// Compare each step's metrics with TRL's log. `keys` are (TRL key, our value getter).
@@ -81,11 +81,11 @@ const LOSS: (&str, fn(&StepMetrics) -> Option<f64>) = ("loss", |m| Some(m.loss))
 const GRAD_NORM: (&str, fn(&StepMetrics) -> Option<f64>) = ("grad_norm", |m| Some(m.grad_norm));
 const LR: (&str, fn(&StepMetrics) -> Option<f64>) = ("learning_rate", |m| Some(m.lr));
 const EPOCH: (&str, fn(&StepMetrics) -> Option<f64>) = ("epoch", |m| Some(m.epoch));
-const KL: (&str, fn(&StepMetrics) -> Option<f64>) = ("kl", |m| m.objective.kl);
-const CHOSEN: (&str, fn(&StepMetrics) -> Option<f64>) = ("rewards/chosen", |m| m.objective.rewards_chosen);
-const REJECTED: (&str, fn(&StepMetrics) -> Option<f64>) = ("rewards/rejected", |m| m.objective.rewards_rejected);
-const MARGINS: (&str, fn(&StepMetrics) -> Option<f64>) = ("rewards/margins", |m| m.objective.rewards_margins);
-const ACCURACIES: (&str, fn(&StepMetrics) -> Option<f64>) = ("rewards/accuracies", |m| m.objective.rewards_accuracies);
+const KL: (&str, fn(&StepMetrics) -> Option<f64>) = ("kl", |m| m.objective.get("kl"));
+const CHOSEN: (&str, fn(&StepMetrics) -> Option<f64>) = ("rewards/chosen", |m| m.objective.get("rewards/chosen"));
+const REJECTED: (&str, fn(&StepMetrics) -> Option<f64>) = ("rewards/rejected", |m| m.objective.get("rewards/rejected"));
+const MARGINS: (&str, fn(&StepMetrics) -> Option<f64>) = ("rewards/margins", |m| m.objective.get("rewards/margins"));
+const ACCURACIES: (&str, fn(&StepMetrics) -> Option<f64>) = ("rewards/accuracies", |m| m.objective.get("rewards/accuracies"));
 
 fn check_kto_rows(fixture: &Value, examples: &Examples) {
     let Examples::Unpaired(ex) = examples else { panic!("KTO trains on unpaired examples") };

@@ -11,8 +11,8 @@ use super::chat::ChatTemplate;
 use super::rows::Content;
 use super::rows::{unpair, Rows};
 use super::tokenize::{Encoder, Sequence, TokenizeReport};
+use crate::data::Shape as DataKind;
 use crate::error::{Error, Result};
-use crate::loss::DataKind;
 use crate::model::HfTokenizer;
 
 #[derive(Debug, Clone, PartialEq, Eq)]

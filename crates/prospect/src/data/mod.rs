@@ -23,3 +23,14 @@ pub use formats::{DataFormat, LabelFrom, Statistic, Threshold};
 pub use read::{read_rows, Container, ReadOptions, ReadReport};
 pub use rows::{read_jsonl, unpair, Content, PairedRow, RowFormat, Rows, SftRow, UnpairedRow};
 pub use tokenize::{tokenize_pair, tokenize_text, Sequence, TokenizeReport};
+
+/// The shape of training data: what a loss family reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// `prompt`, `completion`, `label` rows (paired rows are unpaired into 2n rows).
+    Unpaired,
+    /// `prompt`, `chosen`, `rejected` rows.
+    Paired,
+    /// `prompt`, `completion` rows.
+    Sft,
+}

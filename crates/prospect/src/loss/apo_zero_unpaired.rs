@@ -21,12 +21,42 @@
 use candle_core::{Tensor, D};
 
 use super::kto::class_rewards;
+use super::kto_zero::KtoZeroConfig;
 use super::kto_zero::UnpairedOutput;
 use super::{check_rows, sigmoid};
+use super::{Loss, LossOutput, UnpairedInputs, UnpairedLoss};
 use crate::error::Result;
+use serde::{Deserialize, Serialize};
 
-/// Same keys and defaults as KTO-zero (`beta`, `desirable_weight`, `undesirable_weight`): one struct.
-pub type ApoZeroUnpairedConfig = super::kto_zero::KtoZeroConfig;
+/// Same keys and defaults as KTO-zero (`beta`, `desirable_weight`, `undesirable_weight`), so it wraps
+/// that struct; a type of its own lets it carry its own forward.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ApoZeroUnpairedConfig(pub KtoZeroConfig);
+
+impl Loss for ApoZeroUnpairedConfig {
+    fn validate(&self, microbatch_size: usize) -> Result<()> {
+        self.0.validate(microbatch_size)
+    }
+
+    fn needs_reference(&self) -> bool {
+        true
+    }
+
+    fn class_weights(&self) -> Option<(f64, f64)> {
+        self.0.class_weights()
+    }
+
+    fn set_class_weights(&mut self, desirable: f64, undesirable: f64) {
+        self.0.set_class_weights(desirable, undesirable)
+    }
+}
+
+impl UnpairedLoss for ApoZeroUnpairedConfig {
+    fn forward(&self, x: &UnpairedInputs) -> Result<LossOutput> {
+        Ok(apo_zero_unpaired_loss(self, x.policy, x.reference()?, x.labels)?.into())
+    }
+}
 
 /// `labels[i]` is `true` for a desirable row.
 pub fn apo_zero_unpaired_loss(
@@ -39,13 +69,13 @@ pub fn apo_zero_unpaired_loss(
     check_rows(b, &[("policy_logps", policy_logps), ("reference_logps", reference_logps)])?;
     let device = policy_logps.device();
     let logratios = (policy_logps - reference_logps)?; // [b]
-    let s = sigmoid(&(&logratios * config.beta)?)?; // [b]
-                                                    // Written as TRL writes it: desirable 1 − σ(βr), undesirable σ(βr); `is_d` selects per row.
+    let s = sigmoid(&(&logratios * config.0.beta)?)?; // [b]
+                                                      // Written as TRL writes it: desirable 1 − σ(βr), undesirable σ(βr); `is_d` selects per row.
     let is_d: Vec<u8> = labels.iter().map(|&l| l as u8).collect();
     let is_d = Tensor::from_vec(is_d, b, device)?;
     let losses =
-        is_d.where_cond(&((s.neg()? + 1.0)? * config.desirable_weight)?, &(&s * config.undesirable_weight)?)?; // [b]
-    let (rewards_chosen, rewards_rejected) = class_rewards(config.beta, &logratios, labels)?;
+        is_d.where_cond(&((s.neg()? + 1.0)? * config.0.desirable_weight)?, &(&s * config.0.undesirable_weight)?)?; // [b]
+    let (rewards_chosen, rewards_rejected) = class_rewards(config.0.beta, &logratios, labels)?;
     Ok(UnpairedOutput { loss: losses.mean(D::Minus1)?, rewards_chosen, rewards_rejected })
 }
 
@@ -67,7 +97,7 @@ mod tests {
     fn matches_hand_calculation_and_kto_zero() {
         // r = [1, −2, 0.5], labels [D, U, D], λ_D = 2, λ_U = 0.5.
         // python: import math; s=lambda x:1/(1+math.exp(-x)); (2*(1-s(.1)) + .5*s(-.2) + 2*(1-s(.05)))/3
-        let cfg = ApoZeroUnpairedConfig { beta: 0.1, desirable_weight: 2.0, undesirable_weight: 0.5 };
+        let cfg = ApoZeroUnpairedConfig(KtoZeroConfig { beta: 0.1, desirable_weight: 2.0, undesirable_weight: 0.5 });
         let (pol, refl, labels) = ([-1f32, -5., -2.5], [-2f32, -3., -3.], [true, false, true]);
         let (loss, g) = run(&cfg, &pol, &refl, &labels);
         assert!((loss - 0.7167099).abs() < 1e-6, "{loss}");

@@ -19,6 +19,7 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::{check_positive, check_probability, check_rows, log_sigmoid, PairedOutput};
+use super::{Loss, LossOutput, PairedInputs, PairedLoss};
 use crate::error::Result;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,10 +46,14 @@ impl Default for CdpoConfig {
     }
 }
 
-impl CdpoConfig {
-    pub(crate) fn validate(&self) -> Result<()> {
+impl Loss for CdpoConfig {
+    fn validate(&self, _microbatch_size: usize) -> Result<()> {
         check_positive("loss.beta", self.beta)?;
         check_probability("loss.label_smoothing", self.label_smoothing)
+    }
+
+    fn needs_reference(&self) -> bool {
+        true
     }
 }
 
@@ -77,6 +82,13 @@ pub fn cdpo_loss(
     let reverse = log_sigmoid(&logits.neg()?)?.neg()?; // [b]
     let losses = ((forward * (1.0 - eps))? + (reverse * eps)?)?; // [b]
     PairedOutput::new(losses.mean(D::Minus1)?, &chosen, &rejected)
+}
+
+impl PairedLoss for CdpoConfig {
+    fn forward(&self, x: &PairedInputs) -> Result<LossOutput> {
+        let (rc, rr) = x.reference()?;
+        Ok(cdpo_loss(self, x.policy_chosen, x.policy_rejected, rc, rr)?.into())
+    }
 }
 
 #[cfg(test)]

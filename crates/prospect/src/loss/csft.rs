@@ -19,7 +19,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::{sft_loss, Loss, LossOutput, Metrics, SftLoss};
 use crate::error::{Error, Result};
+use candle_core::Tensor;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,8 +47,8 @@ impl Default for CsftConfig {
     }
 }
 
-impl CsftConfig {
-    pub(crate) fn validate(&self) -> Result<()> {
+impl Loss for CsftConfig {
+    fn validate(&self, _microbatch_size: usize) -> Result<()> {
         if self.good_token.is_empty() || self.bad_token.is_empty() || self.good_token == self.bad_token {
             return Err(Error::config(
                 "loss.good_token",
@@ -59,6 +61,12 @@ impl CsftConfig {
         Ok(())
     }
 
+    fn control_tokens(&self) -> Option<(&str, &str)> {
+        Some((&self.good_token, &self.bad_token))
+    }
+}
+
+impl CsftConfig {
     /// The prompt to generate from: the prompt followed by the good control token.
     pub fn generation_prompt(&self, prompt: &str) -> String {
         format!("{prompt}{}", self.good_token)
@@ -71,6 +79,13 @@ impl CsftConfig {
     }
 }
 
+/// CSFT's loss is SFT's: the control tokens are a data transform (see [`Loss::control_tokens`]).
+impl SftLoss for CsftConfig {
+    fn forward(&self, logps: &Tensor, tokens: usize) -> Result<LossOutput> {
+        Ok(LossOutput { loss: sft_loss(logps, tokens)?, metrics: Metrics::new() })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,7 +94,7 @@ mod tests {
     fn defaults_and_generation_prompt() {
         let c = CsftConfig::default();
         assert_eq!(c.generation_prompt("Q: hi\nA:"), "Q: hi\nA:<|good|>");
-        assert!(c.validate().is_ok());
-        assert!(CsftConfig { good_token: "<x>".into(), bad_token: "<x>".into() }.validate().is_err());
+        assert!(c.validate(1).is_ok());
+        assert!(CsftConfig { good_token: "<x>".into(), bad_token: "<x>".into() }.validate(1).is_err());
     }
 }

@@ -14,7 +14,8 @@
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use super::{check_positive, log_sigmoid, mean_f64};
+use super::{check_positive, log_sigmoid, PairedOutput};
+use super::{Loss, LossOutput, PairedInputs, PairedLoss};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,9 +36,13 @@ impl Default for DpoConfig {
     }
 }
 
-impl DpoConfig {
-    pub(crate) fn validate(&self) -> Result<()> {
+impl Loss for DpoConfig {
+    fn validate(&self, _microbatch_size: usize) -> Result<()> {
         check_positive("loss.beta", self.beta)
+    }
+
+    fn needs_reference(&self) -> bool {
+        true
     }
 }
 
@@ -52,18 +57,8 @@ pub struct DpoInputs<'a> {
     pub reference_rejected_logps: &'a Tensor,
 }
 
-pub struct DpoOutput {
-    /// Scalar: mean loss over the pairs.
-    pub loss: Tensor,
-    /// Mean β·(log π_θ(y_c) − log π_ref(y_c)).
-    pub rewards_chosen: f64,
-    /// Mean β·(log π_θ(y_r) − log π_ref(y_r)).
-    pub rewards_rejected: f64,
-    /// Mean of chosen minus rejected reward.
-    pub rewards_margins: f64,
-    /// Fraction of pairs whose chosen reward is strictly above the rejected one.
-    pub rewards_accuracies: f64,
-}
+/// DPO reports what every paired loss reports (TRL's `rewards/*`).
+pub use super::PairedOutput as DpoOutput;
 
 pub fn dpo_loss(config: &DpoConfig, inputs: &DpoInputs) -> Result<DpoOutput> {
     let b = inputs.policy_chosen_logps.dims1()?;
@@ -81,18 +76,20 @@ pub fn dpo_loss(config: &DpoConfig, inputs: &DpoInputs) -> Result<DpoOutput> {
     let logits = ((&chosen - &rejected)? * config.beta)?; // [b]
     let loss = log_sigmoid(&logits)?.neg()?.mean(D::Minus1)?;
 
-    let chosen_rewards = (chosen.detach() * config.beta)?;
-    let rejected_rewards = (rejected.detach() * config.beta)?;
-    let margins = (&chosen_rewards - &rejected_rewards)?;
-    let accuracies = chosen_rewards.gt(&rejected_rewards)?.to_dtype(candle_core::DType::F32)?;
-    let mean = |t: &Tensor| -> Result<f64> { Ok(mean_f64(t)?.unwrap_or(0.0)) };
-    Ok(DpoOutput {
-        loss,
-        rewards_chosen: mean(&chosen_rewards)?,
-        rewards_rejected: mean(&rejected_rewards)?,
-        rewards_margins: mean(&margins)?,
-        rewards_accuracies: mean(&accuracies)?,
-    })
+    PairedOutput::new(loss, &(chosen * config.beta)?, &(rejected * config.beta)?)
+}
+
+impl PairedLoss for DpoConfig {
+    fn forward(&self, x: &PairedInputs) -> Result<LossOutput> {
+        let (reference_chosen_logps, reference_rejected_logps) = x.reference()?;
+        let inputs = DpoInputs {
+            policy_chosen_logps: x.policy_chosen,
+            policy_rejected_logps: x.policy_rejected,
+            reference_chosen_logps,
+            reference_rejected_logps,
+        };
+        Ok(dpo_loss(self, &inputs)?.into())
+    }
 }
 
 #[cfg(test)]

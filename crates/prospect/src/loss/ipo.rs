@@ -21,6 +21,7 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::{check_positive, check_rows, PairedOutput};
+use super::{Loss, LossOutput, PairedInputs, PairedLoss};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,9 +42,13 @@ impl Default for IpoConfig {
     }
 }
 
-impl IpoConfig {
-    pub(crate) fn validate(&self) -> Result<()> {
+impl Loss for IpoConfig {
+    fn validate(&self, _microbatch_size: usize) -> Result<()> {
         check_positive("loss.tau", self.tau)
+    }
+
+    fn needs_reference(&self) -> bool {
+        true
     }
 }
 
@@ -89,6 +94,13 @@ pub fn ipo_loss(
     let h = (chosen.div(&counts(chosen_tokens, &chosen)?)? - rejected.div(&counts(rejected_tokens, &rejected)?)?)?; // [b]
     let losses = (h - 1.0 / (2.0 * config.tau))?.sqr()?; // [b]
     PairedOutput::new(losses.mean(D::Minus1)?, &(chosen * config.tau)?, &(rejected * config.tau)?)
+}
+
+impl PairedLoss for IpoConfig {
+    fn forward(&self, x: &PairedInputs) -> Result<LossOutput> {
+        let (rc, rr) = x.reference()?;
+        Ok(ipo_loss(self, x.policy_chosen, x.policy_rejected, rc, rr, x.chosen_tokens, x.rejected_tokens)?.into())
+    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::{check_non_negative, check_positive, mean_f64, sigmoid};
+use super::{Loss, LossOutput, UnpairedInputs, UnpairedLoss};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,8 +53,8 @@ impl Default for KtoConfig {
     }
 }
 
-impl KtoConfig {
-    pub(crate) fn validate(&self, microbatch_size: usize) -> Result<()> {
+impl Loss for KtoConfig {
+    fn validate(&self, microbatch_size: usize) -> Result<()> {
         check_positive("loss.beta", self.beta)?;
         check_non_negative("loss.desirable_weight", self.desirable_weight)?;
         check_non_negative("loss.undesirable_weight", self.undesirable_weight)?;
@@ -67,6 +68,41 @@ impl KtoConfig {
             ));
         }
         Ok(())
+    }
+
+    fn needs_reference(&self) -> bool {
+        true
+    }
+
+    fn class_weights(&self) -> Option<(f64, f64)> {
+        Some((self.desirable_weight, self.undesirable_weight))
+    }
+
+    fn set_class_weights(&mut self, desirable: f64, undesirable: f64) {
+        (self.desirable_weight, self.undesirable_weight) = (desirable, undesirable);
+    }
+
+    /// z0 is estimated inside each microbatch.
+    fn split_dependent(&self) -> bool {
+        true
+    }
+}
+
+impl UnpairedLoss for KtoConfig {
+    fn kl_pairs(&self) -> bool {
+        true
+    }
+
+    fn forward(&self, x: &UnpairedInputs) -> Result<LossOutput> {
+        let kl = x.kl.ok_or_else(|| Error::Compute("KTO needs the log-probs of its KL pairs".into()))?;
+        let inputs = KtoInputs {
+            policy_logps: x.policy,
+            reference_logps: x.reference()?,
+            policy_kl_logps: kl.policy,
+            reference_kl_logps: kl.reference,
+            labels: x.labels,
+        };
+        Ok(kto_loss(self, &inputs)?.into())
     }
 }
 
@@ -124,6 +160,13 @@ pub fn kto_loss(config: &KtoConfig, inputs: &KtoInputs) -> Result<KtoOutput> {
     Ok(KtoOutput { loss: losses.mean(D::Minus1)?, kl, kl_raw, rewards_chosen, rewards_rejected })
 }
 
+impl From<KtoOutput> for LossOutput {
+    fn from(out: KtoOutput) -> Self {
+        let metrics = super::class_metrics(out.rewards_chosen, out.rewards_rejected);
+        LossOutput { loss: out.loss, metrics: metrics.with("kl", out.kl).with("kl_raw", out.kl_raw) }
+    }
+}
+
 /// The per-row KTO value loss against reference point `z0`: `λ·(1 − σ(β·s·(r − z0)))` with s = +1 for
 /// desirable rows and −1 for undesirable ones. `[b]`. Shared with [`super::kto_zero`] (z0 = 0).
 pub(crate) fn value_losses(config: &KtoConfig, logratios: &Tensor, labels: &[bool], z0: f64) -> Result<Tensor> {
@@ -158,14 +201,19 @@ pub(crate) fn class_rewards(beta: f64, logratios: &Tensor, labels: &[bool]) -> R
 /// The paper's advice on class weights (its Eq. 8): with n_D desirable and n_U undesirable rows,
 /// keep λ_D·n_D / (λ_U·n_U) in [1, 4/3]. Returns `None` when the current weights satisfy it,
 /// otherwise a message with the recommended ranges for λ_D (λ_U fixed) or λ_U (λ_D fixed).
-pub fn class_weight_advice(config: &KtoConfig, n_desirable: usize, n_undesirable: usize) -> Option<String> {
+pub fn class_weight_advice(
+    desirable_weight: f64,
+    undesirable_weight: f64,
+    n_desirable: usize,
+    n_undesirable: usize,
+) -> Option<String> {
     let (nd, nu) = (n_desirable.max(1) as f64, n_undesirable.max(1) as f64);
-    let ratio = config.desirable_weight * nd / (config.undesirable_weight * nu);
+    let ratio = desirable_weight * nd / (undesirable_weight * nu);
     if (1.0..=4.0 / 3.0).contains(&ratio) {
         return None;
     }
-    let d_lo = config.undesirable_weight * nu / nd;
-    let u_hi = config.desirable_weight * nd / nu;
+    let d_lo = undesirable_weight * nu / nd;
+    let u_hi = desirable_weight * nd / nu;
     Some(format!(
         "KTO class balance: {n_desirable} desirable and {n_undesirable} undesirable rows give \
          λ_D·n_D/(λ_U·n_U) = {ratio:.3}, outside the paper's recommended [1, 4/3]. Set EITHER \
@@ -283,10 +331,10 @@ mod tests {
     #[test]
     fn advice_follows_the_paper_range() {
         let cfg = KtoConfig::default();
-        assert!(class_weight_advice(&cfg, 100, 100).is_none());
-        assert!(class_weight_advice(&cfg, 120, 100).is_none()); // ratio 1.2 in [1, 4/3]
-                                                                // 10 desirable vs 100 undesirable: λ_D in [10, 13.333].
-        let msg = class_weight_advice(&cfg, 10, 100).unwrap();
+        assert!(class_weight_advice(cfg.desirable_weight, cfg.undesirable_weight, 100, 100).is_none());
+        assert!(class_weight_advice(cfg.desirable_weight, cfg.undesirable_weight, 120, 100).is_none()); // ratio 1.2 in [1, 4/3]
+                                                                                                        // 10 desirable vs 100 undesirable: λ_D in [10, 13.333].
+        let msg = class_weight_advice(cfg.desirable_weight, cfg.undesirable_weight, 10, 100).unwrap();
         assert!(msg.contains("desirable_weight in [10.000, 13.333]"), "{msg}");
     }
 }

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::kto::{class_rewards, value_losses, KtoConfig};
 use super::{check_non_negative, check_positive, check_rows};
+use super::{Loss, LossOutput, UnpairedInputs, UnpairedLoss};
 use crate::error::Result;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,11 +51,23 @@ impl Default for KtoZeroConfig {
     }
 }
 
-impl KtoZeroConfig {
-    pub(crate) fn validate(&self) -> Result<()> {
+impl Loss for KtoZeroConfig {
+    fn validate(&self, _microbatch_size: usize) -> Result<()> {
         check_positive("loss.beta", self.beta)?;
         check_non_negative("loss.desirable_weight", self.desirable_weight)?;
         check_non_negative("loss.undesirable_weight", self.undesirable_weight)
+    }
+
+    fn needs_reference(&self) -> bool {
+        true
+    }
+
+    fn class_weights(&self) -> Option<(f64, f64)> {
+        Some((self.desirable_weight, self.undesirable_weight))
+    }
+
+    fn set_class_weights(&mut self, desirable: f64, undesirable: f64) {
+        (self.desirable_weight, self.undesirable_weight) = (desirable, undesirable);
     }
 }
 
@@ -64,6 +77,12 @@ pub struct UnpairedOutput {
     pub loss: Tensor,
     pub rewards_chosen: Option<f64>,
     pub rewards_rejected: Option<f64>,
+}
+
+impl From<UnpairedOutput> for LossOutput {
+    fn from(out: UnpairedOutput) -> Self {
+        LossOutput { loss: out.loss, metrics: super::class_metrics(out.rewards_chosen, out.rewards_rejected) }
+    }
 }
 
 /// `labels[i]` is `true` for a desirable row.
@@ -83,6 +102,12 @@ pub fn kto_zero_loss(
     let losses = value_losses(&kto, &logratios, labels, 0.0)?; // [b]
     let (rewards_chosen, rewards_rejected) = class_rewards(config.beta, &logratios, labels)?;
     Ok(UnpairedOutput { loss: losses.mean(D::Minus1)?, rewards_chosen, rewards_rejected })
+}
+
+impl UnpairedLoss for KtoZeroConfig {
+    fn forward(&self, x: &UnpairedInputs) -> Result<LossOutput> {
+        Ok(kto_zero_loss(self, x.policy, x.reference()?, x.labels)?.into())
+    }
 }
 
 #[cfg(test)]

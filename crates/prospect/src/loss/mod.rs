@@ -1,13 +1,17 @@
 //! Training objectives. Each loss is a pure function of per-sequence log-probs: it never sees a model,
 //! a tokenizer or a file, so every number it produces can be checked by hand.
 //!
-//! The set of losses is closed: [`LossConfig`] is the `[loss]` table of the config, tagged by `type`,
-//! and the trainer dispatches on it once per microbatch.
+//! A loss is one file: its config struct (the `[loss]` keys, with defaults), its formula in the doc
+//! comment, and the impl of [`Loss`] and of its family's trait ([`family`]). The [`losses!`] table
+//! below is the only list of losses in the crate: it generates [`LossConfig`] (the `[loss]` table,
+//! tagged by `type`), [`LossConfig::NAMES`], and the one dispatch [`LossConfig::family`]. Adding a loss
+//! is one new file plus one line in that table (and its example config and reference fixture).
 
 pub mod apo_zero_unpaired;
 pub mod cdpo;
 pub mod csft;
 pub mod dpo;
+pub mod family;
 pub mod ipo;
 pub mod kto;
 pub mod kto_zero;
@@ -23,10 +27,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// Until `data::Shape` replaces it everywhere.
+pub use crate::data::Shape as DataKind;
+
 pub use apo_zero_unpaired::{apo_zero_unpaired_loss, ApoZeroUnpairedConfig};
 pub use cdpo::{cdpo_loss, CdpoConfig};
 pub use csft::CsftConfig;
-pub use dpo::{dpo_loss, DpoConfig, DpoInputs, DpoOutput};
+pub use dpo::{dpo_loss, DpoConfig, DpoInputs};
+pub use family::{
+    Family, KlInputs, Loss, LossOutput, LossState, Metrics, PairedInputs, PairedLoss, RewardLoss, SftLoss, TokenInputs,
+    TokenLoss, UnpairedInputs, UnpairedLoss,
+};
 pub use ipo::{ipo_loss, IpoConfig};
 pub use kto::{kto_loss, KtoConfig, KtoInputs, KtoOutput};
 pub use kto_zero::{kto_zero_loss, KtoZeroConfig};
@@ -37,124 +48,120 @@ pub use sft::{sft_loss, SftConfig};
 pub use simpo::{simpo_loss, SimpoConfig};
 pub use slic::{slic_loss, SlicConfig};
 
-/// The `[loss]` table: `type` picks the objective, the other keys are its hyperparameters.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum LossConfig {
-    Kto(KtoConfig),
-    Dpo(DpoConfig),
-    Sft(SftConfig),
-    Csft(CsftConfig),
-    Cdpo(CdpoConfig),
-    Ipo(IpoConfig),
-    Slic(SlicConfig),
-    Simpo(SimpoConfig),
-    Orpo(OrpoConfig),
-    KtoZero(KtoZeroConfig),
-    ApoZeroUnpaired(ApoZeroUnpairedConfig),
-    Reward(RewardConfig),
-    PpoOffline(PpoOfflineConfig),
+/// The registry: `Variant("toml name", ConfigType, Family)`. Each config type implements [`Loss`] and
+/// the family's trait in its own file.
+macro_rules! losses {
+    ($($variant:ident($name:literal, $config:ty, $family:ident),)+) => {
+        /// The `[loss]` table: `type` picks the objective, the other keys are its hyperparameters.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "type")]
+        pub enum LossConfig {
+            $(#[serde(rename = $name)] $variant($config),)+
+        }
+
+        impl LossConfig {
+            /// Every loss's TOML name, in table order.
+            pub const NAMES: &'static [&'static str] = &[$($name),+];
+
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(LossConfig::$variant(_) => $name,)+
+                }
+            }
+
+            /// The loss through its family's trait: the one dispatch on the loss.
+            pub fn family(&self) -> Family<'_> {
+                match self {
+                    $(LossConfig::$variant(c) => Family::$family(c),)+
+                }
+            }
+
+            /// The loss's own declarations ([`Loss`]).
+            pub fn spec(&self) -> &dyn Loss {
+                match self {
+                    $(LossConfig::$variant(c) => c,)+
+                }
+            }
+
+            fn spec_mut(&mut self) -> &mut dyn Loss {
+                match self {
+                    $(LossConfig::$variant(c) => c,)+
+                }
+            }
+
+            /// The loss named `name` with every hyperparameter at its default.
+            pub fn default_for(name: &str) -> Option<LossConfig> {
+                match name {
+                    $($name => Some(LossConfig::$variant(<$config>::default())),)+
+                    _ => None,
+                }
+            }
+        }
+    };
 }
 
-/// The shape of data a loss trains on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DataKind {
-    /// `prompt`, `completion`, `label` rows (paired rows are unpaired into 2n rows).
-    Unpaired,
-    /// `prompt`, `chosen`, `rejected` rows.
-    Paired,
-    /// `prompt`, `completion` rows.
-    Sft,
+losses! {
+    Kto("kto", KtoConfig, Unpaired),
+    Dpo("dpo", DpoConfig, Paired),
+    Sft("sft", SftConfig, Sft),
+    Csft("csft", CsftConfig, Sft),
+    Cdpo("cdpo", CdpoConfig, Paired),
+    Ipo("ipo", IpoConfig, Paired),
+    Slic("slic", SlicConfig, Paired),
+    Simpo("simpo", SimpoConfig, Paired),
+    Orpo("orpo", OrpoConfig, Paired),
+    KtoZero("kto_zero", KtoZeroConfig, Unpaired),
+    ApoZeroUnpaired("apo_zero_unpaired", ApoZeroUnpairedConfig, Unpaired),
+    Reward("reward", RewardConfig, Reward),
+    PpoOffline("ppo_offline", PpoOfflineConfig, Token),
 }
 
 impl LossConfig {
-    pub fn name(&self) -> &'static str {
-        match self {
-            LossConfig::Kto(_) => "kto",
-            LossConfig::Dpo(_) => "dpo",
-            LossConfig::Sft(_) => "sft",
-            LossConfig::Csft(_) => "csft",
-            LossConfig::Cdpo(_) => "cdpo",
-            LossConfig::Ipo(_) => "ipo",
-            LossConfig::Slic(_) => "slic",
-            LossConfig::Simpo(_) => "simpo",
-            LossConfig::Orpo(_) => "orpo",
-            LossConfig::KtoZero(_) => "kto_zero",
-            LossConfig::ApoZeroUnpaired(_) => "apo_zero_unpaired",
-            LossConfig::Reward(_) => "reward",
-            LossConfig::PpoOffline(_) => "ppo_offline",
+    /// The data shape the loss reads. CSFT reads labelled rows and turns them into SFT examples.
+    pub fn shape(&self) -> crate::data::Shape {
+        match self.spec().control_tokens() {
+            Some(_) => crate::data::Shape::Unpaired,
+            None => self.family().shape(),
         }
     }
 
-    pub fn data_kind(&self) -> DataKind {
-        match self {
-            LossConfig::Kto(_)
-            | LossConfig::KtoZero(_)
-            | LossConfig::ApoZeroUnpaired(_)
-            | LossConfig::Csft(_)
-            | LossConfig::PpoOffline(_) => DataKind::Unpaired,
-            LossConfig::Dpo(_)
-            | LossConfig::Cdpo(_)
-            | LossConfig::Ipo(_)
-            | LossConfig::Slic(_)
-            | LossConfig::Simpo(_)
-            | LossConfig::Orpo(_)
-            | LossConfig::Reward(_) => DataKind::Paired,
-            LossConfig::Sft(_) => DataKind::Sft,
-        }
+    /// (λ_D, λ_U) of a loss that weights its classes.
+    pub fn class_weights(&self) -> Option<(f64, f64)> {
+        self.spec().class_weights()
     }
 
-    /// Whether the loss compares against a frozen reference model.
+    pub fn set_class_weights(&mut self, desirable: f64, undesirable: f64) {
+        self.spec_mut().set_class_weights(desirable, undesirable)
+    }
+
+    /// Whether `precompute_ref_logps` can replace the reference model: the loss compares sequence
+    /// log-probs with a reference (the paired and unpaired families).
+    pub fn can_precompute_reference(&self) -> bool {
+        self.needs_reference() && matches!(self.family(), Family::Paired(_) | Family::Unpaired(_))
+    }
+
     pub fn needs_reference(&self) -> bool {
-        !matches!(
-            self,
-            LossConfig::Sft(_)
-                | LossConfig::Csft(_)
-                | LossConfig::Slic(_)
-                | LossConfig::Simpo(_)
-                | LossConfig::Orpo(_)
-                | LossConfig::Reward(_)
-        )
+        self.spec().needs_reference()
     }
 
     pub(crate) fn validate(&self, microbatch_size: usize) -> Result<()> {
-        match self {
-            LossConfig::Kto(c) => c.validate(microbatch_size),
-            LossConfig::Dpo(c) => c.validate(),
-            LossConfig::Sft(_) => Ok(()),
-            LossConfig::Csft(c) => c.validate(),
-            LossConfig::Cdpo(c) => c.validate(),
-            LossConfig::Ipo(c) => c.validate(),
-            LossConfig::Slic(c) => c.validate(),
-            LossConfig::Simpo(c) => c.validate(),
-            LossConfig::Orpo(c) => c.validate(),
-            LossConfig::KtoZero(c) => c.validate(),
-            LossConfig::ApoZeroUnpaired(c) => c.validate(),
-            LossConfig::Reward(c) => c.validate(),
-            LossConfig::PpoOffline(c) => c.validate(),
-        }
+        self.spec().validate(microbatch_size)
     }
 
     /// How much one microbatch's loss counts towards the optimizer step's objective.
     ///
-    /// The preference losses average their microbatch losses (TRL divides each by the accumulation
-    /// count). SFT and CSFT average over every completion token of the optimizer batch, so a
-    /// microbatch counts in proportion to its tokens; that makes the update independent of how the
-    /// batch is split.
+    /// Preference losses average their microbatch losses (TRL divides each by the accumulation count).
+    /// The SFT family averages over every completion token of the optimizer batch, so a microbatch counts
+    /// in proportion to its tokens; that makes the update independent of how the batch is split.
     pub fn microbatch_weight(
         &self,
         microbatches_in_step: usize,
         tokens_in_microbatch: usize,
         tokens_in_step: usize,
     ) -> f64 {
-        match self {
-            LossConfig::Sft(_) | LossConfig::Csft(_) => {
-                if tokens_in_step == 0 {
-                    0.0
-                } else {
-                    tokens_in_microbatch as f64 / tokens_in_step as f64
-                }
-            }
+        match self.family() {
+            Family::Sft(_) if tokens_in_step == 0 => 0.0,
+            Family::Sft(_) => tokens_in_microbatch as f64 / tokens_in_step as f64,
             _ => 1.0 / microbatches_in_step as f64,
         }
     }
@@ -210,6 +217,26 @@ impl PairedOutput {
             rewards_accuracies: mean(&accuracies)?,
         })
     }
+}
+
+impl From<PairedOutput> for LossOutput {
+    fn from(out: PairedOutput) -> Self {
+        let metrics = Metrics::new()
+            .with("rewards/chosen", out.rewards_chosen)
+            .with("rewards/rejected", out.rewards_rejected)
+            .with("rewards/margins", out.rewards_margins)
+            .with("rewards/accuracies", out.rewards_accuracies);
+        LossOutput { loss: out.loss, metrics }
+    }
+}
+
+/// Per-class rewards of an unpaired loss as metrics: `rewards/margins` only when both classes are present.
+pub(crate) fn class_metrics(chosen: Option<f64>, rejected: Option<f64>) -> Metrics {
+    let margins = chosen.zip(rejected).map(|(c, r)| c - r);
+    Metrics::new()
+        .with_opt("rewards/chosen", chosen)
+        .with_opt("rewards/rejected", rejected)
+        .with_opt("rewards/margins", margins)
 }
 
 /// Every tensor must be `[b]`: one value per row or pair.

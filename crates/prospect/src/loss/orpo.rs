@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ipo::{check_counts, counts};
 use super::{check_positive, check_rows, log_sigmoid, PairedOutput};
+use super::{Loss, LossOutput, PairedInputs, PairedLoss};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,8 +48,8 @@ impl Default for OrpoConfig {
     }
 }
 
-impl OrpoConfig {
-    pub(crate) fn validate(&self) -> Result<()> {
+impl Loss for OrpoConfig {
+    fn validate(&self, _microbatch_size: usize) -> Result<()> {
         check_positive("loss.beta", self.beta)
     }
 }
@@ -85,6 +86,12 @@ pub fn orpo_loss(
     let rejected_rewards =
         (policy_rejected_logps.div(&counts(rejected_tokens, policy_rejected_logps)?)? * config.beta)?;
     PairedOutput::new(loss, &chosen_rewards, &rejected_rewards)
+}
+
+impl PairedLoss for OrpoConfig {
+    fn forward(&self, x: &PairedInputs) -> Result<LossOutput> {
+        Ok(orpo_loss(self, x.policy_chosen, x.policy_rejected, x.chosen_tokens, x.rejected_tokens)?.into())
+    }
 }
 
 #[cfg(test)]

@@ -42,6 +42,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{check_non_negative, check_positive};
+use super::{Loss, LossOutput, Metrics, TokenInputs, TokenLoss};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,8 +97,8 @@ impl Default for PpoOfflineConfig {
     }
 }
 
-impl PpoOfflineConfig {
-    pub(crate) fn validate(&self) -> Result<()> {
+impl Loss for PpoOfflineConfig {
+    fn validate(&self, _microbatch_size: usize) -> Result<()> {
         check_positive("loss.cliprange", self.cliprange)?;
         if self.cliprange >= 1.0 {
             return Err(Error::config(
@@ -113,20 +114,18 @@ impl PpoOfflineConfig {
         check_non_negative("loss.critic_coef", self.critic_coef)?;
         check_non_negative("loss.kl_coef", self.kl_coef)
     }
+
+    fn needs_reference(&self) -> bool {
+        true
+    }
+
+    /// The advantages are normalised over each microbatch's tokens.
+    fn split_dependent(&self) -> bool {
+        true
+    }
 }
 
-pub struct PpoInputs<'a> {
-    /// `[b, n]` log π_θ per predicted token (gradient flows).
-    pub policy_logps: &'a Tensor,
-    /// `[b, n]` log π_ref per predicted token (π_old).
-    pub reference_logps: &'a Tensor,
-    /// `[b, n]` value-head outputs (gradient flows).
-    pub values: &'a Tensor,
-    /// `[b, n]` 1 on completion tokens, 0 elsewhere.
-    pub mask: &'a Tensor,
-    /// `[b]` sequence rewards R.
-    pub rewards: &'a [f32],
-}
+pub use super::family::TokenInputs as PpoInputs;
 
 pub struct PpoOutput {
     /// Scalar total loss.
@@ -241,6 +240,22 @@ pub fn ppo_offline_loss(config: &PpoOfflineConfig, inputs: &PpoInputs) -> Result
     })
 }
 
+impl TokenLoss for PpoOfflineConfig {
+    fn reward_model(&self) -> Option<&std::path::Path> {
+        self.reward_model.as_deref()
+    }
+
+    fn forward(&self, x: &TokenInputs) -> Result<LossOutput> {
+        let out = ppo_offline_loss(self, x)?;
+        let metrics = Metrics::new()
+            .with("kl", out.kl)
+            .with("loss/policy", out.policy_loss)
+            .with("loss/critic", out.critic_loss)
+            .with("clipfrac", out.clipfrac);
+        Ok(LossOutput { loss: out.loss, metrics })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,6 +331,6 @@ mod tests {
 
     #[test]
     fn cliprange_must_be_below_one() {
-        assert!(PpoOfflineConfig { cliprange: 1.0, ..Default::default() }.validate().is_err());
+        assert!(PpoOfflineConfig { cliprange: 1.0, ..Default::default() }.validate(2).is_err());
     }
 }

@@ -21,6 +21,7 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::{check_non_negative, check_rows, log_sigmoid, mean_f64};
+use super::{Loss, LossOutput, Metrics, RewardLoss};
 use crate::error::Result;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -31,8 +32,8 @@ pub struct RewardConfig {
     pub center_rewards_coefficient: Option<f64>,
 }
 
-impl RewardConfig {
-    pub(crate) fn validate(&self) -> Result<()> {
+impl Loss for RewardConfig {
+    fn validate(&self, _microbatch_size: usize) -> Result<()> {
         match self.center_rewards_coefficient {
             Some(c) => check_non_negative("loss.center_rewards_coefficient", c),
             None => Ok(()),
@@ -61,6 +62,16 @@ pub fn reward_loss(config: &RewardConfig, chosen_scores: &Tensor, rejected_score
     let diff = diff.detach();
     let accuracy = diff.gt(&diff.zeros_like()?)?.to_dtype(candle_core::DType::F32)?;
     Ok(RewardOutput { loss, accuracy: mean_f64(&accuracy)?.unwrap_or(0.0), margin: mean_f64(&diff)?.unwrap_or(0.0) })
+}
+
+impl RewardLoss for RewardConfig {
+    fn forward(&self, chosen_scores: &Tensor, rejected_scores: &Tensor) -> Result<LossOutput> {
+        let out = reward_loss(self, chosen_scores, rejected_scores)?;
+        Ok(LossOutput {
+            loss: out.loss,
+            metrics: Metrics::new().with("accuracy", out.accuracy).with("margin", out.margin),
+        })
+    }
 }
 
 #[cfg(test)]

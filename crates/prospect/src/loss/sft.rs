@@ -15,11 +15,20 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+use super::{Loss, LossOutput, Metrics, SftLoss};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SftConfig {}
+
+impl Loss for SftConfig {}
+
+impl SftLoss for SftConfig {
+    fn forward(&self, logps: &Tensor, tokens: usize) -> Result<LossOutput> {
+        Ok(LossOutput { loss: sft_loss(logps, tokens)?, metrics: Metrics::new() })
+    }
+}
 
 /// Mean negative log-likelihood per completion token of the microbatch. Scalar.
 pub fn sft_loss(logps: &Tensor, num_tokens: usize) -> Result<Tensor> {

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ipo::{check_counts, counts};
 use super::{check_non_negative, check_positive, check_rows, log_sigmoid, PairedOutput};
+use super::{Loss, LossOutput, PairedInputs, PairedLoss};
 use crate::error::Result;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,8 +46,8 @@ impl Default for SimpoConfig {
     }
 }
 
-impl SimpoConfig {
-    pub(crate) fn validate(&self) -> Result<()> {
+impl Loss for SimpoConfig {
+    fn validate(&self, _microbatch_size: usize) -> Result<()> {
         check_positive("loss.beta", self.beta)?;
         check_non_negative("loss.gamma", self.gamma)
     }
@@ -67,6 +68,12 @@ pub fn simpo_loss(
     let logits = ((&chosen - &rejected)? - config.gamma)?; // [b]
     let losses = log_sigmoid(&logits)?.neg()?; // [b]
     PairedOutput::new(losses.mean(D::Minus1)?, &chosen, &rejected)
+}
+
+impl PairedLoss for SimpoConfig {
+    fn forward(&self, x: &PairedInputs) -> Result<LossOutput> {
+        Ok(simpo_loss(self, x.policy_chosen, x.policy_rejected, x.chosen_tokens, x.rejected_tokens)?.into())
+    }
 }
 
 #[cfg(test)]

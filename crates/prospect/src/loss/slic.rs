@@ -19,6 +19,7 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::{check_non_negative, check_rows, PairedOutput};
+use super::{Loss, LossOutput, PairedInputs, PairedLoss};
 use crate::error::Result;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,8 +46,8 @@ impl Default for SlicConfig {
     }
 }
 
-impl SlicConfig {
-    pub(crate) fn validate(&self) -> Result<()> {
+impl Loss for SlicConfig {
+    fn validate(&self, _microbatch_size: usize) -> Result<()> {
         check_non_negative("loss.delta", self.delta)?;
         check_non_negative("loss.lambda_coef", self.lambda_coef)
     }
@@ -64,6 +65,12 @@ pub fn slic_loss(
     let nll = (policy_chosen_logps.neg()? * config.lambda_coef)?; // [b]
     let losses = (hinge + nll)?; // [b]
     PairedOutput::new(losses.mean(D::Minus1)?, policy_chosen_logps, policy_rejected_logps)
+}
+
+impl PairedLoss for SlicConfig {
+    fn forward(&self, x: &PairedInputs) -> Result<LossOutput> {
+        Ok(slic_loss(self, x.policy_chosen, x.policy_rejected)?.into())
+    }
 }
 
 #[cfg(test)]

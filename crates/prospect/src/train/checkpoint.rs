@@ -14,6 +14,9 @@ use crate::model::{load_tensors, Params, TRAIN_DTYPE};
 pub struct TrainerState {
     /// Optimizer steps completed.
     pub step: usize,
+    /// The loss's own state across steps (empty for stateless losses; see `loss::Loss::observe`).
+    #[serde(default)]
+    pub loss_state: crate::loss::LossState,
 }
 
 pub fn checkpoint_dir(output_dir: &Path) -> PathBuf {

@@ -10,8 +10,9 @@ use crate::data::balance::{auto_weights, hold_out, keep_fractions};
 use crate::data::examples::prepare_with;
 use crate::data::tokenize::Encoder;
 use crate::data::{read_rows, unpair, ChatTemplate, Examples, PrepareReport, ReadReport, Rows};
+use crate::data::{Sequence, Shape};
 use crate::error::Result;
-use crate::loss::{kto::class_weight_advice, DataKind, LossConfig};
+use crate::loss::{kto::class_weight_advice, LossConfig};
 use crate::model::HfTokenizer;
 
 /// What a run trains and evaluates on.
@@ -53,11 +54,11 @@ pub fn load(config: &TrainConfig, tok: &HfTokenizer, on_event: &mut dyn FnMut(Ev
     let template =
         if conversational { Some(ChatTemplate::for_tokenizer(tok, config.chat_template.as_deref())?) } else { None };
     let encoder = Encoder { tok, template: template.as_ref() };
-    let kind = config.loss.data_kind();
+    let kind = config.loss.shape();
 
-    // KTO: unpair (TRL's block order), then keep the configured fraction of each side.
+    // Unpaired feedback (KTO): unpair (TRL's block order), then keep the configured fraction of each side.
     let rows = match (kind, rows) {
-        (DataKind::Unpaired, rows) if config.desirable_fraction < 1.0 || config.undesirable_fraction < 1.0 => {
+        (Shape::Unpaired, rows) if config.desirable_fraction < 1.0 || config.undesirable_fraction < 1.0 => {
             let unpaired = match rows {
                 Rows::Paired(p) => unpair(&p),
                 Rows::Unpaired(u) => u,
@@ -88,7 +89,11 @@ fn prepare_only(
     skipped_invalid: usize,
     eval_rows: Option<Rows>,
 ) -> Result<RunData> {
-    let kind = config.loss.data_kind();
+    let control_ids = match config.loss.spec().control_tokens() {
+        Some((good, bad)) => Some((encoder.tok.token_id(good)?, encoder.tok.token_id(bad)?)),
+        None => None,
+    };
+    let kind = config.loss.shape();
     let (train, report) = prepare_with(rows, kind, encoder, config.max_length, &config.train_data)?;
     let eval = match eval_rows {
         Some(rows) => {
@@ -100,11 +105,10 @@ fn prepare_only(
         None => None,
     };
     let mut loss = config.loss.clone();
-    if let (true, LossConfig::Kto(kto), Examples::Unpaired(v)) = (config.auto_weights, &mut loss, &train) {
+    if let (true, Examples::Unpaired(v)) = (config.auto_weights, &train) {
         let nd = v.iter().filter(|e| e.label).count();
         let (ld, lu) = auto_weights(nd, v.len() - nd);
-        kto.desirable_weight = ld;
-        kto.undesirable_weight = lu;
+        loss.set_class_weights(ld, lu);
         on_event(Event::Notice(format!(
             "auto_weights: {nd} desirable and {} undesirable examples; desirable_weight = {ld:.4}, undesirable_weight = {lu:.4} \
              (λ_D·n_D/(λ_U·n_U) = 7/6, the middle of the paper's [1, 4/3])",
@@ -112,7 +116,28 @@ fn prepare_only(
         )));
     }
     report_prepare(config, &config.train_data, &train, &report, Some(&loss), on_event);
+    let (train, eval) = match control_ids {
+        Some(ids) => (with_control_tokens(train, ids)?, eval.map(|e| with_control_tokens(e, ids)).transpose()?),
+        None => (train, eval),
+    };
     Ok(RunData { train, eval, loss, skipped_invalid })
+}
+
+/// CSFT's data transform: labelled rows become SFT examples whose completion starts with the control
+/// token of their label, `<|good|> y` or `<|bad|> y` (HALOs' `ConditionalSFTDataLoader`).
+fn with_control_tokens(examples: Examples, (good, bad): (u32, u32)) -> Result<Examples> {
+    let Examples::Unpaired(rows) = examples else {
+        return Err(crate::error::Error::Compute("control tokens apply to labelled rows".into()));
+    };
+    let seqs = rows
+        .into_iter()
+        .map(|e| {
+            let control = if e.label { good } else { bad };
+            let completion_ids = std::iter::once(control).chain(e.seq.completion_ids).collect();
+            Sequence { prompt_ids: e.seq.prompt_ids, completion_ids }
+        })
+        .collect();
+    Ok(Examples::Sft(seqs))
 }
 
 fn report_read(path: &Path, rows: &Rows, report: &ReadReport, on_event: &mut dyn FnMut(Event)) {
@@ -178,9 +203,10 @@ fn report_prepare(
             report.tokenize.first_mismatch.as_deref().unwrap_or("")
         )));
     }
-    if let (Some(LossConfig::Kto(kto)), Examples::Unpaired(v), false) = (loss, examples, config.auto_weights) {
+    let weights = loss.and_then(LossConfig::class_weights);
+    if let (Some((ld, lu)), Examples::Unpaired(v), false) = (weights, examples, config.auto_weights) {
         let nd = v.iter().filter(|e| e.label).count();
-        if let Some(advice) = class_weight_advice(kto, nd, v.len() - nd) {
+        if let Some(advice) = class_weight_advice(ld, lu, nd, v.len() - nd) {
             on_event(Event::Notice(advice));
         }
     }

@@ -2,11 +2,12 @@
 //!
 //! The reference model is frozen, so Σ log p_ref of a sequence never changes during a run. One no-grad
 //! pass over every microbatch the run will train on fills a table keyed by the sequence's identity; the
-//! reference model is then dropped, and training runs two forward passes per KTO microbatch instead of
-//! four, holding one model instead of two. TRL's `precompute_ref_log_probs` does the same.
+//! reference model is then dropped, and training holds one model instead of two (for KTO: two forward
+//! passes per microbatch instead of four). TRL's `precompute_ref_log_probs` does the same. It works for
+//! every loss whose reference is a sequence log-prob: the paired and unpaired families.
 //!
-//! The pass walks the training schedule itself and batches each microbatch exactly as training does
-//! (same rows, same padding), so in the first epoch the cached values are bit-identical to what the
+//! The pass walks the training schedule and batches each microbatch by its [`Plan`], exactly as training
+//! does (same rows, same padding), so in the first epoch the cached values are bit-identical to what the
 //! reference model would have computed during training. A microbatch whose sequences are all cached
 //! already (a later epoch without shuffling) is skipped; a sequence met again in a different microbatch
 //! keeps its first value, which differs from a live pass by float rounding only (other padding).
@@ -17,22 +18,11 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 
-use super::microbatch::{reference_logps, BatchSettings};
+use super::plan::{collate, logps, BatchSettings, Plan, SeqKey};
 use crate::data::Examples;
 use crate::error::{Error, Result};
-use crate::loss::LossConfig;
+use crate::loss::Family;
 use crate::model::Llama;
-
-/// Which sequence a cached log-prob belongs to. Indices are positions in the run's [`Examples`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SeqKey {
-    /// Example i's own sequence: KTO's target, DPO's chosen.
-    Own(usize),
-    /// DPO: example i's rejected sequence.
-    Rejected(usize),
-    /// KTO's mismatched KL pair: the prompt of example `prompt` with the completion of example `completion`.
-    Kl { prompt: usize, completion: usize },
-}
 
 /// Σ log p_ref per sequence, for every sequence of the run.
 #[derive(Debug, Default)]
@@ -41,9 +31,9 @@ pub struct ReferenceLogps {
 }
 
 impl ReferenceLogps {
-    /// Run `reference` (no gradient) over the sequences of every microbatch in `schedule`, in order.
+    /// Run `reference` (no gradient) over the planned sequences of every microbatch in `schedule`, in order.
     pub fn compute<'a>(
-        loss: &LossConfig,
+        family: Family,
         examples: &Examples,
         schedule: impl IntoIterator<Item = &'a [usize]>,
         reference: &Llama,
@@ -51,11 +41,16 @@ impl ReferenceLogps {
     ) -> Result<Self> {
         let mut values = HashMap::new();
         for rows in schedule {
-            if keys_of(loss, examples, rows).iter().all(|k| values.contains_key(k)) {
-                continue;
-            }
-            for (key, value) in reference_logps(loss, examples, rows, reference, settings)? {
-                values.entry(key).or_insert(value);
+            let plan = Plan::new(family, rows);
+            for keys in plan.batches() {
+                if keys.iter().all(|k| values.contains_key(k)) {
+                    continue;
+                }
+                let batch = collate(examples, keys, settings)?;
+                let scored = logps(reference, &batch)?.to_vec1::<f32>()?; // [b]
+                for (key, value) in keys.iter().zip(scored) {
+                    values.entry(*key).or_insert(value);
+                }
             }
         }
         Ok(Self { values })
@@ -76,28 +71,10 @@ impl ReferenceLogps {
             .iter()
             .map(|k| {
                 self.values.get(k).copied().ok_or_else(|| {
-                    Error::Compute(format!(
-                        "reference log-probs of {k:?} were not precomputed (a bug: the schedule changed)"
-                    ))
+                    Error::Compute(format!("reference log-probs of {k:?} were not precomputed (the schedule changed)"))
                 })
             })
             .collect::<Result<Vec<f32>>>()?;
         Ok(Tensor::from_vec(values, keys.len(), device)?) // [b]
-    }
-}
-
-/// The keys of a microbatch's sequences, as `microbatch::run` will ask for them.
-fn keys_of(loss: &LossConfig, examples: &Examples, rows: &[usize]) -> Vec<SeqKey> {
-    match (loss, examples) {
-        (LossConfig::Kto(_), Examples::Unpaired(_)) => {
-            let rotation = crate::data::rotate_for_kl(rows.len());
-            rows.iter()
-                .map(|&i| SeqKey::Own(i))
-                .chain(
-                    rotation.into_iter().enumerate().map(|(i, j)| SeqKey::Kl { prompt: rows[i], completion: rows[j] }),
-                )
-                .collect()
-        }
-        _ => rows.iter().map(|&i| SeqKey::Own(i)).chain(rows.iter().map(|&i| SeqKey::Rejected(i))).collect(),
     }
 }

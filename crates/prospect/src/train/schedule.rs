@@ -1,3 +1,5 @@
+//! The schedule of a run: which rows each step trains on ([`Schedule`]), and the learning rate.
+//!
 //! Learning-rate schedules, as `transformers`' `get_scheduler` defines them. `step` counts optimizer
 //! steps from 0; the value returned is the learning rate *used* by that step.
 //!
@@ -8,7 +10,10 @@
 //! cosine:             lr · max(0, ½ (1 + cos(π · (step − w) / (total − w))))
 //! ```
 
-use crate::config::LrScheduler;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::config::{LrScheduler, TrainConfig};
 
 pub fn learning_rate(kind: LrScheduler, peak: f64, step: usize, total: usize, warmup: usize) -> f64 {
     if step < warmup {
@@ -24,6 +29,63 @@ pub fn learning_rate(kind: LrScheduler, peak: f64, step: usize, total: usize, wa
         }
     };
     peak * factor
+}
+
+/// The row order of one epoch: file order, or a shuffle seeded by (`seed`, epoch).
+pub fn epoch_order(n: usize, epoch: usize, shuffle: bool, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    if shuffle {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(epoch as u64));
+        order.shuffle(&mut rng);
+    }
+    order
+}
+
+/// Which rows each optimizer step and each microbatch uses: the epoch's order, cut into batches, each cut
+/// into microbatches. The training loop and the reference pre-pass both read it.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// Training examples.
+    pub n: usize,
+    pub steps_per_epoch: usize,
+    pub total_steps: usize,
+    pub batch_size: usize,
+    pub microbatch_size: usize,
+    pub shuffle: bool,
+    pub seed: u64,
+}
+
+impl Schedule {
+    pub fn new(config: &TrainConfig, n: usize) -> Self {
+        let steps_per_epoch = n.div_ceil(config.batch_size);
+        Schedule {
+            n,
+            steps_per_epoch,
+            total_steps: config.max_steps.unwrap_or(config.epochs * steps_per_epoch),
+            batch_size: config.batch_size,
+            microbatch_size: config.microbatch_size,
+            shuffle: config.shuffle,
+            seed: config.seed,
+        }
+    }
+
+    /// The rows of optimizer step `step` (0-based), in order.
+    pub fn rows(&self, step: usize) -> Vec<usize> {
+        let (epoch, k) = (step / self.steps_per_epoch, step % self.steps_per_epoch);
+        let order = epoch_order(self.n, epoch, self.shuffle, self.seed);
+        order[k * self.batch_size..((k + 1) * self.batch_size).min(self.n)].to_vec()
+    }
+
+    /// The microbatches of step `step`.
+    pub fn microbatches(&self, step: usize) -> Vec<Vec<usize>> {
+        self.rows(step).chunks(self.microbatch_size).map(<[usize]>::to_vec).collect()
+    }
+
+    /// Rows consumed by the end of `step`, in epochs (what `transformers` logs: 0.8 after 8 of 10 rows).
+    pub fn epoch_at_end(&self, step: usize) -> f64 {
+        let (epoch, k) = (step / self.steps_per_epoch, step % self.steps_per_epoch);
+        epoch as f64 + ((k + 1) * self.batch_size).min(self.n) as f64 / self.n as f64
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,405 @@
+//! A training run's state, and its four verbs: [`Run::setup`], [`Run::step`], [`Run::evaluate`] /
+//! [`Run::checkpoint`], and [`Run::finish`]. [`super::train`] strings them together.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::checkpoint::{self, TrainerState};
+use super::data::{self, RunData};
+use super::metrics::{ObjectiveAccumulator, StepMetrics};
+use super::microbatch::{self, LmModels, Mode, Models, Reference, TokenModels};
+use super::optim::{accumulate, clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
+use super::plan::BatchSettings;
+use super::reference::ReferenceLogps;
+use super::schedule::{learning_rate, Schedule};
+use super::{Event, RunOptions};
+use crate::config::TrainConfig;
+use crate::data::Examples;
+use crate::error::{Error, Result};
+use crate::loss::{Family, LossConfig, LossState};
+use crate::model::{load_frozen, load_frozen_reward, Head, HfTokenizer, Policy};
+
+/// Everything a run holds between steps.
+pub struct Run {
+    config: TrainConfig,
+    /// The loss as it runs: the config's, with λ replaced when `auto_weights` is on.
+    loss: LossConfig,
+    loss_state: LossState,
+    policy: Policy,
+    models: Models,
+    data: RunData,
+    schedule: Schedule,
+    settings: BatchSettings,
+    opt: AdamW,
+    start_step: usize,
+    log: MetricsLog,
+    /// The tokenizer to save with the model when the run changed it (CSFT's control tokens).
+    changed_tokenizer: Option<Vec<u8>>,
+}
+
+impl Run {
+    /// Load the policy and the data, resume from a checkpoint if asked, and set up the reference.
+    pub fn setup(
+        config: &TrainConfig,
+        device: &Device,
+        options: RunOptions,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Run> {
+        config.validate()?;
+        let (tok, policy, changed_tokenizer) = load_policy(config, device, on_event)?;
+        let data = data::load(config, &tok, on_event)?;
+        let schedule = Schedule::new(config, data.train.len());
+        let (opt, resumed) = resume(config, &policy, options, device, on_event)?;
+        let start_step = resumed.as_ref().map_or(0, |s| s.step);
+        let loss_state = resumed.map(|s| s.loss_state).unwrap_or_default();
+        let log = MetricsLog::open(&config.output_dir, start_step)?;
+        let settings =
+            BatchSettings { max_length: config.max_length, pad_id: tok.pad_token_id, device: device.clone() };
+        let reference = reference(config, &data, &schedule, start_step, &settings, on_event)?;
+        let models = build_models(&data.loss, &policy, reference, config, device)?;
+        on_event(Event::Started {
+            start_step,
+            total_steps: schedule.total_steps,
+            examples: data.train.len(),
+            parameters: policy.params.num_elements(),
+        });
+        let loss = data.loss.clone();
+        Ok(Run {
+            config: config.clone(),
+            loss,
+            loss_state,
+            policy,
+            models,
+            data,
+            schedule,
+            settings,
+            opt,
+            start_step,
+            log,
+            changed_tokenizer,
+        })
+    }
+
+    /// The optimizer steps still to run (0-based).
+    pub fn steps(&self) -> std::ops::Range<usize> {
+        self.start_step..self.schedule.total_steps
+    }
+
+    pub fn loss_name(&self) -> &'static str {
+        self.loss.name()
+    }
+
+    /// One optimizer step: every microbatch's loss and gradient, then clip and AdamW.
+    pub fn step(&mut self, step: usize) -> Result<StepMetrics> {
+        let started = Instant::now();
+        let microbatches = self.schedule.microbatches(step);
+        let step_tokens: usize = microbatches
+            .iter()
+            .flatten()
+            .map(|&i| completion_tokens(&self.data.train, i, self.config.max_length))
+            .sum();
+        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        let (mut loss, mut num_tokens, mut objective) = (0f64, 0usize, ObjectiveAccumulator::default());
+        for rows in &microbatches {
+            let out = microbatch::run(
+                &self.loss,
+                &self.models,
+                &self.data.train,
+                rows,
+                &self.settings,
+                &self.loss_state,
+                Mode::Train,
+            )?;
+            let weight = self.loss.microbatch_weight(microbatches.len(), out.completion_tokens, step_tokens);
+            let scaled = (&out.loss * weight)?;
+            let value = scalar(&scaled)?;
+            if !value.is_finite() {
+                return Err(Error::Numerics(format!("non-finite loss {value}")));
+            }
+            (loss, num_tokens) = (loss + value, num_tokens + out.num_tokens);
+            objective.add(&out.metrics);
+            self.loss.spec().observe(&mut self.loss_state, &out.metrics);
+            self.add_gradients(&mut grads, &scaled)?;
+        }
+        let grad_norm = global_grad_norm(&grads)?;
+        if !grad_norm.is_finite() {
+            return Err(Error::Numerics(format!("non-finite gradient norm {grad_norm}")));
+        }
+        clip_grad_norm(&mut grads, grad_norm, self.config.max_grad_norm)?;
+        let c = &self.config;
+        let lr = learning_rate(c.lr_scheduler, c.learning_rate, step, self.schedule.total_steps, c.warmup_steps);
+        self.opt.step(&self.policy.params, &grads, lr)?;
+        let elapsed = started.elapsed().as_secs_f64();
+        Ok(StepMetrics {
+            step: step + 1,
+            epoch: self.schedule.epoch_at_end(step),
+            loss,
+            grad_norm,
+            lr,
+            objective: objective.finish(),
+            num_tokens,
+            step_time_s: elapsed,
+            tokens_per_s: num_tokens as f64 / elapsed.max(1e-9),
+            skipped_invalid: self.config.skip_invalid.then_some(self.data.skipped_invalid),
+        })
+    }
+
+    /// Backpropagate a microbatch's weighted loss and sum its gradients into the step's, in place,
+    /// freeing each as it is added: the step's peak memory is here.
+    fn add_gradients(&self, grads: &mut BTreeMap<String, Tensor>, loss: &Tensor) -> Result<()> {
+        let mut store = loss.backward()?;
+        for (name, var) in self.policy.params.iter() {
+            if let Some(g) = store.remove(var.as_tensor()) {
+                match grads.get(name) {
+                    Some(acc) => accumulate(acc, &g)?,
+                    // A copy the step owns (and may update in place), detached from the graph.
+                    None => _ = grads.insert(name.clone(), g.detach().copy()?),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Append a step's metrics to `metrics.jsonl`.
+    pub fn log(&mut self, metrics: &StepMetrics) -> Result<()> {
+        self.log.append(metrics)
+    }
+
+    pub fn eval_due(&self, step: usize) -> bool {
+        let every = self.config.eval_every;
+        self.data.eval.is_some() && ((every > 0 && (step + 1) % every == 0) || step + 1 == self.schedule.total_steps)
+    }
+
+    /// The loss and metrics on the held-out rows with no gradient, in microbatches of `microbatch_size`
+    /// in file order; the loss is the mean over microbatches. Logged under `eval/`.
+    pub fn evaluate(&mut self, step: usize) -> Result<Event> {
+        let examples = self.data.eval.as_ref().ok_or_else(|| Error::Compute("the run has no eval rows".into()))?;
+        let order: Vec<usize> = (0..examples.len()).collect();
+        let mut objective = ObjectiveAccumulator::default();
+        let (mut sum, mut count) = (0f64, 0usize);
+        for rows in order.chunks(self.config.microbatch_size) {
+            let out = microbatch::run(
+                &self.loss,
+                &self.models,
+                examples,
+                rows,
+                &self.settings,
+                &self.loss_state,
+                Mode::Eval,
+            )?;
+            sum += scalar(&out.loss)?;
+            count += 1;
+            objective.add(&out.metrics);
+        }
+        let (loss, metrics) = (sum / count.max(1) as f64, objective.finish());
+        let mut line = serde_json::Map::new();
+        line.insert("step".into(), (step + 1).into());
+        line.insert("eval/loss".into(), loss.into());
+        for (k, v) in metrics.iter() {
+            line.insert(format!("eval/{k}"), v.into());
+        }
+        self.log.append(&line)?;
+        Ok(Event::Eval { step: step + 1, loss, metrics })
+    }
+
+    pub fn checkpoint_due(&self, step: usize) -> bool {
+        self.config.save_every > 0 && (step + 1) % self.config.save_every == 0
+    }
+
+    /// Write `output_dir/checkpoint/`: weights, optimizer, step and loss state, resolved config.
+    pub fn checkpoint(&self, step: usize) -> Result<PathBuf> {
+        let state = TrainerState { step: step + 1, loss_state: self.loss_state.clone() };
+        checkpoint::save(&self.config.output_dir, &self.policy.params, &self.opt, &state, &self.config.to_toml()?)
+    }
+
+    /// Save `output_dir/final/` as a Hugging Face folder, with the resolved config beside it.
+    pub fn finish(self, on_event: &mut dyn FnMut(Event)) -> Result<PathBuf> {
+        if self.config.skip_invalid {
+            on_event(Event::Notice(format!(
+                "skip_invalid: {} invalid rows were skipped (metrics.jsonl: `data/skipped_invalid`)",
+                self.data.skipped_invalid
+            )));
+        }
+        let final_dir = self.config.output_dir.join("final");
+        let config_toml = self.config.to_toml()?;
+        let mut extra: Vec<(&str, &[u8])> = vec![("prospect.toml", config_toml.as_bytes())];
+        if let Some(bytes) = &self.changed_tokenizer {
+            extra.push(("tokenizer.json", bytes));
+        }
+        self.policy.save_hf(&final_dir, &extra)?;
+        Ok(final_dir)
+    }
+}
+
+/// The tokenizer and the policy with the head the loss family trains; CSFT's control tokens are added
+/// to both when missing (the changed tokenizer is returned, to be saved with the model).
+fn load_policy(
+    config: &TrainConfig,
+    device: &Device,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<(HfTokenizer, Policy, Option<Vec<u8>>)> {
+    let mut tok = HfTokenizer::load(&config.model)?;
+    let head = match config.loss.family() {
+        Family::Reward(_) => Head::Score,
+        Family::Token(_) => Head::Value,
+        _ => Head::Lm,
+    };
+    let (mut policy, unused, initialised) = Policy::load_with_head(&config.model, device, head, config.seed)?;
+    policy.pad_token_id = Some(tok.pad_token_id);
+    if !unused.is_empty() {
+        on_event(Event::Notice(format!("checkpoint tensors the model does not use, left out of training: {unused:?}")));
+    }
+    if !initialised.is_empty() {
+        on_event(Event::Notice(format!(
+            "{} has no {initialised:?}: initialised from N(0, initializer_range²) with seed {}",
+            config.model.display(),
+            config.seed
+        )));
+    }
+    let Some((good, bad)) = config.loss.spec().control_tokens() else { return Ok((tok, policy, None)) };
+    let added = tok.add_special_tokens(&[good, bad])?;
+    if added.is_empty() {
+        return Ok((tok, policy, None));
+    }
+    let grown = policy.grow_vocab(tok.vocab_size(), device)?;
+    let rows =
+        if grown > 0 { format!(" and {grown} embedding rows (the mean of the existing rows)") } else { String::new() };
+    on_event(Event::Notice(format!("added control tokens {added:?} to the tokenizer{rows}")));
+    let bytes = tok.to_json_bytes()?;
+    Ok((tok, policy, Some(bytes)))
+}
+
+/// A fresh optimizer, or the one in `output_dir/checkpoint/` (loading its weights into `policy`).
+fn resume(
+    config: &TrainConfig,
+    policy: &Policy,
+    options: RunOptions,
+    device: &Device,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<(AdamW, Option<TrainerState>)> {
+    let opt_config = AdamWConfig {
+        beta1: config.adam_beta1,
+        beta2: config.adam_beta2,
+        eps: config.adam_epsilon,
+        weight_decay: config.weight_decay,
+    };
+    std::fs::create_dir_all(&config.output_dir).map_err(|e| Error::io(&config.output_dir, e))?;
+    if !options.resume {
+        return Ok((AdamW::new(opt_config), None));
+    }
+    match checkpoint::load(&config.output_dir, &policy.params, opt_config, device)? {
+        Some((opt, state)) => {
+            let dir = checkpoint::checkpoint_dir(&config.output_dir);
+            on_event(Event::Notice(format!("resuming after step {} from {}", state.step, dir.display())));
+            Ok((opt, Some(state)))
+        }
+        None => Ok((AdamW::new(opt_config), None)),
+    }
+}
+
+/// The reference, when the loss has one: the frozen model, or (with `precompute_ref_logps`) its
+/// log-probs over every remaining microbatch, after which the model is dropped.
+fn reference(
+    config: &TrainConfig,
+    data: &RunData,
+    schedule: &Schedule,
+    start_step: usize,
+    settings: &BatchSettings,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Option<Reference>> {
+    if !data.loss.needs_reference() || matches!(data.loss.family(), Family::Token(_)) {
+        return Ok(None);
+    }
+    let model = load_frozen(config.reference.as_deref().unwrap_or(&config.model), &settings.device)?;
+    if !config.precompute_ref_logps {
+        return Ok(Some(Reference::Model(model)));
+    }
+    let started = Instant::now();
+    let mbs: Vec<Vec<usize>> = (start_step..schedule.total_steps).flat_map(|s| schedule.microbatches(s)).collect();
+    let cache =
+        ReferenceLogps::compute(data.loss.family(), &data.train, mbs.iter().map(Vec::as_slice), &model, settings)?;
+    on_event(Event::Notice(format!(
+        "reference log-probs of {} sequences precomputed in {:.1} s; reference model freed",
+        cache.len(),
+        started.elapsed().as_secs_f64()
+    )));
+    Ok(Some(Reference::Cached(cache))) // `model` drops here: training holds only the policy.
+}
+
+/// The models of the loss's family, on the policy's weights.
+fn build_models(
+    loss: &LossConfig,
+    policy: &Policy,
+    reference: Option<Reference>,
+    config: &TrainConfig,
+    device: &Device,
+) -> Result<Models> {
+    Ok(match loss.family() {
+        Family::Reward(_) => Models::Reward(policy.reward_model(device)?),
+        Family::Token(token) => Models::Token(TokenModels {
+            policy: policy.model(device)?,
+            frozen: policy.frozen_model(device)?,
+            value_head: policy.value_head(device)?,
+            reference: load_frozen(config.reference.as_deref().unwrap_or(&config.model), device)?,
+            scorer: token.reward_model().map(|dir| load_frozen_reward(dir, device)).transpose()?,
+        }),
+        _ => Models::Lm(LmModels { policy: policy.model(device)?, frozen: policy.frozen_model(device)?, reference }),
+    })
+}
+
+/// Completion tokens example `i` keeps after truncation at `max_length` (a pair counts both sides):
+/// the SFT family's step normaliser.
+fn completion_tokens(examples: &Examples, i: usize, max_length: usize) -> usize {
+    let kept = |s: &crate::data::Sequence| max_length.min(s.len()).saturating_sub(s.prompt_ids.len());
+    match examples {
+        Examples::Sft(v) => kept(&v[i]),
+        Examples::Unpaired(v) => kept(&v[i].seq),
+        Examples::Paired(v) => kept(&v[i].chosen) + kept(&v[i].rejected),
+    }
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// `output_dir/metrics.jsonl`, one JSON object per line, flushed as written.
+struct MetricsLog {
+    path: PathBuf,
+    file: File,
+}
+
+impl MetricsLog {
+    /// Start the file afresh, or (resuming after `step`) keep only the lines of steps up to `step`.
+    fn open(output_dir: &Path, step: usize) -> Result<Self> {
+        let path = output_dir.join("metrics.jsonl");
+        let text = match step {
+            0 => String::new(),
+            _ if path.exists() => std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?,
+            _ => String::new(),
+        };
+        let kept: String = text
+            .lines()
+            .filter(|line| {
+                // Step lines and `eval/` lines both carry `step`.
+                let value = serde_json::from_str::<serde_json::Value>(line).ok();
+                value.and_then(|v| v.get("step").and_then(|s| s.as_u64())).is_some_and(|s| s as usize <= step)
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        crate::fsio::write_atomic(&path, kept.as_bytes())?;
+        let file = std::fs::OpenOptions::new().append(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(Self { path, file })
+    }
+
+    fn append(&mut self, value: &impl serde::Serialize) -> Result<()> {
+        let mut line = serde_json::to_string(value).map_err(|e| Error::output(&self.path, e))?;
+        line.push('\n');
+        self.file.write_all(line.as_bytes()).map_err(|e| Error::io(&self.path, e))?;
+        self.file.flush().map_err(|e| Error::io(&self.path, e))
+    }
+}
