@@ -162,7 +162,12 @@ fn evaluation_does_not_change_training() {
     };
     let (with, without) = (run(true, "data-run-with-eval"), run(false, "data-run-without-eval"));
     for (a, b) in with.iter().zip(&without) {
-        assert_eq!((a.loss, a.grad_norm, a.objective.get("kl")), (b.loss, b.grad_norm, b.objective.get("kl")), "step {}", a.step);
+        assert_eq!(
+            (a.loss, a.grad_norm, a.objective.get("kl")),
+            (b.loss, b.grad_norm, b.objective.get("kl")),
+            "step {}",
+            a.step
+        );
     }
 }
 

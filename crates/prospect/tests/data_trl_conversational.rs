@@ -76,8 +76,7 @@ fn kto_on_conversational_rows_matches_trl() {
     let tok = HfTokenizer::load(&fixtures().join("tiny-llama")).unwrap();
     let path = fixtures().join("data/conv_unpaired.jsonl");
     let (examples, report) =
-        prepare(read_jsonl(&path).unwrap(), LossConfig::Kto(KtoConfig::default()).shape(), &tok, 64, &path)
-            .unwrap();
+        prepare(read_jsonl(&path).unwrap(), LossConfig::Kto(KtoConfig::default()).shape(), &tok, 64, &path).unwrap();
     assert_eq!(report.tokenize.prompt_not_prefix, 0);
     let Examples::Unpaired(ex) = examples else { panic!("KTO trains on unpaired examples") };
     let rows = fixture["rows"].as_array().unwrap();

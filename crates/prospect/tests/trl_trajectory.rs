@@ -9,11 +9,11 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device};
-use common::{close, fixture_json, fixtures, scratch, trl_config};
+use candle_core::Device;
+use common::{check_final_params, close, fixture_json, fixtures, scratch, trl_config};
 use prospect::data::{prepare, read_jsonl, rotate_for_kl, Examples};
 use prospect::loss::{DpoConfig, KtoConfig, LossConfig, SftConfig};
-use prospect::model::{load_tensors, HfTokenizer};
+use prospect::model::HfTokenizer;
 use prospect::train::{train, RunOptions, StepMetrics};
 use serde_json::Value;
 
@@ -61,22 +61,6 @@ fn check_steps(fixture: &Value, ours: &[StepMetrics], keys: &[(&str, fn(&StepMet
     }
 }
 
-/// The parameters after 3 steps: every tensor's sum and L2 norm against TRL's.
-fn check_final_params(fixture: &Value, out: &std::path::Path) {
-    let tensors = load_tensors(&out.join("final"), DType::F64, &Device::Cpu).unwrap();
-    let want = fixture["final_params"].as_object().unwrap();
-    assert_eq!(tensors.len(), want.len(), "saved tensors: {:?}", tensors.keys().collect::<Vec<_>>());
-    for (name, w) in want {
-        let t = &tensors[name];
-        let sum = t.sum_all().unwrap().to_scalar::<f64>().unwrap();
-        let l2 = t.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
-        let (ws, wl) = (w["sum"].as_f64().unwrap(), w["l2_norm"].as_f64().unwrap());
-        // Sums of ±values can be near 0, so they get an absolute slack scaled by the tensor's size.
-        assert!(close(l2, wl, 1e-4, 1e-6), "{name}: l2 {l2} vs TRL {wl}");
-        assert!(close(sum, ws, 1e-3, 1e-5 * t.elem_count() as f64), "{name}: sum {sum} vs TRL {ws}");
-    }
-}
-
 const LOSS: (&str, fn(&StepMetrics) -> Option<f64>) = ("loss", |m| Some(m.loss));
 const GRAD_NORM: (&str, fn(&StepMetrics) -> Option<f64>) = ("grad_norm", |m| Some(m.grad_norm));
 const LR: (&str, fn(&StepMetrics) -> Option<f64>) = ("learning_rate", |m| Some(m.lr));
@@ -85,7 +69,8 @@ const KL: (&str, fn(&StepMetrics) -> Option<f64>) = ("kl", |m| m.objective.get("
 const CHOSEN: (&str, fn(&StepMetrics) -> Option<f64>) = ("rewards/chosen", |m| m.objective.get("rewards/chosen"));
 const REJECTED: (&str, fn(&StepMetrics) -> Option<f64>) = ("rewards/rejected", |m| m.objective.get("rewards/rejected"));
 const MARGINS: (&str, fn(&StepMetrics) -> Option<f64>) = ("rewards/margins", |m| m.objective.get("rewards/margins"));
-const ACCURACIES: (&str, fn(&StepMetrics) -> Option<f64>) = ("rewards/accuracies", |m| m.objective.get("rewards/accuracies"));
+const ACCURACIES: (&str, fn(&StepMetrics) -> Option<f64>) =
+    ("rewards/accuracies", |m| m.objective.get("rewards/accuracies"));
 
 fn check_kto_rows(fixture: &Value, examples: &Examples) {
     let Examples::Unpaired(ex) = examples else { panic!("KTO trains on unpaired examples") };
@@ -111,7 +96,7 @@ fn kto_matches_trl() {
     check_kto_rows(&fixture, &examples("unpaired.jsonl", &loss));
     let (history, out) = run("unpaired.jsonl", loss, "trl-kto");
     check_steps(&fixture, &history, &[LOSS, GRAD_NORM, LR, EPOCH, KL, CHOSEN, REJECTED, MARGINS]);
-    check_final_params(&fixture, &out);
+    check_final_params(&fixture, &out.join("final"));
 }
 
 #[test]
@@ -120,7 +105,7 @@ fn kto_with_precomputed_reference_logps_matches_trl() {
     let fixture = fixture_json("trl_kto.json");
     let (history, out) = run_with("unpaired.jsonl", LossConfig::Kto(KtoConfig::default()), "trl-kto-precomputed", true);
     check_steps(&fixture, &history, &[LOSS, GRAD_NORM, LR, EPOCH, KL, CHOSEN, REJECTED, MARGINS]);
-    check_final_params(&fixture, &out);
+    check_final_params(&fixture, &out.join("final"));
 }
 
 #[test]
@@ -128,7 +113,7 @@ fn dpo_with_precomputed_reference_logps_matches_trl() {
     let fixture = fixture_json("trl_dpo.json");
     let (history, out) = run_with("paired.jsonl", LossConfig::Dpo(DpoConfig::default()), "trl-dpo-precomputed", true);
     check_steps(&fixture, &history, &[LOSS, GRAD_NORM, EPOCH, CHOSEN, REJECTED, MARGINS, ACCURACIES]);
-    check_final_params(&fixture, &out);
+    check_final_params(&fixture, &out.join("final"));
 }
 
 #[test]
@@ -140,7 +125,7 @@ fn kto_on_paired_rows_matches_trl() {
     check_kto_rows(&fixture, &examples("paired.jsonl", &loss));
     let (history, out) = run("paired.jsonl", loss, "trl-kto-paired");
     check_steps(&fixture, &history, &[LOSS, GRAD_NORM, KL, CHOSEN, REJECTED, MARGINS]);
-    check_final_params(&fixture, &out);
+    check_final_params(&fixture, &out.join("final"));
 }
 
 #[test]
@@ -156,7 +141,7 @@ fn dpo_matches_trl() {
     }
     let (history, out) = run("paired.jsonl", loss, "trl-dpo");
     check_steps(&fixture, &history, &[LOSS, GRAD_NORM, EPOCH, CHOSEN, REJECTED, MARGINS, ACCURACIES]);
-    check_final_params(&fixture, &out);
+    check_final_params(&fixture, &out.join("final"));
 }
 
 #[test]
@@ -176,7 +161,7 @@ fn sft_matches_trl() {
     }
     let (history, out) = run("sft.jsonl", loss, "trl-sft");
     check_steps(&fixture, &history, &[LOSS, GRAD_NORM, LR, EPOCH]);
-    check_final_params(&fixture, &out);
+    check_final_params(&fixture, &out.join("final"));
 }
 
 #[test]

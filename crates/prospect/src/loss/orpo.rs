@@ -52,6 +52,11 @@ impl Loss for OrpoConfig {
     fn validate(&self, _microbatch_size: usize) -> Result<()> {
         check_positive("loss.beta", self.beta)
     }
+
+    /// The NLL term is a mean over the chosen tokens of each microbatch (as TRL's `ORPOTrainer` has it).
+    fn split_dependent(&self) -> bool {
+        true
+    }
 }
 
 /// `log(1 − exp(a))` for `a < 0`, elementwise, in f64.
