@@ -14,6 +14,7 @@ It writes, under `tests/fixtures/`:
 * `tiny-llama-rm/`     tiny-llama as `LlamaForSequenceClassification` (num_labels=1, pad_token_id=0) with a
                        seeded `score.weight`: the starting point of the reward-model runs.
 * `trl_ipo.json`       TRL 1.16 `DPOTrainer(loss_type=["ipo"], beta=0.1)`, 3 steps.
+* `trl_hinge.json`     TRL 1.16 `DPOTrainer(loss_type=["hinge"], beta=0.1)`, 3 steps.
 * `trl_reward.json`    TRL 1.16 `RewardTrainer` from `tiny-llama-rm/`, 3 steps, plus TRL's token ids.
   Both: paired.jsonl, microbatch 2 x accumulation 2, lr 1e-2 constant, max_grad_norm 1, sequential order.
 * `loss_reference.json` each loss on seeded random log-probs: the loss and its gradient with respect to every
@@ -112,6 +113,7 @@ COMMON = dict(
 
 TRL_RUNS = {
     "ipo": dict(trainer="DPOTrainer", model="tiny-llama", extra=dict(beta=0.1, loss_type=["ipo"], max_length=32)),
+    "hinge": dict(trainer="DPOTrainer", model="tiny-llama", extra=dict(beta=0.1, loss_type=["hinge"], max_length=32)),
     # max_length 64: RewardTrainer drops longer pairs (Prospect truncates), so no pair may reach it.
     "reward": dict(trainer="RewardTrainer", model="tiny-llama-rm", extra=dict(max_length=64)),
 }
@@ -561,8 +563,8 @@ def main() -> None:
     generate(args.out, args.only, args.runs)
 
 
-GENERATED = ["tiny-llama-rm", "trl_ipo.json", "trl_reward.json", "loss_reference.json", "ppo_value_head.safetensors"] + [
-    f"torch_{k}.json" for k in TORCH_RUNS]
+GENERATED = ["tiny-llama-rm", "loss_reference.json", "ppo_value_head.safetensors"] + [
+    f"trl_{k}.json" for k in TRL_RUNS] + [f"torch_{k}.json" for k in TORCH_RUNS]
 
 
 def check(out: Path) -> None:

@@ -252,10 +252,17 @@ impl TrainConfig {
 
     /// Check values that serde cannot: ranges and relations between keys.
     pub fn validate(&self) -> Result<()> {
+        self.validate_schedule()?;
+        self.validate_optimizer()?;
+        self.validate_data()?;
+        self.validate_loss()
+    }
+
+    fn validate_schedule(&self) -> Result<()> {
         if self.batch_size == 0 {
             return Err(Error::config("batch_size", "must be at least 1"));
         }
-        if self.microbatch_size == 0 || self.batch_size % self.microbatch_size != 0 {
+        if self.microbatch_size == 0 || !self.batch_size.is_multiple_of(self.microbatch_size) {
             return Err(Error::config(
                 "microbatch_size",
                 format!("must divide batch_size ({}), got {}", self.batch_size, self.microbatch_size),
@@ -264,6 +271,13 @@ impl TrainConfig {
         if self.max_steps == Some(0) || (self.max_steps.is_none() && self.epochs == 0) {
             return Err(Error::config("max_steps", "the run must take at least one step"));
         }
+        if self.max_length < 2 {
+            return Err(Error::config("max_length", "must be at least 2 tokens"));
+        }
+        Ok(())
+    }
+
+    fn validate_optimizer(&self) -> Result<()> {
         if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
             return Err(Error::config("learning_rate", "must be a finite number >= 0"));
         }
@@ -272,15 +286,18 @@ impl TrainConfig {
                 return Err(Error::config(key, format!("must be in [0, 1), got {value}")));
             }
         }
-        if !(self.adam_epsilon > 0.0) {
-            return Err(Error::config("adam_epsilon", "must be > 0"));
+        if !(self.adam_epsilon.is_finite() && self.adam_epsilon > 0.0) {
+            return Err(Error::config("adam_epsilon", "must be a finite number > 0"));
         }
-        if !(self.weight_decay >= 0.0) || !(self.max_grad_norm >= 0.0) {
-            return Err(Error::config("weight_decay", "weight_decay and max_grad_norm must be >= 0"));
+        for (key, value) in [("weight_decay", self.weight_decay), ("max_grad_norm", self.max_grad_norm)] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(Error::config(key, format!("must be a finite number >= 0, got {value}")));
+            }
         }
-        if self.max_length < 2 {
-            return Err(Error::config("max_length", "must be at least 2 tokens"));
-        }
+        Ok(())
+    }
+
+    fn validate_data(&self) -> Result<()> {
         for (key, value) in
             [("desirable_fraction", self.desirable_fraction), ("undesirable_fraction", self.undesirable_fraction)]
         {
@@ -324,6 +341,10 @@ impl TrainConfig {
                 }
             }
         }
+        Ok(())
+    }
+
+    fn validate_loss(&self) -> Result<()> {
         if self.precompute_ref_logps && !self.loss.can_precompute_reference() {
             return Err(Error::config(
                 "precompute_ref_logps",

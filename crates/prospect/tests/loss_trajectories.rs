@@ -246,3 +246,13 @@ fn ppo_offline_takes_rewards_from_a_reward_model() {
     let err = train(&c, &Device::Cpu, RunOptions::default(), &mut |_| {}).err().unwrap().to_string();
     assert!(err.contains("not a reward model"), "{err}");
 }
+
+#[test]
+fn a_diverging_run_names_its_step_and_loss() {
+    // lr 1e30: the first AdamW update moves every weight by ~1e30, so step 2's forward pass overflows.
+    let out = scratch("diverge");
+    let mut c = trl_config("unpaired.jsonl", LossConfig::Kto(KtoConfig::default()), &out);
+    c.learning_rate = 1e30;
+    let err = train(&c, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap_err().to_string();
+    assert!(err.starts_with("step 2 (kto): numerics: non-finite"), "{err}");
+}

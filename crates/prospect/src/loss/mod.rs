@@ -7,20 +7,7 @@
 //! tagged by `type`), [`LossConfig::NAMES`], and the one dispatch [`LossConfig::family`]. Adding a loss
 //! is one new file plus one line in that table (and its example config and reference fixture).
 
-pub mod apo_zero_unpaired;
-pub mod cdpo;
-pub mod csft;
-pub mod dpo;
 pub mod family;
-pub mod ipo;
-pub mod kto;
-pub mod kto_zero;
-pub mod orpo;
-pub mod ppo_offline;
-pub mod reward;
-pub mod sft;
-pub mod simpo;
-pub mod slic;
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -30,42 +17,45 @@ use crate::error::{Error, Result};
 /// Until `data::Shape` replaces it everywhere.
 pub use crate::data::Shape as DataKind;
 
-pub use apo_zero_unpaired::{apo_zero_unpaired_loss, ApoZeroUnpairedConfig};
-pub use cdpo::{cdpo_loss, CdpoConfig};
-pub use csft::CsftConfig;
-pub use dpo::{dpo_loss, DpoConfig, DpoInputs};
+pub use apo_zero_unpaired::apo_zero_unpaired_loss;
+pub use cdpo::cdpo_loss;
+pub use dpo::{dpo_loss, DpoInputs};
 pub use family::{
     Family, KlInputs, Loss, LossOutput, LossState, Metrics, PairedInputs, PairedLoss, RewardLoss, SftLoss, TokenInputs,
     TokenLoss, UnpairedInputs, UnpairedLoss,
 };
-pub use ipo::{ipo_loss, IpoConfig};
-pub use kto::{kto_loss, KtoConfig, KtoInputs, KtoOutput};
-pub use kto_zero::{kto_zero_loss, KtoZeroConfig};
-pub use orpo::{orpo_loss, OrpoConfig};
-pub use ppo_offline::{ppo_offline_loss, PpoInputs, PpoOfflineConfig, PpoOutput};
-pub use reward::{reward_loss, RewardConfig, RewardOutput};
-pub use sft::{sft_loss, SftConfig};
-pub use simpo::{simpo_loss, SimpoConfig};
-pub use slic::{slic_loss, SlicConfig};
+pub use ipo::ipo_loss;
+pub use kto::{kto_loss, KtoInputs, KtoOutput};
+pub use kto_zero::kto_zero_loss;
+pub use orpo::orpo_loss;
+pub use ppo_offline::{ppo_offline_loss, PpoInputs, PpoOutput};
+pub use reward::{reward_loss, RewardOutput};
+pub use sft::sft_loss;
+pub use simpo::simpo_loss;
+pub use slic::slic_loss;
 
-/// The registry: `Variant("toml name", ConfigType, Family)`. Each config type implements [`Loss`] and
-/// the family's trait in its own file.
+/// The registry: `module: Variant(ConfigType) in Family`. The module's file is `loss/<module>.rs`, and its
+/// name is the loss's TOML `type`. Each config type implements [`Loss`] and its family's trait there.
 macro_rules! losses {
-    ($($variant:ident($name:literal, $config:ty, $family:ident),)+) => {
+    ($($module:ident: $variant:ident($config:ident) in $family:ident,)+) => {
+        $(pub mod $module;)+
+        $(pub use $module::$config;)+
+
         /// The `[loss]` table: `type` picks the objective, the other keys are its hyperparameters.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-        #[serde(tag = "type")]
+        #[serde(tag = "type", rename_all = "snake_case")]
         pub enum LossConfig {
-            $(#[serde(rename = $name)] $variant($config),)+
+            $($variant($config),)+
         }
+
 
         impl LossConfig {
             /// Every loss's TOML name, in table order.
-            pub const NAMES: &'static [&'static str] = &[$($name),+];
+            pub const NAMES: &'static [&'static str] = &[$(stringify!($module)),+];
 
             pub fn name(&self) -> &'static str {
                 match self {
-                    $(LossConfig::$variant(_) => $name,)+
+                    $(LossConfig::$variant(_) => stringify!($module),)+
                 }
             }
 
@@ -92,7 +82,7 @@ macro_rules! losses {
             /// The loss named `name` with every hyperparameter at its default.
             pub fn default_for(name: &str) -> Option<LossConfig> {
                 match name {
-                    $($name => Some(LossConfig::$variant(<$config>::default())),)+
+                    $(stringify!($module) => Some(LossConfig::$variant($config::default())),)+
                     _ => None,
                 }
             }
@@ -101,19 +91,20 @@ macro_rules! losses {
 }
 
 losses! {
-    Kto("kto", KtoConfig, Unpaired),
-    Dpo("dpo", DpoConfig, Paired),
-    Sft("sft", SftConfig, Sft),
-    Csft("csft", CsftConfig, Sft),
-    Cdpo("cdpo", CdpoConfig, Paired),
-    Ipo("ipo", IpoConfig, Paired),
-    Slic("slic", SlicConfig, Paired),
-    Simpo("simpo", SimpoConfig, Paired),
-    Orpo("orpo", OrpoConfig, Paired),
-    KtoZero("kto_zero", KtoZeroConfig, Unpaired),
-    ApoZeroUnpaired("apo_zero_unpaired", ApoZeroUnpairedConfig, Unpaired),
-    Reward("reward", RewardConfig, Reward),
-    PpoOffline("ppo_offline", PpoOfflineConfig, Token),
+    kto: Kto(KtoConfig) in Unpaired,
+    dpo: Dpo(DpoConfig) in Paired,
+    sft: Sft(SftConfig) in Sft,
+    csft: Csft(CsftConfig) in Sft,
+    cdpo: Cdpo(CdpoConfig) in Paired,
+    ipo: Ipo(IpoConfig) in Paired,
+    slic: Slic(SlicConfig) in Paired,
+    simpo: Simpo(SimpoConfig) in Paired,
+    orpo: Orpo(OrpoConfig) in Paired,
+    kto_zero: KtoZero(KtoZeroConfig) in Unpaired,
+    apo_zero_unpaired: ApoZeroUnpaired(ApoZeroUnpairedConfig) in Unpaired,
+    reward: Reward(RewardConfig) in Reward,
+    ppo_offline: PpoOffline(PpoOfflineConfig) in Token,
+    hinge: Hinge(HingeConfig) in Paired,
 }
 
 impl LossConfig {
@@ -182,6 +173,13 @@ pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
     let pos_branch = (x_pos.neg()?.exp()? + 1.0)?.log()?.neg()?;
     let neg_branch = (&x_neg - (x_neg.exp()? + 1.0)?.log()?)?;
     Ok(is_pos.where_cond(&pos_branch, &neg_branch)?)
+}
+
+/// `max(0, x)` with torch's gradient: 1 where x > 0 and 0 elsewhere, **including x = 0** (candle's
+/// `relu` passes gradient at exactly 0, which differs from `torch.relu` / `clamp(min=0)` at ties).
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    let active = x.gt(&x.zeros_like()?)?.to_dtype(x.dtype())?; // no gradient: a comparison
+    Ok(x.mul(&active)?)
 }
 
 /// Logistic sigmoid with a backward pass (candle-nn's custom op carries one).
@@ -292,7 +290,7 @@ mod tests {
         // python: import math; [-math.log1p(math.exp(-v)) if v>0 else v-math.log1p(math.exp(v)) for v in (-50,-1,0,1,50)]
         let x = Tensor::new(&[-50f32, -1., 0., 1., 50.], &Device::Cpu).unwrap();
         let y: Vec<f32> = log_sigmoid(&x).unwrap().to_vec1().unwrap();
-        let want = [-50.0, -1.3132616875, -0.6931471806, -0.3132616875, -1.9287498e-22];
+        let want = [-50.0, -1.3132616875, -std::f64::consts::LN_2, -0.3132616875, -1.9287498e-22]; // log σ(0) = −ln 2
         for (a, b) in y.iter().zip(want) {
             assert!((*a as f64 - b).abs() < 1e-6, "{y:?}");
         }

@@ -60,8 +60,8 @@ pub fn slic_loss(
 ) -> Result<PairedOutput> {
     let b = policy_chosen_logps.dims1()?;
     check_rows(b, &[("policy_rejected_logps", policy_rejected_logps)])?;
-    // relu(x) = max(0, x); its gradient at exactly 0 is 0, as torch.clamp(min=0) has it.
-    let hinge = ((policy_rejected_logps - policy_chosen_logps)? + config.delta)?.relu()?; // [b]
+    // max(0, x) with gradient 0 at exactly 0, as torch.clamp(min=0) has it.
+    let hinge = super::relu(&((policy_rejected_logps - policy_chosen_logps)? + config.delta)?)?; // [b]
     let nll = (policy_chosen_logps.neg()? * config.lambda_coef)?; // [b]
     let losses = (hinge + nll)?; // [b]
     PairedOutput::new(losses.mean(D::Minus1)?, policy_chosen_logps, policy_rejected_logps)

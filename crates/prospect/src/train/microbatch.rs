@@ -15,7 +15,9 @@ use crate::loss::{
 };
 use crate::model::{token_logps, Llama, RewardModel, ValueHead};
 
-/// The models a run trains and scores with, one variant per kind of trainable model.
+/// The models a run trains and scores with, one variant per kind of trainable model. One value per run,
+/// so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Models {
     /// A causal LM: the paired, unpaired and SFT families.
     Lm(LmModels),
@@ -45,7 +47,8 @@ pub struct TokenModels {
 }
 
 /// The frozen reference: a model run on every microbatch, or its log-probs computed before training
-/// (`precompute_ref_logps`, see [`super::reference`]).
+/// (`precompute_ref_logps`, see [`super::reference`]). One value per run.
+#[allow(clippy::large_enum_variant)]
 pub enum Reference {
     Model(Llama),
     Cached(ReferenceLogps),

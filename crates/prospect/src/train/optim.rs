@@ -294,7 +294,10 @@ mod tests {
         assert!((p[0] - 0.899).abs() < 1e-6 && (p[1] + 1.898).abs() < 1e-6, "{p:?}");
         step(&mut opt, [0.25, 2.0]);
         let p: Vec<f32> = params.get("w.weight").unwrap().as_tensor().to_vec1().unwrap();
-        assert!((p[0] - 0.8048830628395081).abs() < 1e-6 && (p[1] + 1.932712435722351).abs() < 1e-6, "{p:?}");
+        assert!(
+            (p[0] as f64 - 0.8048830628395081).abs() < 1e-6 && (p[1] as f64 + 1.932712435722351).abs() < 1e-6,
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -172,7 +172,8 @@ impl Run {
 
     pub fn eval_due(&self, step: usize) -> bool {
         let every = self.config.eval_every;
-        self.data.eval.is_some() && ((every > 0 && (step + 1) % every == 0) || step + 1 == self.schedule.total_steps)
+        self.data.eval.is_some()
+            && ((every > 0 && (step + 1).is_multiple_of(every)) || step + 1 == self.schedule.total_steps)
     }
 
     /// The loss and metrics on the held-out rows with no gradient, in microbatches of `microbatch_size`
@@ -208,7 +209,7 @@ impl Run {
     }
 
     pub fn checkpoint_due(&self, step: usize) -> bool {
-        self.config.save_every > 0 && (step + 1) % self.config.save_every == 0
+        self.config.save_every > 0 && (step + 1).is_multiple_of(self.config.save_every)
     }
 
     /// Write `output_dir/checkpoint/`: weights, optimizer, step and loss state, resolved config.
