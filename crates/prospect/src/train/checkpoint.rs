@@ -68,3 +68,29 @@ pub fn load(
     let opt = AdamW::load(opt_config, &dir.join("optimizer.safetensors"), state.step, device)?;
     Ok(Some((opt, state)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loss::LossState;
+    use candle_core::{Device, Tensor};
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn a_loss_state_survives_a_checkpoint() {
+        // A stateful loss (BCO's running mean: count, mean, M2) gets back exactly what it saved.
+        let dir = std::env::temp_dir().join(format!("prospect-ckpt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let w = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu).unwrap();
+        let params = Params::from_tensors(&BTreeMap::from([("w.weight".to_string(), w)])).unwrap();
+        let config = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+        let state = TrainerState { step: 7, loss_state: LossState { values: vec![12.0, -0.375, 2.5] } };
+        save(&dir, &params, &AdamW::new(config), &state, "").unwrap();
+        let (_, back) = load(&dir, &params, config, &Device::Cpu).unwrap().unwrap();
+        assert_eq!((back.step, back.loss_state), (7, state.loss_state));
+        // A checkpoint from before the state existed reads as an empty state.
+        let old: TrainerState = serde_json::from_str(r#"{"step": 3}"#).unwrap();
+        assert_eq!(old.loss_state, LossState::default());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
