@@ -278,20 +278,29 @@ impl TrainConfig {
     }
 
     fn validate_optimizer(&self) -> Result<()> {
-        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
-            return Err(Error::config("learning_rate", "must be a finite number >= 0"));
+        // The weights are f32: a value that overflows f32 would make every weight infinite at step 1.
+        let f32_max = f32::MAX as f64;
+        if !(self.learning_rate > 0.0 && self.learning_rate <= f32_max) {
+            return Err(Error::config(
+                "learning_rate",
+                format!("must be > 0 and at most {f32_max:e} (f32), got {}", self.learning_rate),
+            ));
         }
         for (key, value) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
             if !(0.0..1.0).contains(&value) {
                 return Err(Error::config(key, format!("must be in [0, 1), got {value}")));
             }
         }
-        if !(self.adam_epsilon.is_finite() && self.adam_epsilon > 0.0) {
-            return Err(Error::config("adam_epsilon", "must be a finite number > 0"));
+        let f32_min = f32::MIN_POSITIVE as f64;
+        if !(self.adam_epsilon >= f32_min && self.adam_epsilon <= f32_max) {
+            return Err(Error::config(
+                "adam_epsilon",
+                format!("must be in [{f32_min:e}, {f32_max:e}] (a positive f32), got {}", self.adam_epsilon),
+            ));
         }
         for (key, value) in [("weight_decay", self.weight_decay), ("max_grad_norm", self.max_grad_norm)] {
-            if !(value.is_finite() && value >= 0.0) {
-                return Err(Error::config(key, format!("must be a finite number >= 0, got {value}")));
+            if !(value >= 0.0 && value <= f32_max) {
+                return Err(Error::config(key, format!("must be a number in [0, {f32_max:e}], got {value}")));
             }
         }
         Ok(())

@@ -256,3 +256,15 @@ fn a_diverging_run_names_its_step_and_loss() {
     let err = train(&c, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap_err().to_string();
     assert!(err.starts_with("step 2 (kto): numerics: non-finite"), "{err}");
 }
+
+#[test]
+fn an_update_that_overflows_the_weights_stops_the_run_before_anything_is_saved() {
+    // Decay factor 1 − lr·λ = 1 − 1e40 is −inf in f32: every decayed weight overflows at step 1.
+    let out = scratch("overflow");
+    let mut c = trl_config("unpaired.jsonl", LossConfig::Kto(KtoConfig::default()), &out);
+    (c.learning_rate, c.weight_decay, c.save_every) = (1e10, 1e30, 1);
+    let err = train(&c, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap_err().to_string();
+    assert!(err.starts_with("step 1 (kto): numerics: the AdamW update (lr 1e10) made"), "{err}");
+    assert!(err.contains("non-finite"), "{err}");
+    assert!(!out.join("final").exists() && !out.join("checkpoint").exists(), "a non-finite model was saved");
+}

@@ -12,7 +12,7 @@
 //!
 //! Shapes: every input is `[b]`, one value per pair.
 
-use candle_core::{Tensor, D};
+use candle_core::D;
 use serde::{Deserialize, Serialize};
 
 use super::{check_positive, check_rows, relu, Loss, LossOutput, PairedInputs, PairedLoss, PairedOutput};
@@ -65,7 +65,7 @@ impl PairedLoss for HingeConfig {
 mod tests {
     use super::*;
     use crate::loss::LossState;
-    use candle_core::{Device, Var};
+    use candle_core::{Device, Tensor, Var};
 
     #[test]
     fn matches_hand_calculation() {

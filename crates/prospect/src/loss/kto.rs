@@ -58,6 +58,7 @@ impl Loss for KtoConfig {
         check_positive("loss.beta", self.beta)?;
         check_non_negative("loss.desirable_weight", self.desirable_weight)?;
         check_non_negative("loss.undesirable_weight", self.undesirable_weight)?;
+        check_some_weight(self.desirable_weight, self.undesirable_weight)?;
         if microbatch_size < 2 {
             return Err(Error::config(
                 "microbatch_size",
@@ -104,6 +105,14 @@ impl UnpairedLoss for KtoConfig {
         };
         Ok(kto_loss(self, &inputs)?.into())
     }
+}
+
+/// λ_D = λ_U = 0 would train nothing while looking like a run.
+pub(crate) fn check_some_weight(desirable: f64, undesirable: f64) -> Result<()> {
+    if desirable == 0.0 && undesirable == 0.0 {
+        return Err(Error::config("loss.desirable_weight", "desirable_weight and undesirable_weight are both 0"));
+    }
+    Ok(())
 }
 
 /// Log-probs of one microbatch, summed over each row's completion tokens.

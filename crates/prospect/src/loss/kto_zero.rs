@@ -55,7 +55,8 @@ impl Loss for KtoZeroConfig {
     fn validate(&self, _microbatch_size: usize) -> Result<()> {
         check_positive("loss.beta", self.beta)?;
         check_non_negative("loss.desirable_weight", self.desirable_weight)?;
-        check_non_negative("loss.undesirable_weight", self.undesirable_weight)
+        check_non_negative("loss.undesirable_weight", self.undesirable_weight)?;
+        super::kto::check_some_weight(self.desirable_weight, self.undesirable_weight)
     }
 
     fn needs_reference(&self) -> bool {

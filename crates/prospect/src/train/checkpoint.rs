@@ -2,7 +2,10 @@
 //! that is replaced atomically. Data order is a pure function of (`seed`, epoch), so a resumed run
 //! replays exactly the batches an uninterrupted one would have seen.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +22,17 @@ pub struct TrainerState {
     pub loss_state: crate::loss::LossState,
 }
 
+/// Fail when any tensor holds a NaN or an infinity: nothing non-finite is saved or resumed from.
+pub fn ensure_finite(tensors: &BTreeMap<String, Tensor>, what: &Path) -> Result<()> {
+    for (name, t) in tensors {
+        let max = t.abs()?.max_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        if !max.is_finite() {
+            return Err(Error::Numerics(format!("{}: `{name}` holds non-finite values", what.display())));
+        }
+    }
+    Ok(())
+}
+
 pub fn checkpoint_dir(output_dir: &Path) -> PathBuf {
     output_dir.join("checkpoint")
 }
@@ -32,8 +46,10 @@ pub fn save(
     config_toml: &str,
 ) -> Result<PathBuf> {
     let dir = checkpoint_dir(output_dir);
+    let tensors = params.detached_tensors();
+    ensure_finite(&tensors, &dir)?;
     crate::fsio::replace_dir_atomic(&dir, |tmp| {
-        crate::model::save_tensors(&params.detached_tensors(), &tmp.join("model.safetensors"))?;
+        crate::model::save_tensors(&tensors, &tmp.join("model.safetensors"))?;
         opt.save(&tmp.join("optimizer.safetensors"))?;
         crate::fsio::write_json_atomic(&tmp.join("trainer_state.json"), state)?;
         crate::fsio::write_atomic(&tmp.join("prospect.toml"), config_toml.as_bytes())
@@ -58,6 +74,7 @@ pub fn load(
     let state: TrainerState =
         serde_json::from_str(&text).map_err(|e| Error::model(&state_path, format!("invalid trainer state: {e}")))?;
     let tensors = load_tensors(&dir, TRAIN_DTYPE, device)?;
+    ensure_finite(&tensors, &dir)?;
     for (name, var) in params.iter() {
         let t = tensors.get(name).ok_or_else(|| Error::model(&dir, format!("checkpoint lacks parameter `{name}`")))?;
         if t.dims() != var.dims() {
@@ -74,7 +91,6 @@ mod tests {
     use super::*;
     use crate::loss::LossState;
     use candle_core::{Device, Tensor};
-    use std::collections::BTreeMap;
 
     #[test]
     fn a_loss_state_survives_a_checkpoint() {

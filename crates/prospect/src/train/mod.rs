@@ -72,6 +72,13 @@ pub fn train(
     for step in run.steps() {
         let metrics = run.step(step).map_err(|e| e.in_step(step + 1, run.loss_name()))?;
         run.log(&metrics)?;
+        if metrics.grad_norm == 0.0 {
+            on_event(Event::Notice(format!(
+                "step {}: the gradient is exactly zero, so the weights did not learn (saturated or destroyed \
+                 weights, e.g. a learning rate far too high)",
+                step + 1
+            )));
+        }
         on_event(Event::Step(metrics.clone()));
         history.push(metrics);
         if run.eval_due(step) {

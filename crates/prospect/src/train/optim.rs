@@ -19,7 +19,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use candle_core::{CpuStorage, Device, InplaceOp2, InplaceOp3, Layout, Tensor};
+
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -58,6 +61,9 @@ impl AdamW {
     }
 
     /// Apply one update with learning rate `lr`, in place. Parameters without a gradient are left untouched.
+    ///
+    /// The numerics guard: the fused loop counts updated weights that are not finite, and the step fails
+    /// on the first such parameter, naming it (the run then stops before anything is saved).
     pub fn step(&mut self, params: &Params, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
         self.step += 1;
         let c = self.config;
@@ -74,11 +80,21 @@ impl AdamW {
             m.inplace_op2(&g, &MomentUpdate { beta: c.beta1, square: false })?;
             v.inplace_op2(&g, &MomentUpdate { beta: c.beta2, square: true })?;
             let decay = if c.weight_decay != 0.0 && decays(name) { Some(1.0 - lr * c.weight_decay) } else { None };
-            var.as_tensor().inplace_op3(
-                m,
-                v,
-                &ParamUpdate { decay, inv_bias2_sqrt: 1.0 / bias2_sqrt, eps: c.eps, step_size: lr / bias1 },
-            )?;
+            let update = ParamUpdate {
+                decay,
+                inv_bias2_sqrt: 1.0 / bias2_sqrt,
+                eps: c.eps,
+                step_size: lr / bias1,
+                non_finite: AtomicUsize::new(0),
+            };
+            var.as_tensor().inplace_op3(m, v, &update)?;
+            let bad = update.non_finite.into_inner();
+            if bad > 0 {
+                return Err(Error::Numerics(format!(
+                    "the AdamW update (lr {lr:e}) made {bad} of {} weights of `{name}` non-finite",
+                    var.elem_count()
+                )));
+            }
         }
         Ok(())
     }
@@ -174,6 +190,8 @@ struct ParamUpdate {
     inv_bias2_sqrt: f64,
     eps: f64,
     step_size: f64,
+    /// Updated weights that came out non-finite, counted as the loop runs (the numerics guard).
+    non_finite: AtomicUsize,
 }
 
 impl InplaceOp3 for ParamUpdate {
@@ -201,14 +219,20 @@ impl InplaceOp3 for ParamUpdate {
         let p = &mut p[p0..p1];
         let m = &s2.as_slice::<f32>()?[m0..m1];
         let v = &s3.as_slice::<f32>()?[v0..v1];
-        p.par_iter_mut().zip(m.par_iter().zip(v.par_iter())).for_each(|(p, (&m, &v))| {
-            let p_decayed = match decay {
-                Some(d) => *p * d,
-                None => *p,
-            };
-            let denom = v.sqrt() * inv_b2 + eps;
-            *p = p_decayed - (m / denom) * step;
-        });
+        let non_finite: usize = p
+            .par_iter_mut()
+            .zip(m.par_iter().zip(v.par_iter()))
+            .map(|(p, (&m, &v))| {
+                let p_decayed = match decay {
+                    Some(d) => *p * d,
+                    None => *p,
+                };
+                let denom = v.sqrt() * inv_b2 + eps;
+                *p = p_decayed - (m / denom) * step;
+                usize::from(!p.is_finite())
+            })
+            .sum();
+        self.non_finite.fetch_add(non_finite, Ordering::Relaxed);
         Ok(())
     }
 }

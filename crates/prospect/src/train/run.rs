@@ -227,6 +227,7 @@ impl Run {
             )));
         }
         let final_dir = self.config.output_dir.join("final");
+        checkpoint::ensure_finite(&self.policy.params.detached_tensors(), &final_dir)?;
         let config_toml = self.config.to_toml()?;
         let mut extra: Vec<(&str, &[u8])> = vec![("prospect.toml", config_toml.as_bytes())];
         if let Some(bytes) = &self.changed_tokenizer {
