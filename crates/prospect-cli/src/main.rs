@@ -234,7 +234,7 @@ fn run_train(path: &PathBuf, set: &[String], resume: bool) -> Result<()> {
             eprintln!("saved {}", dir.display());
         }
     };
-    train(&config, &device, RunOptions { resume }, &mut on_event)?;
+    train(&config, &device, RunOptions { resume, resume_force: false }, &mut on_event)?;
     Ok(())
 }
 

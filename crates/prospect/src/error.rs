@@ -58,6 +58,10 @@ pub enum Error {
     #[error("{}: {message}", path.display())]
     Output { path: PathBuf, message: String },
 
+    /// `--resume` cannot continue from this checkpoint folder.
+    #[error("cannot resume from {}: {message}", path.display())]
+    Resume { path: PathBuf, message: String },
+
     /// An error raised inside an optimizer step, with the step (1-based) and the loss that was running.
     #[error("step {step} ({loss}): {source}")]
     Step { step: usize, loss: &'static str, source: Box<Error> },

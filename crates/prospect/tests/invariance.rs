@@ -96,7 +96,13 @@ fn resumed_run_equals_uninterrupted_run() {
     train(&first, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
     let mut second = first.clone();
     second.max_steps = Some(4);
-    let resumed = train(&second, &Device::Cpu, RunOptions { resume: true }, &mut |_| {}).unwrap();
+    // The checkpoint's fingerprint has max_steps = 2 (this stands in for a kill after step 2): a plain
+    // --resume refuses it, naming the difference; forcing it continues.
+    let refused = train(&second, &Device::Cpu, RunOptions { resume: true, resume_force: false }, &mut |_| {});
+    let err = refused.unwrap_err().to_string();
+    assert!(err.contains("different run") && err.contains("max_steps: 2 → 4"), "{err}");
+    let forced = RunOptions { resume: true, resume_force: true };
+    let resumed = train(&second, &Device::Cpu, forced, &mut |_| {}).unwrap();
     assert_eq!(resumed.first().map(|m| m.step), Some(3), "the resumed run must start at step 3");
 
     let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
@@ -131,4 +137,30 @@ fn saved_model_reloads_to_the_same_logits() {
         assert!(out.join("final").join(f).exists(), "final/ lacks {f}");
     }
     assert!(!weights(&out.join("final")).contains_key("lm_head.weight"));
+}
+
+#[test]
+fn resume_refuses_what_it_cannot_trust() {
+    let dir = scratch("resume-refusals");
+    let mut c = trl_config("unpaired.jsonl", LossConfig::Kto(KtoConfig::default()), &dir);
+    (c.max_steps, c.save_every) = (Some(1), 1);
+    let resume = RunOptions { resume: true, resume_force: false };
+    // Nothing to resume from: an error, not a silent fresh start.
+    let err = train(&c, &Device::Cpu, resume, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("cannot resume") && err.contains("there is no checkpoint"), "{err}");
+    train(&c, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
+    // Another learning rate and seed in the same output_dir: every difference is listed.
+    let mut other = c.clone();
+    (other.learning_rate, other.seed) = (2e-2, 7);
+    let err = train(&other, &Device::Cpu, resume, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("learning_rate: 0.01 → 0.02") && err.contains("seed: 0 → 7"), "{err}");
+    // Other data: the digest differs.
+    let mut data = c.clone();
+    data.train_data = fixtures().join("data/paired.jsonl");
+    let err = train(&data, &Device::Cpu, resume, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("train_data.sha256"), "{err}");
+    // A checkpoint without its trainer state is incomplete, not a fresh start.
+    std::fs::remove_file(dir.join("checkpoint/trainer_state.json")).unwrap();
+    let err = train(&c, &Device::Cpu, resume, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("incomplete"), "{err}");
 }

@@ -9,6 +9,7 @@ use candle_core::Tensor;
 
 use serde::{Deserialize, Serialize};
 
+use super::fingerprint::Fingerprint;
 use super::optim::{AdamW, AdamWConfig};
 use crate::error::{Error, Result};
 use crate::model::{load_tensors, Params, TRAIN_DTYPE};
@@ -20,6 +21,9 @@ pub struct TrainerState {
     /// The loss's own state across steps (empty for stateless losses; see `loss::Loss::observe`).
     #[serde(default)]
     pub loss_state: crate::loss::LossState,
+    /// What determined the run that wrote this checkpoint; `None` in checkpoints older than the field.
+    #[serde(default)]
+    pub fingerprint: Option<Fingerprint>,
 }
 
 /// Fail when any tensor holds a NaN or an infinity: nothing non-finite is saved or resumed from.
@@ -57,22 +61,32 @@ pub fn save(
     Ok(dir)
 }
 
-/// Load a checkpoint into `params` (in place) and return the optimizer and state, or `None` when
-/// there is no checkpoint.
+/// Load `output_dir/checkpoint/` into `params` (in place) and return the optimizer and state. First
+/// completes a swap that a kill interrupted. Refuses (unless `force`) a checkpoint whose fingerprint
+/// differs from `fingerprint`, and always refuses a missing or incomplete one and non-finite weights.
+/// The `Vec` says what recovery did.
 pub fn load(
     output_dir: &Path,
     params: &Params,
     opt_config: AdamWConfig,
     device: &candle_core::Device,
-) -> Result<Option<(AdamW, TrainerState)>> {
+    fingerprint: &Fingerprint,
+    force: bool,
+) -> Result<(AdamW, TrainerState, Vec<String>)> {
     let dir = checkpoint_dir(output_dir);
+    let recovered = crate::fsio::recover(&dir)?;
+    let refuse = |message: String| Error::Resume { path: dir.clone(), message };
+    if !dir.exists() {
+        return Err(refuse("there is no checkpoint (run without --resume to start afresh)".into()));
+    }
     let state_path = dir.join("trainer_state.json");
     if !state_path.exists() {
-        return Ok(None);
+        return Err(refuse("the checkpoint is incomplete: it has no trainer_state.json".into()));
     }
     let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
     let state: TrainerState =
         serde_json::from_str(&text).map_err(|e| Error::model(&state_path, format!("invalid trainer state: {e}")))?;
+    check_fingerprint(&state, fingerprint, force).map_err(refuse)?;
     let tensors = load_tensors(&dir, TRAIN_DTYPE, device)?;
     ensure_finite(&tensors, &dir)?;
     for (name, var) in params.iter() {
@@ -83,7 +97,18 @@ pub fn load(
         var.set(t)?;
     }
     let opt = AdamW::load(opt_config, &dir.join("optimizer.safetensors"), state.step, device)?;
-    Ok(Some((opt, state)))
+    Ok((opt, state, recovered))
+}
+
+fn check_fingerprint(state: &TrainerState, now: &Fingerprint, force: bool) -> std::result::Result<(), String> {
+    let differences = match &state.fingerprint {
+        Some(then) => then.differences(now),
+        None => vec!["the checkpoint has no fingerprint (it predates them)".to_string()],
+    };
+    if differences.is_empty() || force {
+        return Ok(());
+    }
+    Err(format!("it was written by a different run (--resume-force continues anyway):\n  {}", differences.join("\n  ")))
 }
 
 #[cfg(test)]
@@ -100,9 +125,11 @@ mod tests {
         let w = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu).unwrap();
         let params = Params::from_tensors(&BTreeMap::from([("w.weight".to_string(), w)])).unwrap();
         let config = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-        let state = TrainerState { step: 7, loss_state: LossState { values: vec![12.0, -0.375, 2.5] } };
+        let fingerprint = Fingerprint::default();
+        let loss_state = LossState { values: vec![12.0, -0.375, 2.5] };
+        let state = TrainerState { step: 7, loss_state, fingerprint: Some(fingerprint.clone()) };
         save(&dir, &params, &AdamW::new(config), &state, "").unwrap();
-        let (_, back) = load(&dir, &params, config, &Device::Cpu).unwrap().unwrap();
+        let (_, back, _) = load(&dir, &params, config, &Device::Cpu, &fingerprint, false).unwrap();
         assert_eq!((back.step, back.loss_state), (7, state.loss_state));
         // A checkpoint from before the state existed reads as an empty state.
         let old: TrainerState = serde_json::from_str(r#"{"step": 3}"#).unwrap();

@@ -13,6 +13,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod fingerprint;
 pub mod metrics;
 pub mod microbatch;
 pub mod optim;
@@ -56,8 +57,11 @@ pub enum Event {
 /// How to start a run.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunOptions {
-    /// Continue from `output_dir/checkpoint/` if there is one.
+    /// Continue from `output_dir/checkpoint/`; an error when there is none, or when it was written by a
+    /// run with another fingerprint (config, model or data).
     pub resume: bool,
+    /// With `resume`: continue even though the fingerprint differs (e.g. more steps on purpose).
+    pub resume_force: bool,
 }
 
 /// Train as `config` says and save `output_dir/final/`. Returns the metrics of the steps it ran.

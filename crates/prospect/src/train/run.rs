@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::checkpoint::{self, TrainerState};
 use super::data::{self, RunData};
+use super::fingerprint::Fingerprint;
 use super::metrics::{ObjectiveAccumulator, StepMetrics};
 use super::microbatch::{self, LmModels, Mode, Models, Reference, TokenModels};
 use super::optim::{accumulate, clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
@@ -37,6 +38,7 @@ pub struct Run {
     settings: BatchSettings,
     opt: AdamW,
     start_step: usize,
+    fingerprint: Fingerprint,
     log: MetricsLog,
     /// The tokenizer to save with the model when the run changed it (CSFT's control tokens).
     changed_tokenizer: Option<Vec<u8>>,
@@ -54,7 +56,8 @@ impl Run {
         let (tok, policy, changed_tokenizer) = load_policy(config, device, on_event)?;
         let data = data::load(config, &tok, on_event)?;
         let schedule = Schedule::new(config, data.train.len());
-        let (opt, resumed) = resume(config, &policy, options, device, on_event)?;
+        let fingerprint = Fingerprint::of(config)?;
+        let (opt, resumed) = resume(config, &policy, options, &fingerprint, device, on_event)?;
         let start_step = resumed.as_ref().map_or(0, |s| s.step);
         let loss_state = resumed.map(|s| s.loss_state).unwrap_or_default();
         let log = MetricsLog::open(&config.output_dir, start_step)?;
@@ -80,6 +83,7 @@ impl Run {
             settings,
             opt,
             start_step,
+            fingerprint,
             log,
             changed_tokenizer,
         })
@@ -214,7 +218,11 @@ impl Run {
 
     /// Write `output_dir/checkpoint/`: weights, optimizer, step and loss state, resolved config.
     pub fn checkpoint(&self, step: usize) -> Result<PathBuf> {
-        let state = TrainerState { step: step + 1, loss_state: self.loss_state.clone() };
+        let state = TrainerState {
+            step: step + 1,
+            loss_state: self.loss_state.clone(),
+            fingerprint: Some(self.fingerprint.clone()),
+        };
         checkpoint::save(&self.config.output_dir, &self.policy.params, &self.opt, &state, &self.config.to_toml()?)
     }
 
@@ -281,6 +289,7 @@ fn resume(
     config: &TrainConfig,
     policy: &Policy,
     options: RunOptions,
+    fingerprint: &Fingerprint,
     device: &Device,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<(AdamW, Option<TrainerState>)> {
@@ -294,14 +303,14 @@ fn resume(
     if !options.resume {
         return Ok((AdamW::new(opt_config), None));
     }
-    match checkpoint::load(&config.output_dir, &policy.params, opt_config, device)? {
-        Some((opt, state)) => {
-            let dir = checkpoint::checkpoint_dir(&config.output_dir);
-            on_event(Event::Notice(format!("resuming after step {} from {}", state.step, dir.display())));
-            Ok((opt, Some(state)))
-        }
-        None => Ok((AdamW::new(opt_config), None)),
+    let (opt, state, recovered) =
+        checkpoint::load(&config.output_dir, &policy.params, opt_config, device, fingerprint, options.resume_force)?;
+    for line in recovered {
+        on_event(Event::Notice(format!("checkpoint recovery: {line}")));
     }
+    let dir = checkpoint::checkpoint_dir(&config.output_dir);
+    on_event(Event::Notice(format!("resuming after step {} from {}", state.step, dir.display())));
+    Ok((opt, Some(state)))
 }
 
 /// The reference, when the loss has one: the frozen model, or (with `precompute_ref_logps`) its
