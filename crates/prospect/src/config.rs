@@ -205,15 +205,41 @@ impl TrainConfig {
     }
 
     /// Parse a TOML document, apply `key=value` overrides (dotted keys reach into tables, e.g.
-    /// `loss.beta=0.2`), and validate. Relative paths are resolved against `base_dir`.
+    /// `loss.beta=0.2`), and validate. Relative paths are resolved against `base_dir`. Errors name where
+    /// the offending key was written: `line N` of `text`, or the `--set` override.
     pub fn from_toml(text: &str, overrides: &[String], base_dir: &Path) -> Result<Self> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| Error::config("<file>", e.to_string()))?;
+        Self::parse(text, overrides, base_dir).map_err(|e| Origin { file: None, text, overrides }.blame(e))
+    }
+
+    /// Read and parse a config file; relative paths in it are relative to the current directory,
+    /// as a user typing them at a shell expects. Errors name `FILE:LINE` or the `--set` override.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text, overrides, Path::new(""))
+            .map_err(|e| Origin { file: Some(path), text: &text, overrides }.blame(e))
+    }
+
+    fn parse(text: &str, overrides: &[String], base_dir: &Path) -> Result<Self> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            let origin = line.map_or("config".into(), |l| format!("line {l}"));
+            Error::Config { origin, key: "(syntax)".into(), message: e.message().trim_end().into() }
+        })?;
         for item in overrides {
             apply_override(&mut table, item)?;
         }
-        let mut config: TrainConfig = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::config("<file>", e.to_string()))?;
+        // Deserialized from the canonical text of the merged table, so that an error's span names its key.
+        let canonical = toml::to_string(&table).map_err(|e| Error::config("(overrides)", e.to_string()))?;
+        let mut config: TrainConfig = toml::from_str(&canonical).map_err(|e| {
+            let mut key = e.span().map(|span| key_at(&canonical, span.start)).unwrap_or_default();
+            // An unknown key inside a tagged table (`[loss]`) is reported at the table: name the key.
+            if let Some(field) = e.message().strip_prefix("unknown field `").and_then(|m| m.split('`').next()) {
+                if !key.ends_with(field) {
+                    key = if key.is_empty() { field.to_string() } else { format!("{key}.{field}") };
+                }
+            }
+            Error::config(key, e.message().trim_end())
+        })?;
         for path in [&mut config.model, &mut config.train_data, &mut config.output_dir] {
             if path.is_relative() {
                 *path = base_dir.join(&*path);
@@ -228,16 +254,6 @@ impl TrainConfig {
         }
         config.validate()?;
         Ok(config)
-    }
-
-    /// Read and parse a config file; relative paths in it are relative to the current directory,
-    /// as a user typing them at a shell expects.
-    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_toml(&text, overrides, Path::new("")).map_err(|e| match e {
-            Error::Config { key, message } => Error::config(key, format!("{message} (in {})", path.display())),
-            other => other,
-        })
     }
 
     /// The resolved config as TOML, as saved next to checkpoints.
@@ -382,18 +398,92 @@ impl TrainConfig {
     }
 }
 
+/// Where a config's keys were written, so that an error can name the place: the override that set the
+/// key last, else the key's line in the file.
+struct Origin<'a> {
+    file: Option<&'a Path>,
+    text: &'a str,
+    overrides: &'a [String],
+}
+
+impl Origin<'_> {
+    fn blame(&self, error: Error) -> Error {
+        let Error::Config { origin, key, message } = error else { return error };
+        let origin = match origin.strip_prefix("line ") {
+            // A syntax error: the parser knows the line.
+            Some(line) => self.file.map_or(origin.clone(), |f| format!("{}:{line}", f.display())),
+            None if origin == "config" => self.describe(&key),
+            None => origin,
+        };
+        Error::Config { origin, key, message }
+    }
+
+    fn describe(&self, key: &str) -> String {
+        let overridden = |item: &&String| item.split_once('=').is_some_and(|(k, _)| k.trim() == key);
+        if let Some(item) = self.overrides.iter().rev().find(overridden) {
+            return format!("--set {item}");
+        }
+        match (self.file, key_line(self.text, key)) {
+            (Some(file), Some(line)) => format!("{}:{line}", file.display()),
+            (Some(file), None) => file.display().to_string(),
+            (None, Some(line)) => format!("line {line}"),
+            (None, None) => "config".into(),
+        }
+    }
+}
+
+/// The 1-based line on which the dotted `key` (`loss.beta`) is written in the TOML `text`, if it is:
+/// `beta = ..` under `[loss]`, or `loss.beta = ..` at the top.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    let mut table = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            table = header.trim().to_string();
+            if table == key {
+                return Some(i + 1);
+            }
+        } else if let Some((k, _)) = line.split_once('=') {
+            let k: String = k.split('.').map(|p| p.trim().trim_matches('"')).collect::<Vec<_>>().join(".");
+            let full = if table.is_empty() { k } else { format!("{table}.{k}") };
+            if full == key {
+                return Some(i + 1);
+            }
+        }
+    }
+    None
+}
+
+/// The dotted key written on the line of `byte` in canonical TOML (as `toml::to_string` writes it).
+fn key_at(text: &str, byte: usize) -> String {
+    let start = text[..byte.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next().unwrap_or("");
+    let table = text[..start].lines().rev().find_map(|l| l.strip_prefix('[').and_then(|l| l.strip_suffix(']')));
+    let key = line.split('=').next().unwrap_or("").trim().trim_matches('"');
+    match table {
+        Some(t) if !line.starts_with('[') => format!("{t}.{key}"),
+        _ => key.trim_start_matches('[').trim_end_matches(']').to_string(),
+    }
+}
+
+fn line_of(text: &str, byte: usize) -> usize {
+    text[..byte.min(text.len())].matches('\n').count() + 1
+}
+
 /// Apply one `key=value` override to a parsed TOML table. The value is parsed as a TOML value
 /// (`0.2`, `true`, `"text"`, `[1, 2]`) and falls back to a bare string (`lr_scheduler=cosine`).
 pub fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
-    let (key, raw) = item.split_once('=').ok_or_else(|| Error::config(item, "an override must look like key=value"))?;
+    let blame =
+        |key: &str, message: String| Error::Config { origin: format!("--set {item}"), key: key.into(), message };
+    let (key, raw) = item.split_once('=').ok_or_else(|| blame(item, "an override must look like KEY=VALUE".into()))?;
     let key = key.trim();
     let value = parse_override_value(raw.trim());
     let mut parts: Vec<&str> = key.split('.').collect();
-    let last = parts.pop().filter(|s| !s.is_empty()).ok_or_else(|| Error::config(key, "empty key"))?;
+    let last = parts.pop().filter(|s| !s.is_empty()).ok_or_else(|| blame(key, "empty key".into()))?;
     let mut current = table;
     for part in parts {
         let entry = current.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        current = entry.as_table_mut().ok_or_else(|| Error::config(key, format!("`{part}` is not a table")))?;
+        current = entry.as_table_mut().ok_or_else(|| blame(key, format!("`{part}` is not a table")))?;
     }
     current.insert(last.to_string(), value);
     Ok(())
@@ -462,6 +552,45 @@ mod tests {
         assert!(err.contains("learnin_rate"), "{err}");
         let err = TrainConfig::from_toml(MINIMAL, &["loss.betta=1".into()], Path::new("")).unwrap_err().to_string();
         assert!(err.contains("betta"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_the_line_or_the_override_that_wrote_the_key() {
+        // Line numbers below count the lines of `text` (1-based).
+        let text = "model = \"m\"\ntrain_data = \"d.jsonl\"\noutput_dir = \"out\"\nlearning_rate = 0.0\n\n[loss]\ntype = \"kto\"\nbeta = -1.0\n";
+        let err = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            TrainConfig::from_toml(text, &sets, Path::new("")).unwrap_err().to_string()
+        };
+        assert_eq!(err(&[]), "line 4: `learning_rate`: must be > 0 and at most 3.4028234663852886e38 (f32), got 0");
+        assert_eq!(err(&["learning_rate=1e-3"]), "line 8: `loss.beta`: must be a finite number > 0, got -1");
+        assert_eq!(
+            err(&["learning_rate=1e-3", "loss.beta=0"]),
+            "--set loss.beta=0: `loss.beta`: must be a finite number > 0, got 0"
+        );
+        assert!(
+            err(&["loss.bta=1"]).starts_with("--set loss.bta=1: `loss.bta`: unknown field `bta`"),
+            "{}",
+            err(&["loss.bta=1"])
+        );
+        assert_eq!(
+            err(&["learning_rate"]),
+            "--set learning_rate: `learning_rate`: an override must look like KEY=VALUE"
+        );
+        let bad_type = text.replace("learning_rate = 0.0", "learning_rate = \"fast\"");
+        let e = TrainConfig::from_toml(&bad_type, &[], Path::new("")).unwrap_err().to_string();
+        assert!(e.starts_with("line 4: `learning_rate`: invalid type: string \"fast\""), "{e}");
+        let e = TrainConfig::from_toml("model = \nx", &[], Path::new("")).unwrap_err().to_string();
+        assert!(e.starts_with("line 1: `(syntax)`: "), "{e}");
+
+        // From a file, the origin is FILE:LINE.
+        let dir = std::env::temp_dir().join(format!("prospect-config-origin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("run.toml");
+        std::fs::write(&file, text).unwrap();
+        let e = TrainConfig::load(&file, &[]).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}:4: `learning_rate`", file.display())), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -14,9 +14,10 @@ pub enum Error {
     #[error("{}: {message}", path.display())]
     DataFile { path: PathBuf, message: String },
 
-    /// A configuration value is invalid. `key` is the TOML key, e.g. `loss.beta`.
-    #[error("config: `{key}`: {message}")]
-    Config { key: String, message: String },
+    /// A configuration value is invalid. `key` is the TOML key, e.g. `loss.beta`; `origin` is where the
+    /// value was written: `FILE:LINE`, `--set KEY=VALUE`, or `config` when no file is involved.
+    #[error("{origin}: `{key}`: {message}")]
+    Config { origin: String, key: String, message: String },
 
     /// A model folder is missing a file or holds one we cannot use.
     #[error("model {}: {message}", path.display())]
@@ -38,9 +39,10 @@ pub enum Error {
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
 
-    /// A tensor operation failed inside candle.
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    /// A tensor operation failed inside candle. The message leaves out the backtrace candle attaches when
+    /// `RUST_BACKTRACE` is set: it is about our internals, not the user's problem.
+    #[error("{}", candle_message(.0))]
+    Candle(candle_core::Error),
 
     /// A judge could not score (an LLM judge's HTTP call failed, or it answered something unusable).
     #[error("judge {judge}: {message}")]
@@ -63,8 +65,25 @@ pub enum Error {
     Resume { path: PathBuf, message: String },
 
     /// An error raised inside an optimizer step, with the step (1-based) and the loss that was running.
-    #[error("step {step} ({loss}): {source}")]
-    Step { step: usize, loss: &'static str, source: Box<Error> },
+    #[error("step {step} ({loss}): {error}")]
+    Step { step: usize, loss: &'static str, error: Box<Error> },
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e) // not a `source`: a CLI printing the cause chain would print the backtrace again
+    }
+}
+
+/// A candle error's message without the backtraces and with its context and path in one line.
+fn candle_message(e: &candle_core::Error) -> String {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => candle_message(inner),
+        E::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        E::WithPath { inner, path } => format!("{}: {}", path.display(), candle_message(inner)),
+        other => other.to_string(),
+    }
 }
 
 /// Result with the library's [`Error`].
@@ -72,7 +91,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub(crate) fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Config { key: key.into(), message: message.into() }
+        Error::Config { origin: "config".into(), key: key.into(), message: message.into() }
     }
 
     pub(crate) fn model(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
@@ -87,11 +106,27 @@ impl Error {
     pub(crate) fn in_step(self, step: usize, loss: &'static str) -> Self {
         match self {
             e @ Error::Step { .. } => e,
-            e => Error::Step { step, loss, source: Box::new(e) },
+            e => Error::Step { step, loss, error: Box::new(e) },
         }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candle_errors_print_without_backtraces() {
+        let inner = candle_core::Error::Msg("index 1780 out of range".into());
+        let traced = candle_core::Error::WithBacktrace {
+            inner: Box::new(inner),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let e = Error::from(traced.context("embedding lookup"));
+        assert_eq!(e.to_string(), "embedding lookup: index 1780 out of range");
     }
 }

@@ -93,13 +93,36 @@ pub fn replace_dir_atomic(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -
         let _ = std::fs::remove_dir_all(&tmp); // e.g. a full disk: do not leave the partial copy behind
         return Err(e);
     }
+    pause_point(dest, "filled");
     std::fs::rename(&tmp, &ready).map_err(|e| Error::io(&tmp, e))?;
     // A rename cannot replace a non-empty folder: move the old one aside first.
     if dest.exists() {
         std::fs::rename(dest, &old).map_err(|e| Error::io(dest, e))?;
     }
+    pause_point(dest, "swapping");
     std::fs::rename(&ready, dest).map_err(|e| Error::io(dest, e))?;
     remove_any(&old)
+}
+
+/// Fault injection for the kill test (`crates/prospect-cli/tests/kill.rs`): when the environment variable
+/// `PROSPECT_PAUSE_AT` is `NAME:STAGE@N` and this is the N-th visit of that point (`NAME` is the file name
+/// of the folder being replaced, e.g. `checkpoint:swapping@2`), print `paused at ...` to stderr and wait
+/// to be killed. Unset, it costs one environment lookup per folder write.
+pub fn pause_point(dest: &Path, stage: &str) {
+    static VISITS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let Ok(spec) = std::env::var("PROSPECT_PAUSE_AT") else { return };
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let (point, nth) = spec.split_once('@').unwrap_or((spec.as_str(), "1"));
+    if point != format!("{name}:{stage}") {
+        return;
+    }
+    let visit = VISITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    if nth.parse() == Ok(visit) {
+        eprintln!("paused at {point}@{visit}");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(60));
+        }
+    }
 }
 
 /// Write `value` as pretty JSON, atomically.
