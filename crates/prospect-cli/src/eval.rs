@@ -132,7 +132,8 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         None => None,
     };
     let llm = LlmOptions { model: a.judge_model, api_key: std::env::var("OPENAI_API_KEY").ok(), prompt_template };
-    let report = evaluate(&a.candidate, &a.baseline, &a.judge, &llm, a.seed, &a.output)?;
+    let judge = prospect::eval::judge::JudgeSpec::parse(&a.judge)?;
+    let report = evaluate(&a.candidate, &a.baseline, &judge, &llm, a.seed, &a.output)?;
     println!("{}", markdown(&report));
     eprintln!("results in {}", a.output.display());
     Ok(())

@@ -275,11 +275,8 @@ fn print_inspection(r: &Inspection) {
     }
     if let (Some(nd), Some(nu)) = (r.desirable, r.undesirable) {
         let total = (nd + nu).max(1) as f64;
-        let what = if r.shape == prospect::data::RowFormat::Paired {
-            " (each pair unpairs into one of each for KTO)"
-        } else {
-            ""
-        };
+        let what =
+            if r.shape == prospect::data::Shape::Paired { " (each pair unpairs into one of each for KTO)" } else { "" };
         println!(
             "labels:       {nd} desirable ({:.1}%), {nu} undesirable ({:.1}%){what}",
             100.0 * nd as f64 / total,
