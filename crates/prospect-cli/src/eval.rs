@@ -10,8 +10,11 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use prospect::eval::files::read_rows;
 use prospect::eval::generate::generate_rows;
+use prospect::eval::judge::JudgeSpec;
 use prospect::eval::report::{evaluate, markdown, LlmOptions};
 use prospect::eval::{GenerateConfig, SamplingConfig};
+
+use crate::flags;
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -110,8 +113,8 @@ pub struct EvalArgs {
     #[arg(long)]
     baseline: PathBuf,
     /// rule:NAME, llm:URL (OpenAI-compatible chat/completions; key from OPENAI_API_KEY) or reward:DIR.
-    #[arg(long)]
-    judge: String,
+    #[arg(long, value_name = "JUDGE", value_parser = flags::judge)]
+    judge: JudgeSpec,
     /// Where results.json, results.md, win_rates.png and comparisons-*.jsonl go.
     #[arg(long)]
     output: PathBuf,
@@ -132,8 +135,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         None => None,
     };
     let llm = LlmOptions { model: a.judge_model, api_key: std::env::var("OPENAI_API_KEY").ok(), prompt_template };
-    let judge = prospect::eval::judge::JudgeSpec::parse(&a.judge)?;
-    let report = evaluate(&a.candidate, &a.baseline, &judge, &llm, a.seed, &a.output)?;
+    let report = evaluate(&a.candidate, &a.baseline, &a.judge, &llm, a.seed, &a.output)?;
     println!("{}", markdown(&report));
     eprintln!("results in {}", a.output.display());
     Ok(())

@@ -2,6 +2,7 @@
 //! calls together and prints; all computation lives in the `prospect` crate.
 
 mod eval;
+mod flags;
 mod import;
 
 use std::io::IsTerminal;
@@ -12,7 +13,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use prospect::data::inspect::{convert, inspect, Inspection, Percentiles};
-use prospect::data::{DataFormat, LabelFrom, ReadOptions, Statistic, Threshold};
+use prospect::data::{LabelFrom, ReadOptions};
 use prospect::model::HfTokenizer;
 use prospect::train::{train, Event, RunOptions};
 use prospect::TrainConfig;
@@ -66,44 +67,24 @@ enum Command {
 /// How to read a data file (the same keys as the config's data section).
 #[derive(clap::Args)]
 struct ReadArgs {
-    /// The layout, instead of detecting it: trl, sharegpt, sharegpt_dpo, halos_binary, halos_pairwise,
-    /// hh_rlhf, shp, oasst1, ultrafeedback.
-    #[arg(long = "format", value_name = "FORMAT")]
-    format: Option<String>,
+    /// The layout, instead of detecting it.
+    #[arg(long = "format", value_name = "FORMAT", value_enum)]
+    format: Option<flags::Format>,
     /// Labels from a score field: `FIELD:THRESHOLD`, THRESHOLD a number, `mean` or `median`.
-    #[arg(long = "label-from", value_name = "FIELD:THRESHOLD")]
-    label_from: Option<String>,
+    #[arg(long = "label-from", value_name = "FIELD:THRESHOLD", value_parser = flags::label_from)]
+    label_from: Option<LabelFrom>,
     /// Skip invalid rows (and count them) instead of stopping at the first.
     #[arg(long)]
     skip_invalid: bool,
 }
 
 impl ReadArgs {
-    fn options(&self) -> Result<ReadOptions> {
-        let format = match &self.format {
-            Some(f) => Some(
-                serde_json::from_value::<DataFormat>(serde_json::Value::String(f.clone()))
-                    .with_context(|| format!("unknown --format {f:?}"))?,
-            ),
-            None => None,
-        };
-        let label_from = match &self.label_from {
-            Some(spec) => {
-                let (field, threshold) = spec
-                    .rsplit_once(':')
-                    .with_context(|| format!("--label-from must look like FIELD:THRESHOLD, got {spec:?}"))?;
-                let threshold = match threshold {
-                    "mean" => Threshold::Statistic(Statistic::Mean),
-                    "median" => Threshold::Statistic(Statistic::Median),
-                    t => Threshold::Value(t.parse().with_context(|| {
-                        format!("--label-from threshold must be a number, mean or median, got {t:?}")
-                    })?),
-                };
-                Some(LabelFrom { field: field.to_string(), threshold })
-            }
-            None => None,
-        };
-        Ok(ReadOptions { format, label_from, skip_invalid: self.skip_invalid })
+    fn options(&self) -> ReadOptions {
+        ReadOptions {
+            format: self.format.map(|f| f.0),
+            label_from: self.label_from.clone(),
+            skip_invalid: self.skip_invalid,
+        }
     }
 }
 
@@ -245,7 +226,7 @@ fn run_inspect(
     chat_template: Option<&std::path::Path>,
     read: &ReadArgs,
 ) -> Result<()> {
-    let options = read.options()?;
+    let options = read.options();
     let tok = match model {
         Some(dir) => {
             Some(HfTokenizer::load(dir).with_context(|| format!("cannot load the tokenizer of {}", dir.display()))?)
@@ -319,7 +300,7 @@ fn print_inspection(r: &Inspection) {
 
 fn run_convert(input: &std::path::Path, output: &std::path::Path, read: &ReadArgs) -> Result<()> {
     let (n, report) =
-        convert(input, output, &read.options()?).with_context(|| format!("cannot convert {}", input.display()))?;
+        convert(input, output, &read.options()).with_context(|| format!("cannot convert {}", input.display()))?;
     eprintln!(
         "{}: {} format {}; wrote {n} rows to {}",
         input.display(),

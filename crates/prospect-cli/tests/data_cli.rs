@@ -99,3 +99,32 @@ fn convert_sharegpt_to_canonical_jsonl() {
     let bytes = std::fs::read(&output).unwrap();
     assert_eq!(bytes, std::fs::read(repo().join("tests/fixtures/data/conv_unpaired.jsonl")).unwrap());
 }
+
+#[test]
+fn read_flags_are_typed_and_rejected_with_the_librarys_words() {
+    let file = repo().join("tests/fixtures/data/conv_unpaired.jsonl");
+    let file = file.to_str().unwrap();
+    // --format is a closed set: clap lists the layouts and exits 2 (usage error).
+    let out = prospect(&["data", "inspect", file, "--format", "alpaca"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid value 'alpaca' for '--format <FORMAT>'"), "{err}");
+    assert!(
+        err.contains("trl, halos_binary, halos_pairwise, sharegpt, sharegpt_dpo, hh_rlhf, shp, oasst1, ultrafeedback"),
+        "{err}"
+    );
+    let out = prospect(&["data", "inspect", file, "--format", "trl"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout(&out).contains("format:       trl -> unpaired"), "{}", stdout(&out));
+    // --label-from is parsed by the library's LabelFrom::parse.
+    let out = prospect(&["data", "inspect", file, "--label-from", "rating"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid value 'rating' for '--label-from <FIELD:THRESHOLD>': must look like FIELD:THRESHOLD, got \"rating\""),
+        "{err}"
+    );
+    let out = prospect(&["data", "inspect", file, "--label-from", "rating:high"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must be a number, mean or median, got \"high\""), "{err}");
+}
