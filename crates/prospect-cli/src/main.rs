@@ -140,7 +140,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_demo(output: &PathBuf, quick: bool, seed: u64) -> Result<()> {
+fn run_demo(output: &std::path::Path, quick: bool, seed: u64) -> Result<()> {
     let scale = if quick { prospect::demo::DemoScale::quick() } else { prospect::demo::DemoScale::full() };
     let started = std::time::Instant::now();
     let results = prospect::demo::run_demo(output, scale, seed, &mut |e| {
@@ -153,7 +153,7 @@ fn run_demo(output: &PathBuf, quick: bool, seed: u64) -> Result<()> {
     Ok(())
 }
 
-fn run_train(path: &PathBuf, set: &[String], resume: bool) -> Result<()> {
+fn run_train(path: &std::path::Path, set: &[String], resume: bool) -> Result<()> {
     let config = TrainConfig::load(path, set).with_context(|| format!("cannot use config {}", path.display()))?;
     let device = candle_core::Device::Cpu;
     let interactive = std::io::stderr().is_terminal();

@@ -111,8 +111,8 @@ fn generate_batch(
     let mut ids = Vec::with_capacity(b * width);
     for p in prompts {
         let n_pad = width - p.len();
-        ids.extend(std::iter::repeat(pad).take(n_pad).chain(p.iter().copied()));
-        mask.push(std::iter::repeat(0).take(n_pad).chain(std::iter::repeat(1).take(p.len())).collect());
+        ids.extend(std::iter::repeat_n(pad, n_pad).chain(p.iter().copied()));
+        mask.push(std::iter::repeat_n(0, n_pad).chain(std::iter::repeat_n(1, p.len())).collect());
     }
     let mut cache = model.new_cache();
     let mut logits =
@@ -191,7 +191,7 @@ pub fn generate_rows(
             Some(serde_json::Value::String(text)) => tok.encode(text)?,
             _ => chat_prompt_ids(&tok, row, model_dir)?,
         };
-        prompts.extend(std::iter::repeat(ids).take(num_samples));
+        prompts.extend(std::iter::repeat_n(ids, num_samples));
     }
     let gens = generate(&model, &tok, &prompts, cfg, device, on_tokens)?;
     let mut out = Vec::with_capacity(gens.len());

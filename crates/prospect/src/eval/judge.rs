@@ -161,44 +161,6 @@ impl LlmJudge {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn answers_parse_strictly() {
-        assert_eq!(parse_preference(" a.\n"), Some(Preference::A));
-        assert_eq!(parse_preference("B"), Some(Preference::B));
-        assert_eq!(parse_preference("tie"), Some(Preference::Tie));
-        assert_eq!(parse_preference("A is better"), None);
-        assert_eq!(parse_preference("Response B"), None);
-        assert_eq!(parse_preference(""), None);
-    }
-
-    #[test]
-    fn specs_parse_and_name_what_is_wrong() {
-        assert_eq!(JudgeSpec::parse("rule:polite-reply").unwrap(), JudgeSpec::Rule(Rule::PoliteReply));
-        for spec in ["rule:polite-reply", "llm:https://x.test/v1/chat/completions", "reward:runs/rm/final"] {
-            assert_eq!(JudgeSpec::parse(spec).unwrap().to_string(), spec);
-        }
-        assert_eq!(
-            JudgeSpec::parse("llm:http://127.0.0.1:8080/v1/chat/completions").unwrap(),
-            JudgeSpec::Llm { url: "http://127.0.0.1:8080/v1/chat/completions".into() }
-        );
-        assert_eq!(JudgeSpec::parse("reward:runs/rm/final").unwrap(), JudgeSpec::Reward("runs/rm/final".into()));
-        let e = JudgeSpec::parse("rule:nope").unwrap_err().to_string();
-        assert!(e.contains("unknown rule `nope` (known: polite-reply)"), "{e}");
-        assert!(JudgeSpec::parse("gpt4").is_err());
-    }
-
-    #[test]
-    fn scores_decide_by_size() {
-        assert_eq!(by_score(3.0, 2.0), Verdict::Candidate);
-        assert_eq!(by_score(1.0, 2.0), Verdict::Baseline);
-        assert_eq!(by_score(2.0, 2.0), Verdict::Tie);
-    }
-}
-
 /// A reward model as a judge: each completion gets the score of the model's `score` head at the last
 /// non-pad token of prompt + completion, tokenized as the reward trainer tokenizes it (TRL's rules: eos
 /// appended to plain text; conversations rendered with the chat template, the completion as an assistant
@@ -245,5 +207,43 @@ impl RewardJudge {
         let input = candle_core::Tensor::from_vec(ids, (1, n), &self.device)?;
         let s = self.model.scores(&input, self.tok.pad_token_id)?; // [1]
         Ok(s.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?[0])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_parse_strictly() {
+        assert_eq!(parse_preference(" a.\n"), Some(Preference::A));
+        assert_eq!(parse_preference("B"), Some(Preference::B));
+        assert_eq!(parse_preference("tie"), Some(Preference::Tie));
+        assert_eq!(parse_preference("A is better"), None);
+        assert_eq!(parse_preference("Response B"), None);
+        assert_eq!(parse_preference(""), None);
+    }
+
+    #[test]
+    fn specs_parse_and_name_what_is_wrong() {
+        assert_eq!(JudgeSpec::parse("rule:polite-reply").unwrap(), JudgeSpec::Rule(Rule::PoliteReply));
+        for spec in ["rule:polite-reply", "llm:https://x.test/v1/chat/completions", "reward:runs/rm/final"] {
+            assert_eq!(JudgeSpec::parse(spec).unwrap().to_string(), spec);
+        }
+        assert_eq!(
+            JudgeSpec::parse("llm:http://127.0.0.1:8080/v1/chat/completions").unwrap(),
+            JudgeSpec::Llm { url: "http://127.0.0.1:8080/v1/chat/completions".into() }
+        );
+        assert_eq!(JudgeSpec::parse("reward:runs/rm/final").unwrap(), JudgeSpec::Reward("runs/rm/final".into()));
+        let e = JudgeSpec::parse("rule:nope").unwrap_err().to_string();
+        assert!(e.contains("unknown rule `nope` (known: polite-reply)"), "{e}");
+        assert!(JudgeSpec::parse("gpt4").is_err());
+    }
+
+    #[test]
+    fn scores_decide_by_size() {
+        assert_eq!(by_score(3.0, 2.0), Verdict::Candidate);
+        assert_eq!(by_score(1.0, 2.0), Verdict::Baseline);
+        assert_eq!(by_score(2.0, 2.0), Verdict::Tie);
     }
 }

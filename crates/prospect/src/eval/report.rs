@@ -74,13 +74,13 @@ pub fn evaluate(
             JudgeSpec::Reward(_) => {
                 Scorer::Reward(reward.as_ref().ok_or_else(|| Error::config("judge", "reward model not loaded"))?)
             }
-            JudgeSpec::Llm { url } => Scorer::Llm(LlmJudge::new(
+            JudgeSpec::Llm { url } => Scorer::Llm(Box::new(LlmJudge::new(
                 url,
                 &llm.model,
                 llm.api_key.clone(),
                 llm.prompt_template.clone(),
                 seed.wrapping_add(ci as u64),
-            )),
+            ))),
         };
         let name =
             path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| format!("candidate{ci}"));
@@ -108,7 +108,7 @@ pub fn evaluate(
 enum Scorer<'a> {
     Rule(Rule),
     Reward(&'a RewardJudge),
-    Llm(LlmJudge),
+    Llm(Box<LlmJudge>),
 }
 
 /// One comparison: the verdict, the two scores (rule and reward judges), and whether an LLM judge's
