@@ -40,10 +40,46 @@ fn message(e: prospect::Error) -> String {
 
 /// `--label-from FIELD:THRESHOLD`.
 pub fn label_from(text: &str) -> Result<LabelFrom, String> {
-    LabelFrom::parse(text).map_err(message)
+    let label_from = LabelFrom::parse(text).map_err(message)?;
+    if let prospect::data::Threshold::Value(t) = label_from.threshold {
+        prospect::limits::label_threshold(t).map_err(message)?;
+    }
+    Ok(label_from)
 }
 
 /// `--judge rule:NAME | llm:URL | reward:DIR`.
 pub fn judge(text: &str) -> Result<JudgeSpec, String> {
     JudgeSpec::parse(text).map_err(message)
+}
+
+/// A number parsed from `text`, then checked against the library's range for it (`prospect::limits`).
+fn checked<T: std::str::FromStr>(text: &str, check: fn(T) -> prospect::Result<T>) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    check(text.parse::<T>().map_err(|e| format!("{e}"))?).map_err(message)
+}
+
+pub fn temperature(text: &str) -> Result<f64, String> {
+    checked(text, prospect::limits::temperature)
+}
+
+pub fn top_p(text: &str) -> Result<f64, String> {
+    checked(text, prospect::limits::top_p)
+}
+
+pub fn batch_size(text: &str) -> Result<usize, String> {
+    checked(text, prospect::limits::batch_size)
+}
+
+pub fn max_new_tokens(text: &str) -> Result<usize, String> {
+    checked(text, prospect::limits::max_new_tokens)
+}
+
+pub fn num_samples(text: &str) -> Result<usize, String> {
+    checked(text, prospect::limits::num_samples)
+}
+
+pub fn max_length(text: &str) -> Result<usize, String> {
+    checked(text, prospect::limits::max_length)
 }

@@ -38,6 +38,9 @@ enum Command {
         /// Continue from `output_dir/checkpoint/` when it exists.
         #[arg(long)]
         resume: bool,
+        /// resume even if the checkpoint's fingerprint differs from this run's
+        #[arg(long, requires = "resume")]
+        resume_force: bool,
     },
     /// The built-in experiment: base model → SFT → feedback → KTO/DPO → win rates vs SFT. No download.
     Demo {
@@ -98,7 +101,7 @@ enum DataCommand {
         #[arg(long)]
         model: Option<PathBuf>,
         /// The max_length to check rows against.
-        #[arg(long, default_value_t = 1024)]
+        #[arg(long, default_value_t = 1024, value_parser = flags::max_length)]
         max_length: usize,
         /// A chat template (`.jinja` or tokenizer_config.json) instead of the model's.
         #[arg(long)]
@@ -118,7 +121,9 @@ enum DataCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train { config, set, resume } => run_train(&config, &set, resume),
+        Command::Train { config, set, resume, resume_force } => {
+            run_train(&config, &set, RunOptions { resume, resume_force })
+        }
         Command::Demo { output, quick, seed } => run_demo(&output, quick, seed),
         Command::Import(command) => import::run(command),
         Command::Generate(args) => eval::run_generate(args),
@@ -153,7 +158,7 @@ fn run_demo(output: &std::path::Path, quick: bool, seed: u64) -> Result<()> {
     Ok(())
 }
 
-fn run_train(path: &std::path::Path, set: &[String], resume: bool) -> Result<()> {
+fn run_train(path: &std::path::Path, set: &[String], options: RunOptions) -> Result<()> {
     let config = TrainConfig::load(path, set).with_context(|| format!("cannot use config {}", path.display()))?;
     let device = candle_core::Device::Cpu;
     let interactive = std::io::stderr().is_terminal();
@@ -215,7 +220,7 @@ fn run_train(path: &std::path::Path, set: &[String], resume: bool) -> Result<()>
             eprintln!("saved {}", dir.display());
         }
     };
-    train(&config, &device, RunOptions { resume, resume_force: false }, &mut on_event)?;
+    train(&config, &device, options, &mut on_event)?;
     Ok(())
 }
 
