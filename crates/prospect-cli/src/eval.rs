@@ -5,13 +5,16 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use prospect::eval::files::read_rows;
 use prospect::eval::generate::generate_rows;
+use prospect::eval::judge::JudgeSpec;
 use prospect::eval::report::{evaluate, markdown, LlmOptions};
 use prospect::eval::{GenerateConfig, SamplingConfig};
+
+use crate::flags;
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -24,18 +27,18 @@ pub struct GenerateArgs {
     /// Output JSONL: the input rows plus completion, completion_ids, finish, model.
     #[arg(long)]
     output: PathBuf,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = flags::max_new_tokens)]
     max_new_tokens: usize,
     /// 0 means greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = flags::temperature)]
     temperature: f64,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = flags::top_p)]
     top_p: f64,
     /// 0 means no top-k limit.
     #[arg(long, default_value_t = 0)]
     top_k: usize,
     /// Completions per prompt.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = flags::num_samples)]
     num_samples: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -43,7 +46,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     stop: Vec<String>,
     /// Prompts decoded together.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = flags::batch_size)]
     batch_size: usize,
     /// Append this vocabulary token to every prompt (repeatable), e.g. `<|good|>` for a CSFT model.
     #[arg(long = "append-token", value_name = "TOKEN")]
@@ -51,9 +54,6 @@ pub struct GenerateArgs {
 }
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
-    if a.num_samples == 0 {
-        bail!("--num-samples must be at least 1");
-    }
     let rows = read_rows(&a.prompts, false)?;
     let cfg = GenerateConfig {
         max_new_tokens: a.max_new_tokens,
@@ -110,8 +110,8 @@ pub struct EvalArgs {
     #[arg(long)]
     baseline: PathBuf,
     /// rule:NAME, llm:URL (OpenAI-compatible chat/completions; key from OPENAI_API_KEY) or reward:DIR.
-    #[arg(long)]
-    judge: String,
+    #[arg(long, value_name = "JUDGE", value_parser = flags::judge)]
+    judge: JudgeSpec,
     /// Where results.json, results.md, win_rates.png and comparisons-*.jsonl go.
     #[arg(long)]
     output: PathBuf,

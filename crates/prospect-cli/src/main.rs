@@ -2,6 +2,7 @@
 //! calls together and prints; all computation lives in the `prospect` crate.
 
 mod eval;
+mod flags;
 mod import;
 
 use std::io::IsTerminal;
@@ -12,7 +13,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use prospect::data::inspect::{convert, inspect, Inspection, Percentiles};
-use prospect::data::{DataFormat, LabelFrom, ReadOptions, Statistic, Threshold};
+use prospect::data::{LabelFrom, ReadOptions};
 use prospect::model::HfTokenizer;
 use prospect::train::{train, Event, RunOptions};
 use prospect::TrainConfig;
@@ -37,6 +38,9 @@ enum Command {
         /// Continue from `output_dir/checkpoint/` when it exists.
         #[arg(long)]
         resume: bool,
+        /// resume even if the checkpoint's fingerprint differs from this run's
+        #[arg(long, requires = "resume")]
+        resume_force: bool,
     },
     /// The built-in experiment: base model → SFT → feedback → KTO/DPO → win rates vs SFT. No download.
     Demo {
@@ -66,44 +70,24 @@ enum Command {
 /// How to read a data file (the same keys as the config's data section).
 #[derive(clap::Args)]
 struct ReadArgs {
-    /// The layout, instead of detecting it: trl, sharegpt, sharegpt_dpo, halos_binary, halos_pairwise,
-    /// hh_rlhf, shp, oasst1, ultrafeedback.
-    #[arg(long = "format", value_name = "FORMAT")]
-    format: Option<String>,
+    /// The layout, instead of detecting it.
+    #[arg(long = "format", value_name = "FORMAT", value_enum)]
+    format: Option<flags::Format>,
     /// Labels from a score field: `FIELD:THRESHOLD`, THRESHOLD a number, `mean` or `median`.
-    #[arg(long = "label-from", value_name = "FIELD:THRESHOLD")]
-    label_from: Option<String>,
+    #[arg(long = "label-from", value_name = "FIELD:THRESHOLD", value_parser = flags::label_from)]
+    label_from: Option<LabelFrom>,
     /// Skip invalid rows (and count them) instead of stopping at the first.
     #[arg(long)]
     skip_invalid: bool,
 }
 
 impl ReadArgs {
-    fn options(&self) -> Result<ReadOptions> {
-        let format = match &self.format {
-            Some(f) => Some(
-                serde_json::from_value::<DataFormat>(serde_json::Value::String(f.clone()))
-                    .with_context(|| format!("unknown --format {f:?}"))?,
-            ),
-            None => None,
-        };
-        let label_from = match &self.label_from {
-            Some(spec) => {
-                let (field, threshold) = spec
-                    .rsplit_once(':')
-                    .with_context(|| format!("--label-from must look like FIELD:THRESHOLD, got {spec:?}"))?;
-                let threshold = match threshold {
-                    "mean" => Threshold::Statistic(Statistic::Mean),
-                    "median" => Threshold::Statistic(Statistic::Median),
-                    t => Threshold::Value(t.parse().with_context(|| {
-                        format!("--label-from threshold must be a number, mean or median, got {t:?}")
-                    })?),
-                };
-                Some(LabelFrom { field: field.to_string(), threshold })
-            }
-            None => None,
-        };
-        Ok(ReadOptions { format, label_from, skip_invalid: self.skip_invalid })
+    fn options(&self) -> ReadOptions {
+        ReadOptions {
+            format: self.format.map(|f| f.0),
+            label_from: self.label_from.clone(),
+            skip_invalid: self.skip_invalid,
+        }
     }
 }
 
@@ -117,7 +101,7 @@ enum DataCommand {
         #[arg(long)]
         model: Option<PathBuf>,
         /// The max_length to check rows against.
-        #[arg(long, default_value_t = 1024)]
+        #[arg(long, default_value_t = 1024, value_parser = flags::max_length)]
         max_length: usize,
         /// A chat template (`.jinja` or tokenizer_config.json) instead of the model's.
         #[arg(long)]
@@ -137,7 +121,9 @@ enum DataCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train { config, set, resume } => run_train(&config, &set, resume),
+        Command::Train { config, set, resume, resume_force } => {
+            run_train(&config, &set, RunOptions { resume, resume_force })
+        }
         Command::Demo { output, quick, seed } => run_demo(&output, quick, seed),
         Command::Import(command) => import::run(command),
         Command::Generate(args) => eval::run_generate(args),
@@ -159,7 +145,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_demo(output: &PathBuf, quick: bool, seed: u64) -> Result<()> {
+fn run_demo(output: &std::path::Path, quick: bool, seed: u64) -> Result<()> {
     let scale = if quick { prospect::demo::DemoScale::quick() } else { prospect::demo::DemoScale::full() };
     let started = std::time::Instant::now();
     let results = prospect::demo::run_demo(output, scale, seed, &mut |e| {
@@ -172,7 +158,7 @@ fn run_demo(output: &PathBuf, quick: bool, seed: u64) -> Result<()> {
     Ok(())
 }
 
-fn run_train(path: &PathBuf, set: &[String], resume: bool) -> Result<()> {
+fn run_train(path: &std::path::Path, set: &[String], options: RunOptions) -> Result<()> {
     let config = TrainConfig::load(path, set).with_context(|| format!("cannot use config {}", path.display()))?;
     let device = candle_core::Device::Cpu;
     let interactive = std::io::stderr().is_terminal();
@@ -234,7 +220,7 @@ fn run_train(path: &PathBuf, set: &[String], resume: bool) -> Result<()> {
             eprintln!("saved {}", dir.display());
         }
     };
-    train(&config, &device, RunOptions { resume, resume_force: false }, &mut on_event)?;
+    train(&config, &device, options, &mut on_event)?;
     Ok(())
 }
 
@@ -245,7 +231,7 @@ fn run_inspect(
     chat_template: Option<&std::path::Path>,
     read: &ReadArgs,
 ) -> Result<()> {
-    let options = read.options()?;
+    let options = read.options();
     let tok = match model {
         Some(dir) => {
             Some(HfTokenizer::load(dir).with_context(|| format!("cannot load the tokenizer of {}", dir.display()))?)
@@ -275,11 +261,8 @@ fn print_inspection(r: &Inspection) {
     }
     if let (Some(nd), Some(nu)) = (r.desirable, r.undesirable) {
         let total = (nd + nu).max(1) as f64;
-        let what = if r.shape == prospect::data::RowFormat::Paired {
-            " (each pair unpairs into one of each for KTO)"
-        } else {
-            ""
-        };
+        let what =
+            if r.shape == prospect::data::Shape::Paired { " (each pair unpairs into one of each for KTO)" } else { "" };
         println!(
             "labels:       {nd} desirable ({:.1}%), {nu} undesirable ({:.1}%){what}",
             100.0 * nd as f64 / total,
@@ -322,7 +305,7 @@ fn print_inspection(r: &Inspection) {
 
 fn run_convert(input: &std::path::Path, output: &std::path::Path, read: &ReadArgs) -> Result<()> {
     let (n, report) =
-        convert(input, output, &read.options()?).with_context(|| format!("cannot convert {}", input.display()))?;
+        convert(input, output, &read.options()).with_context(|| format!("cannot convert {}", input.display()))?;
     eprintln!(
         "{}: {} format {}; wrote {n} rows to {}",
         input.display(),

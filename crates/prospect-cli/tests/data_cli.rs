@@ -99,3 +99,66 @@ fn convert_sharegpt_to_canonical_jsonl() {
     let bytes = std::fs::read(&output).unwrap();
     assert_eq!(bytes, std::fs::read(repo().join("tests/fixtures/data/conv_unpaired.jsonl")).unwrap());
 }
+
+#[test]
+fn read_flags_are_typed_and_rejected_with_the_librarys_words() {
+    let file = repo().join("tests/fixtures/data/conv_unpaired.jsonl");
+    let file = file.to_str().unwrap();
+    // --format is a closed set: clap lists the layouts and exits 2 (usage error).
+    let out = prospect(&["data", "inspect", file, "--format", "alpaca"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid value 'alpaca' for '--format <FORMAT>'"), "{err}");
+    assert!(
+        err.contains("trl, halos_binary, halos_pairwise, sharegpt, sharegpt_dpo, hh_rlhf, shp, oasst1, ultrafeedback"),
+        "{err}"
+    );
+    let out = prospect(&["data", "inspect", file, "--format", "trl"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout(&out).contains("format:       trl -> unpaired"), "{}", stdout(&out));
+    // --label-from is parsed by the library's LabelFrom::parse.
+    let out = prospect(&["data", "inspect", file, "--label-from", "rating"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid value 'rating' for '--label-from <FIELD:THRESHOLD>': must look like FIELD:THRESHOLD, got \"rating\""),
+        "{err}"
+    );
+    let out = prospect(&["data", "inspect", file, "--label-from", "rating:high"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must be a number, mean or median, got \"high\""), "{err}");
+}
+
+#[test]
+fn numeric_flags_are_checked_by_the_librarys_ranges() {
+    let file = repo().join("tests/fixtures/data/conv_unpaired.jsonl");
+    let file = file.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--label-from", "rating:nan"], "must be a finite number, \"mean\" or \"median\", got NaN"),
+        (&["--label-from", "rating:inf"], "must be a finite number, \"mean\" or \"median\", got inf"),
+        (&["--max-length", "0"], "invalid value '0' for '--max-length <MAX_LENGTH>': must be at least 2, got 0"),
+        (&["--max-length=-3"], "invalid value '-3' for '--max-length <MAX_LENGTH>': invalid digit"),
+    ];
+    for (flags, want) in cases {
+        let args: Vec<&str> = ["data", "inspect", file].iter().chain(flags).copied().collect();
+        let out = prospect(&args);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{flags:?}: {err}");
+    }
+    let cases: [(&[&str], &str); 5] = [
+        (&["--temperature=-1"], "must be a finite number >= 0 (0 is greedy), got -1"),
+        (&["--temperature", "nan"], "got NaN"),
+        (&["--top-p=-0.5"], "must be in (0, 1] (1 keeps every token), got -0.5"),
+        (&["--batch-size", "0"], "'--batch-size <BATCH_SIZE>': must be at least 1, got 0"),
+        (&["--max-new-tokens", "0"], "'--max-new-tokens <MAX_NEW_TOKENS>': must be at least 1, got 0"),
+    ];
+    for (flags, want) in cases {
+        let base = ["generate", "--model", "m", "--prompts", "p.jsonl", "--output", "o.jsonl"];
+        let args: Vec<&str> = base.iter().chain(flags).copied().collect();
+        let out = prospect(&args);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{flags:?}: {err}");
+    }
+}

@@ -346,3 +346,28 @@ fn reward_judge_scores_as_transformers_does() {
         assert_eq!(e["verdict"], want);
     }
 }
+
+#[test]
+fn an_unknown_judge_is_a_usage_error_with_the_known_rules() {
+    let dir = scratch("eval-bad-judge");
+    let (c, b) = generation_files(&dir);
+    let out = dir.join("out");
+    let o = prospect(&[
+        "eval",
+        "--candidate",
+        c.to_str().unwrap(),
+        "--baseline",
+        b.to_str().unwrap(),
+        "--judge",
+        "rule:nope",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("invalid value 'rule:nope' for '--judge <JUDGE>': unknown rule `nope` (known: polite-reply)"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing is written for a bad flag");
+}

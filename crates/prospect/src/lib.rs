@@ -26,6 +26,7 @@ pub mod error;
 pub mod eval;
 pub mod fsio;
 pub mod import;
+pub mod limits;
 pub mod loss;
 pub mod model;
 pub mod train;

@@ -119,7 +119,7 @@ fn sharegpt_and_parquet_give_the_trl_rows() {
     let jsonl = read_jsonl(&fixtures().join("data/conv_unpaired.jsonl")).unwrap();
     let strip = |rows: Rows| match rows {
         Rows::Unpaired(v) => v.into_iter().map(|r| (r.prompt, r.completion, r.label)).collect::<Vec<_>>(),
-        other => panic!("expected unpaired rows, got {:?}", other.format()),
+        other => panic!("expected unpaired rows, got {:?}", other.shape()),
     };
     let want = strip(jsonl);
     assert_eq!(want.len(), 16);

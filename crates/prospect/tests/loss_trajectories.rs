@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use common::{compare_steps, fixture_json, fixtures, scratch, trl_config};
-use prospect::data::{collate_sequences, prepare, read_jsonl, Examples, Sequence};
+use prospect::data::{collate_sequences, prepare, read_jsonl, Examples, Sequence, Shape};
 use prospect::eval::{generate, GenerateConfig};
 use prospect::loss::*;
 use prospect::model::{load_frozen, load_frozen_reward, load_tensors, HfTokenizer};
@@ -59,7 +59,7 @@ fn reward_rows_tokenize_as_trl_does() {
     // Same token ids as TRL's RewardTrainer (prompt + response + eos, tokenized as one string).
     let tok = HfTokenizer::load(&fixtures().join("tiny-llama-rm")).unwrap();
     let path = fixtures().join("data/paired.jsonl");
-    let Examples::Paired(ex) = prepare(read_jsonl(&path).unwrap(), DataKind::Paired, &tok, 64, &path).unwrap().0 else {
+    let Examples::Paired(ex) = prepare(read_jsonl(&path).unwrap(), Shape::Paired, &tok, 64, &path).unwrap().0 else {
         panic!()
     };
     let joined =
@@ -86,7 +86,7 @@ fn reward_model_round_trips_through_transformers() {
     let rm = load_frozen_reward(&final_dir, &Device::Cpu).unwrap();
     let tok = HfTokenizer::load(&final_dir).unwrap();
     let path = fixtures().join("data/paired.jsonl");
-    let Examples::Paired(ex) = prepare(read_jsonl(&path).unwrap(), DataKind::Paired, &tok, 64, &path).unwrap().0 else {
+    let Examples::Paired(ex) = prepare(read_jsonl(&path).unwrap(), Shape::Paired, &tok, 64, &path).unwrap().0 else {
         panic!()
     };
     let seqs: Vec<&Sequence> = ex.iter().map(|e| &e.chosen).chain(ex.iter().map(|e| &e.rejected)).collect();

@@ -36,10 +36,8 @@ pub fn collate(rows: &[(&[u32], &[u32])], max_length: usize, pad_id: u32, device
         .iter()
         .map(|(prompt, completion)| {
             let mut ids: Vec<u32> = prompt.iter().chain(completion.iter()).copied().collect();
-            let mut mask: Vec<f32> = std::iter::repeat(0.0)
-                .take(prompt.len())
-                .chain(std::iter::repeat(1.0).take(completion.len()))
-                .collect();
+            let mut mask: Vec<f32> =
+                std::iter::repeat_n(0.0, prompt.len()).chain(std::iter::repeat_n(1.0, completion.len())).collect();
             ids.truncate(max_length);
             mask.truncate(max_length);
             (ids, mask)

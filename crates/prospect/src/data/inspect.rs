@@ -5,11 +5,13 @@
 use std::path::{Path, PathBuf};
 
 use super::balance::auto_weights;
-use super::chat::ChatTemplate;
-use super::formats::DataFormat;
-use super::read::{read_rows, Container, ReadOptions, ReadReport};
-use super::rows::{RowFormat, Rows};
+use super::layout::{DataFormat, ReadOptions, ReadReport};
+use super::read::read_rows;
+use super::rows::Rows;
+use super::source::Container;
+use super::tokenize::chat::ChatTemplate;
 use super::tokenize::{Encoder, Sequence, TokenizeReport};
+use super::Shape;
 use crate::error::{Error, Result};
 use crate::model::HfTokenizer;
 
@@ -65,7 +67,7 @@ pub struct Inspection {
     pub path: PathBuf,
     pub container: Container,
     pub format: DataFormat,
-    pub shape: RowFormat,
+    pub shape: Shape,
     pub conversational: bool,
     pub rows: usize,
     pub read: ReadReport,
@@ -106,7 +108,7 @@ pub fn inspect(
         path: path.to_path_buf(),
         container: read.container,
         format: read.format,
-        shape: rows.format(),
+        shape: rows.shape(),
         conversational: rows.is_conversational(),
         rows: rows.len(),
         read,

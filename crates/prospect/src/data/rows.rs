@@ -10,15 +10,27 @@
 //! messages (TRL's "conversational" format, rendered later with the model's chat template). Within a
 //! row, prompt and completions are both text or both messages.
 //!
-//! Reading files and converting public layouts into these rows is `read.rs` and `formats.rs`;
-//! [`read_jsonl`] is the short path for a file already in TRL's format.
+//! These types are the vocabulary every stage after `source` speaks: the layout stage produces them,
+//! balance and tokenize consume them. This file imports no other stage. Reading files and converting
+//! public layouts into these rows is `read.rs` (source → layout).
 
-use std::path::Path;
-
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::chat::Message;
-use crate::error::Result;
+use super::Shape;
+
+/// One chat message, as TRL's conversational format and HF templates spell it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Self {
+        Self { role: role.to_string(), content: content.to_string() }
+    }
+}
 
 /// A prompt or a completion: plain text, or chat messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,33 +119,16 @@ pub enum Rows {
     Sft(Vec<SftRow>),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RowFormat {
-    Unpaired,
-    Paired,
-    Sft,
-}
-
-impl std::fmt::Display for RowFormat {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            RowFormat::Unpaired => "unpaired (prompt, completion, label)",
-            RowFormat::Paired => "paired (prompt, chosen, rejected)",
-            RowFormat::Sft => "sft (prompt, completion)",
-        })
-    }
-}
-
 /// TRL's `unpair_preference_dataset` maps in blocks of this many pairs (the `datasets` default batch
 /// size) and emits each block's chosen completions before its rejected ones.
 pub const UNPAIR_BLOCK: usize = 1000;
 
 impl Rows {
-    pub fn format(&self) -> RowFormat {
+    pub fn shape(&self) -> Shape {
         match self {
-            Rows::Unpaired(_) => RowFormat::Unpaired,
-            Rows::Paired(_) => RowFormat::Paired,
-            Rows::Sft(_) => RowFormat::Sft,
+            Rows::Unpaired(_) => Shape::Unpaired,
+            Rows::Paired(_) => Shape::Paired,
+            Rows::Sft(_) => Shape::Sft,
         }
     }
 
@@ -208,66 +203,9 @@ pub fn unpair(pairs: &[PairedRow]) -> Vec<UnpairedRow> {
     out
 }
 
-/// Read a file of rows in TRL's format (JSONL, a JSON array or Parquet), every row valid.
-pub fn read_jsonl(path: &Path) -> Result<Rows> {
-    Ok(super::read::read_rows(path, &super::read::ReadOptions::default())?.0)
-}
-
-/// Parse JSONL bytes in TRL's format; `path` is only used in error messages.
-pub fn parse_jsonl(bytes: &[u8], path: &Path) -> Result<Rows> {
-    Ok(super::read::parse_rows(bytes, path, &super::read::ReadOptions::default())?.0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn parse(text: &str) -> Result<Rows> {
-        parse_jsonl(text.as_bytes(), Path::new("feedback.jsonl"))
-    }
-
-    #[test]
-    fn reads_each_format_and_skips_blank_lines() {
-        let rows = parse("{\"prompt\":\"a\",\"completion\":\"b\",\"label\":true}\n\n{\"prompt\":\"c\",\"completion\":\"d\",\"label\":false,\"extra\":1}\n").unwrap();
-        assert_eq!(
-            rows,
-            Rows::Unpaired(vec![
-                UnpairedRow { prompt: "a".into(), completion: "b".into(), label: true, line: 1 },
-                UnpairedRow { prompt: "c".into(), completion: "d".into(), label: false, line: 3 },
-            ])
-        );
-        let rows = parse("{\"prompt\":\"p\",\"chosen\":\"c\",\"rejected\":\"r\"}").unwrap();
-        assert_eq!(rows.format(), RowFormat::Paired);
-        let rows = parse("{\"prompt\":\"p\",\"completion\":\"c\"}").unwrap();
-        assert_eq!(rows, Rows::Sft(vec![SftRow { prompt: "p".into(), completion: "c".into(), line: 1 }]));
-    }
-
-    #[test]
-    fn errors_name_file_line_and_field() {
-        let cases = [
-            ("{\"prompt\":\"a\",\"completion\":\"b\",\"label\":\"yes\"}",
-             "feedback.jsonl:1: field `label` must be true or false, got the string \"yes\""),
-            ("{\"prompt\":\"a\",\"completion\":\"b\",\"label\":true}\n{\"prompt\":\"a\",\"label\":false}",
-             "feedback.jsonl:2: field `completion` is missing; expected a string or a list of {role, content} messages"),
-            ("{\"prompt\":\"a\",\"completion\":3,\"label\":true}",
-             "feedback.jsonl:1: field `completion` must be a string or a list of {role, content} messages, got the number 3"),
-            ("{\"prompt\":\"a\",\"completion\":\"b\",\"label\":true}\n{\"prompt\":\"p\",\"chosen\":\"c\",\"rejected\":\"r\"}",
-             "feedback.jsonl:2: this row is TRL paired (prompt, chosen, rejected), but the file started as TRL unpaired (prompt, completion, label) at line 1"),
-            ("\n\n", "feedback.jsonl: the file has no rows"),
-            ("[1, 2]", "feedback.jsonl:1: expected a JSON object per row, got the number 1"),
-            ("{\"text\":\"x\"}", "feedback.jsonl:1: cannot tell the data format from the fields [\"text\"]"),
-        ];
-        for (text, want) in cases {
-            let got = parse(text).unwrap_err().to_string();
-            assert!(got.starts_with(want), "got: {got}\nwant: {want}");
-        }
-        let got = parse("{\"prompt\": \"a\",").unwrap_err().to_string();
-        assert!(got.starts_with("feedback.jsonl:1: malformed JSON"), "{got}");
-        let got = parse_jsonl(b"{\"prompt\":\"a\",\"completion\":\"b\"}\n\xff\xfe", Path::new("f.jsonl"))
-            .unwrap_err()
-            .to_string();
-        assert_eq!(got, "f.jsonl:2: invalid UTF-8 at byte 0 of the line; the file must be UTF-8 text");
-    }
 
     #[test]
     fn unpairing_follows_trl_block_order() {

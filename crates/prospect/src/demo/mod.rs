@@ -120,204 +120,278 @@ pub fn run_demo(out: &Path, scale: DemoScale, seed: u64, on_event: &mut dyn FnMu
     requests.shuffle(&mut rng);
     let held_out: Vec<Request> = requests.split_off(requests.len() * 3 / 4);
     let train_requests = requests;
+    let mut demo = Demo { out, scale, seed, device, data_dir: out.join("data"), rng, on_event };
 
-    // 1. A model from scratch, pre-trained on the task's language.
-    let init_dir = out.join("models/init");
-    write_initial_model(&init_dir, seed, &device)?;
-    let data_dir = out.join("data");
-    let base_rows: Vec<serde_json::Value> = (0..scale.base_rows)
-        .map(|_| {
-            let r = *train_requests.choose(&mut rng).unwrap_or(&train_requests[0]);
-            let reply = random_quality_reply(&r, &mut rng);
-            json!({"prompt": "", "completion": format!("{}{}", r.prompt(), reply)})
-        })
-        .collect();
-    write_jsonl(&data_dir.join("base.jsonl"), &base_rows)?;
-    on_event(Event::Notice("stage 1/5: pre-training the base model on the task's language".into()));
-    let base = run(
-        out,
-        "base",
-        &init_dir,
-        None,
-        &data_dir.join("base.jsonl"),
-        LossConfig::Sft(SftConfig::default()),
-        3e-3,
-        scale.base_epochs,
-        32,
-        32,
-        seed,
-        on_event,
-        |_| {},
-    )?;
+    let base = demo.pretrain(&train_requests)?;
+    let sft = demo.sft(&base, &train_requests)?;
+    let stats = demo.feedback(&sft, &train_requests)?;
+    let models = demo.align(&base, &sft)?;
+    let methods = demo.judge(&models, &sft, &held_out)?;
+    let results = DemoResults { methods, judge: "rule:polite-reply".into(), seed, feedback: stats };
+    write_results(out, &results)?;
+    Ok(results)
+}
 
-    // 2. SFT on imperfect demonstrations: half good, half with one flaw.
-    let mut demos = Vec::new();
-    for r in &train_requests {
-        for _ in 0..scale.sft_demos_per_prompt {
-            let reply = if rng.gen_bool(0.5) {
-                r.good_reply()
-            } else {
-                let flaw = *task::FLAWS.choose(&mut rng).unwrap_or(&task::Flaw::Rude);
-                task::flawed_reply(r, flaw, &mut rng)
-            };
-            demos.push(json!({"prompt": r.prompt(), "completion": reply}));
-        }
-    }
-    demos.shuffle(&mut rng);
-    write_jsonl(&data_dir.join("sft.jsonl"), &demos)?;
-    on_event(Event::Notice("stage 2/5: SFT on imperfect demonstrations".into()));
-    let sft = run(
-        out,
-        "sft",
-        &base,
-        None,
-        &data_dir.join("sft.jsonl"),
-        LossConfig::Sft(SftConfig::default()),
-        3e-3,
-        scale.sft_epochs,
-        16,
-        16,
-        seed,
-        on_event,
-        |_| {},
-    )?;
+/// One demo run's settings and state; each stage is a method, in the order the RNG is drawn.
+struct Demo<'a> {
+    out: &'a Path,
+    scale: DemoScale,
+    seed: u64,
+    device: Device,
+    data_dir: PathBuf,
+    rng: rand::rngs::StdRng,
+    on_event: &'a mut dyn FnMut(Event),
+}
 
-    // 3. Binary feedback on the SFT model's own samples.
-    on_event(Event::Notice("stage 3/5: sampling the SFT model and labelling its replies with the rule judge".into()));
-    let tok = HfTokenizer::load(&sft)?;
-    let prompts: Vec<String> = train_requests.iter().map(Request::prompt).collect();
-    let samples = sample(&sft, &tok, &prompts, scale.feedback_samples, seed, &device)?;
-    let mut feedback = Vec::new();
-    let mut pairs = Vec::new();
-    for (p, replies) in prompts.iter().zip(&samples) {
-        let (good, bad): (Vec<&String>, Vec<&String>) = replies.iter().partition(|c| task::is_desirable(p, c));
-        for c in replies {
-            feedback.push(json!({"prompt": p, "completion": format!(" {c}"), "label": task::is_desirable(p, c)}));
-        }
-        for (g, b) in good.iter().zip(&bad) {
-            pairs.push(json!({"prompt": p, "chosen": format!(" {g}"), "rejected": format!(" {b}")}));
-        }
-    }
-    feedback.shuffle(&mut rng);
-    pairs.shuffle(&mut rng);
-    let n_desirable = feedback.iter().filter(|r| r["label"] == json!(true)).count();
-    let n_undesirable = feedback.len() - n_desirable;
-    // The imbalance experiment runs on the same feedback file with `desirable_fraction = 0.1` and
-    // `auto_weights = true`; these are the counts and the λ_D the run will choose (and log).
-    let kept = crate::data::balance::kept(n_desirable, 0.1);
-    let lambda_d = crate::data::balance::auto_weights(kept, n_undesirable).0;
-    write_jsonl(&data_dir.join("feedback.jsonl"), &feedback)?;
-    write_jsonl(&data_dir.join("pairs.jsonl"), &pairs)?;
-    let stats = FeedbackStats {
-        desirable: n_desirable,
-        undesirable: n_undesirable,
-        pairs: pairs.len(),
-        imbalanced_desirable_weight: lambda_d,
-        imbalanced_desirable_kept: kept,
-    };
-    on_event(Event::Notice(format!(
-        "feedback: {n_desirable} desirable, {n_undesirable} undesirable, {} DPO pairs; 10%-desirable run keeps {kept} desirable rows with λ_D = {lambda_d:.2}",
-        pairs.len()
-    )));
-
-    // 4. Alignment runs.
-    on_event(Event::Notice("stage 4/5: SFT+KTO, SFT+DPO, KTO from base, KTO with 10% desirable".into()));
-    let kto = |w: f64| LossConfig::Kto(KtoConfig { beta: 0.1, desirable_weight: w, undesirable_weight: 1.0 });
-    let fb = data_dir.join("feedback.jsonl");
-    let mut models: Vec<(&str, PathBuf)> = vec![("sft", sft.clone())];
-    models.push((
-        "sft+dpo",
-        run(
+impl Demo<'_> {
+    /// 1. A model from scratch, pre-trained on the task's language.
+    fn pretrain(&mut self, train_requests: &[Request]) -> Result<PathBuf> {
+        let (out, scale, seed, device, data_dir, rng) =
+            (self.out, self.scale, self.seed, &self.device, &self.data_dir, &mut self.rng);
+        let on_event = &mut *self.on_event;
+        let init_dir = out.join("models/init");
+        write_initial_model(&init_dir, seed, device)?;
+        let base_rows: Vec<serde_json::Value> = (0..scale.base_rows)
+            .map(|_| {
+                let r = *train_requests.choose(rng).unwrap_or(&train_requests[0]);
+                let reply = random_quality_reply(&r, rng);
+                json!({"prompt": "", "completion": format!("{}{}", r.prompt(), reply)})
+            })
+            .collect();
+        write_jsonl(&data_dir.join("base.jsonl"), &base_rows)?;
+        on_event(Event::Notice("stage 1/5: pre-training the base model on the task's language".into()));
+        let base = run(
             out,
-            "sft+dpo",
-            &sft,
-            Some(&sft),
-            &data_dir.join("pairs.jsonl"),
-            LossConfig::Dpo(DpoConfig::default()),
-            1e-3,
-            scale.align_epochs,
-            16,
-            8,
+            "base",
+            &init_dir,
+            None,
+            &data_dir.join("base.jsonl"),
+            LossConfig::Sft(SftConfig::default()),
+            3e-3,
+            scale.base_epochs,
+            32,
+            32,
             seed,
             on_event,
             |_| {},
-        )?,
-    ));
-    models.push((
-        "sft+kto",
-        run(out, "sft+kto", &sft, Some(&sft), &fb, kto(1.0), 1e-3, scale.align_epochs, 16, 8, seed, on_event, |_| {})?,
-    ));
-    models.push((
-        "kto",
-        run(out, "kto", &base, Some(&base), &fb, kto(1.0), 1e-3, scale.align_epochs, 16, 8, seed, on_event, |_| {})?,
-    ));
-    let imbalance = |c: &mut TrainConfig| {
-        c.desirable_fraction = 0.1;
-        c.auto_weights = true;
-    };
-    models.push((
-        "kto-10%-desirable",
+        )?;
+        Ok(base)
+    }
+
+    /// 2. SFT on imperfect demonstrations: half good, half with one flaw.
+    fn sft(&mut self, base: &Path, train_requests: &[Request]) -> Result<PathBuf> {
+        let (out, scale, seed, data_dir, rng) = (self.out, self.scale, self.seed, &self.data_dir, &mut self.rng);
+        let on_event = &mut *self.on_event;
+        let mut demos = Vec::new();
+        for r in train_requests {
+            for _ in 0..scale.sft_demos_per_prompt {
+                let reply = if rng.gen_bool(0.5) {
+                    r.good_reply()
+                } else {
+                    let flaw = *task::FLAWS.choose(rng).unwrap_or(&task::Flaw::Rude);
+                    task::flawed_reply(r, flaw, rng)
+                };
+                demos.push(json!({"prompt": r.prompt(), "completion": reply}));
+            }
+        }
+        demos.shuffle(rng);
+        write_jsonl(&data_dir.join("sft.jsonl"), &demos)?;
+        on_event(Event::Notice("stage 2/5: SFT on imperfect demonstrations".into()));
         run(
             out,
-            "kto-10pct-desirable",
-            &sft,
-            Some(&sft),
-            &fb,
-            kto(1.0),
-            1e-3,
-            scale.align_epochs,
+            "sft",
+            base,
+            None,
+            &data_dir.join("sft.jsonl"),
+            LossConfig::Sft(SftConfig::default()),
+            3e-3,
+            scale.sft_epochs,
             16,
-            8,
+            16,
             seed,
             on_event,
-            imbalance,
-        )?,
-    ));
+            |_| {},
+        )
+    }
 
-    // 5. Held-out evaluation against SFT.
-    on_event(Event::Notice("stage 5/5: judging every model against SFT on held-out prompts".into()));
-    let eval_prompts: Vec<String> = held_out.iter().map(Request::prompt).collect();
-    let eval_seed = seed.wrapping_add(1000);
-    let mut scores: BTreeMap<&str, Vec<Vec<u32>>> = BTreeMap::new();
-    for (name, dir) in &models {
-        let replies = sample(dir, &tok, &eval_prompts, scale.eval_samples, eval_seed, &device)?;
-        let s =
-            eval_prompts.iter().zip(&replies).map(|(p, rs)| rs.iter().map(|c| task::score(p, c)).collect()).collect();
-        scores.insert(name, s);
+    /// 3. Binary feedback on the SFT model's own samples.
+    fn feedback(&mut self, sft: &Path, train_requests: &[Request]) -> Result<FeedbackStats> {
+        let (seed, scale, device, data_dir, rng) = (self.seed, self.scale, &self.device, &self.data_dir, &mut self.rng);
+        let on_event = &mut *self.on_event;
+        on_event(Event::Notice(
+            "stage 3/5: sampling the SFT model and labelling its replies with the rule judge".into(),
+        ));
+        let tok = HfTokenizer::load(sft)?;
+        let prompts: Vec<String> = train_requests.iter().map(Request::prompt).collect();
+        let samples = sample(sft, &tok, &prompts, scale.feedback_samples, seed, device)?;
+        let mut feedback = Vec::new();
+        let mut pairs = Vec::new();
+        for (p, replies) in prompts.iter().zip(&samples) {
+            let (good, bad): (Vec<&String>, Vec<&String>) = replies.iter().partition(|c| task::is_desirable(p, c));
+            for c in replies {
+                feedback.push(json!({"prompt": p, "completion": format!(" {c}"), "label": task::is_desirable(p, c)}));
+            }
+            for (g, b) in good.iter().zip(&bad) {
+                pairs.push(json!({"prompt": p, "chosen": format!(" {g}"), "rejected": format!(" {b}")}));
+            }
+        }
+        feedback.shuffle(rng);
+        pairs.shuffle(rng);
+        let n_desirable = feedback.iter().filter(|r| r["label"] == json!(true)).count();
+        let n_undesirable = feedback.len() - n_desirable;
+        // The imbalance experiment runs on the same feedback file with `desirable_fraction = 0.1` and
+        // `auto_weights = true`; these are the counts and the λ_D the run will choose (and log).
+        let kept = crate::data::balance::kept(n_desirable, 0.1);
+        let lambda_d = crate::data::balance::auto_weights(kept, n_undesirable).0;
+        write_jsonl(&data_dir.join("feedback.jsonl"), &feedback)?;
+        write_jsonl(&data_dir.join("pairs.jsonl"), &pairs)?;
+        let stats = FeedbackStats {
+            desirable: n_desirable,
+            undesirable: n_undesirable,
+            pairs: pairs.len(),
+            imbalanced_desirable_weight: lambda_d,
+            imbalanced_desirable_kept: kept,
+        };
+        on_event(Event::Notice(format!(
+            "feedback: {n_desirable} desirable, {n_undesirable} undesirable, {} DPO pairs; 10%-desirable run keeps {kept} desirable rows with λ_D = {lambda_d:.2}",
+            pairs.len()
+        )));
+        Ok(stats)
     }
-    let baseline = scores["sft"].clone();
-    let mut methods = BTreeMap::new();
-    for (name, s) in &scores {
-        let verdicts: Vec<Verdict> = s
-            .iter()
-            .flatten()
-            .zip(baseline.iter().flatten())
-            .map(|(c, b)| match c.cmp(b) {
-                std::cmp::Ordering::Greater => Verdict::Candidate,
-                std::cmp::Ordering::Less => Verdict::Baseline,
-                std::cmp::Ordering::Equal => Verdict::Tie,
-            })
-            .collect();
-        let w = WinRate::from_verdicts(&verdicts);
-        let all: Vec<u32> = s.iter().flatten().copied().collect();
-        methods.insert(
-            name.to_string(),
-            MethodResult {
-                win_rate_vs_sft: w.win_rate,
-                ci95: w.ci95,
-                wins: w.wins,
-                ties: w.ties,
-                losses: w.losses,
-                mean_score: all.iter().sum::<u32>() as f64 / all.len().max(1) as f64,
-                desirable_rate: all.iter().filter(|&&x| x == 3).count() as f64 / all.len().max(1) as f64,
-                prompts: eval_prompts.len(),
-                samples_per_prompt: scale.eval_samples,
-            },
-        );
+
+    /// 4. Alignment runs: SFT+DPO, SFT+KTO, KTO from base, KTO with 10% of the desirable rows.
+    fn align(&mut self, base: &Path, sft: &Path) -> Result<Vec<(&'static str, PathBuf)>> {
+        let (out, scale, seed, data_dir) = (self.out, self.scale, self.seed, &self.data_dir);
+        let on_event = &mut *self.on_event;
+        on_event(Event::Notice("stage 4/5: SFT+KTO, SFT+DPO, KTO from base, KTO with 10% desirable".into()));
+        let kto = |w: f64| LossConfig::Kto(KtoConfig { beta: 0.1, desirable_weight: w, undesirable_weight: 1.0 });
+        let fb = data_dir.join("feedback.jsonl");
+        let mut models: Vec<(&str, PathBuf)> = vec![("sft", sft.to_path_buf())];
+        models.push((
+            "sft+dpo",
+            run(
+                out,
+                "sft+dpo",
+                sft,
+                Some(sft),
+                &data_dir.join("pairs.jsonl"),
+                LossConfig::Dpo(DpoConfig::default()),
+                1e-3,
+                scale.align_epochs,
+                16,
+                8,
+                seed,
+                on_event,
+                |_| {},
+            )?,
+        ));
+        models.push((
+            "sft+kto",
+            run(
+                out,
+                "sft+kto",
+                sft,
+                Some(sft),
+                &fb,
+                kto(1.0),
+                1e-3,
+                scale.align_epochs,
+                16,
+                8,
+                seed,
+                on_event,
+                |_| {},
+            )?,
+        ));
+        models.push((
+            "kto",
+            run(out, "kto", base, Some(base), &fb, kto(1.0), 1e-3, scale.align_epochs, 16, 8, seed, on_event, |_| {})?,
+        ));
+        let imbalance = |c: &mut TrainConfig| {
+            c.desirable_fraction = 0.1;
+            c.auto_weights = true;
+        };
+        models.push((
+            "kto-10%-desirable",
+            run(
+                out,
+                "kto-10pct-desirable",
+                sft,
+                Some(sft),
+                &fb,
+                kto(1.0),
+                1e-3,
+                scale.align_epochs,
+                16,
+                8,
+                seed,
+                on_event,
+                imbalance,
+            )?,
+        ));
+        Ok(models)
     }
-    let results = DemoResults { methods, judge: "rule:polite-reply".into(), seed, feedback: stats };
-    crate::fsio::write_json_atomic(&out.join("results.json"), &results)?;
-    write_atomic(&out.join("results.md"), results_markdown(&results).as_bytes())?;
+
+    /// 5. Held-out evaluation against SFT, with the rule judge.
+    fn judge(
+        &mut self,
+        models: &[(&'static str, PathBuf)],
+        sft: &Path,
+        held_out: &[Request],
+    ) -> Result<BTreeMap<String, MethodResult>> {
+        let (scale, seed, device) = (self.scale, self.seed, &self.device);
+        let tok = HfTokenizer::load(sft)?;
+        (self.on_event)(Event::Notice("stage 5/5: judging every model against SFT on held-out prompts".into()));
+        let eval_prompts: Vec<String> = held_out.iter().map(Request::prompt).collect();
+        let eval_seed = seed.wrapping_add(1000);
+        let mut scores: BTreeMap<&str, Vec<Vec<u32>>> = BTreeMap::new();
+        for (name, dir) in models {
+            let replies = sample(dir, &tok, &eval_prompts, scale.eval_samples, eval_seed, device)?;
+            let s = eval_prompts
+                .iter()
+                .zip(&replies)
+                .map(|(p, rs)| rs.iter().map(|c| task::score(p, c)).collect())
+                .collect();
+            scores.insert(name, s);
+        }
+        let baseline = scores["sft"].clone();
+        let mut methods = BTreeMap::new();
+        for (name, s) in &scores {
+            let verdicts: Vec<Verdict> = s
+                .iter()
+                .flatten()
+                .zip(baseline.iter().flatten())
+                .map(|(c, b)| match c.cmp(b) {
+                    std::cmp::Ordering::Greater => Verdict::Candidate,
+                    std::cmp::Ordering::Less => Verdict::Baseline,
+                    std::cmp::Ordering::Equal => Verdict::Tie,
+                })
+                .collect();
+            let w = WinRate::from_verdicts(&verdicts);
+            let all: Vec<u32> = s.iter().flatten().copied().collect();
+            methods.insert(
+                name.to_string(),
+                MethodResult {
+                    win_rate_vs_sft: w.win_rate,
+                    ci95: w.ci95,
+                    wins: w.wins,
+                    ties: w.ties,
+                    losses: w.losses,
+                    mean_score: all.iter().sum::<u32>() as f64 / all.len().max(1) as f64,
+                    desirable_rate: all.iter().filter(|&&x| x == 3).count() as f64 / all.len().max(1) as f64,
+                    prompts: eval_prompts.len(),
+                    samples_per_prompt: scale.eval_samples,
+                },
+            );
+        }
+        Ok(methods)
+    }
+}
+
+/// results.json, results.md and the two charts.
+fn write_results(out: &Path, results: &DemoResults) -> Result<()> {
+    crate::fsio::write_json_atomic(&out.join("results.json"), results)?;
+    write_atomic(&out.join("results.md"), results_markdown(results).as_bytes())?;
     let bars: Vec<(String, f64, [f64; 2])> = METHODS
         .iter()
         .filter_map(|m| results.methods.get(*m).map(|r| (m.to_string(), r.win_rate_vs_sft, r.ci95)))
@@ -335,7 +409,7 @@ pub fn run_demo(out: &Path, scale: DemoScale, seed: u64, on_event: &mut dyn FnMu
         curves.push((name.to_string(), points));
     }
     plot::training_curves(&out.join("training_curves.png"), "prospect demo: training loss", &curves)?;
-    Ok(results)
+    Ok(())
 }
 
 /// The table, as markdown.
@@ -385,7 +459,7 @@ fn sample(
     let (policy, _) = Policy::load(model_dir, device)?;
     let model = policy.frozen_model(device)?;
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.encode(p)).collect::<Result<_>>()?;
-    let repeated: Vec<Vec<u32>> = ids.iter().flat_map(|i| std::iter::repeat(i.clone()).take(samples)).collect();
+    let repeated: Vec<Vec<u32>> = ids.iter().flat_map(|i| std::iter::repeat_n(i.clone(), samples)).collect();
     let cfg = GenerateConfig {
         max_new_tokens: 16,
         sampling: SamplingConfig { temperature: 1.0, top_k: 0, top_p: 1.0 },

@@ -6,8 +6,10 @@ use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use super::files::Row;
 use super::sampling::{sample, SamplingConfig};
-use crate::error::Result;
+use crate::data::{ChatTemplate, Message};
+use crate::error::{Error, Result};
 use crate::model::{HfTokenizer, Llama};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,7 +78,7 @@ pub fn generate(
             .iter()
             .map(|t| {
                 tok.token_id(t).map_err(|_| {
-                    crate::error::Error::Tokenizer(format!(
+                    Error::Tokenizer(format!(
                         "cannot append {t:?} to the prompts: the model's tokenizer has no such token \
                          (a CSFT run's final/ has its control tokens)"
                     ))
@@ -109,8 +111,8 @@ fn generate_batch(
     let mut ids = Vec::with_capacity(b * width);
     for p in prompts {
         let n_pad = width - p.len();
-        ids.extend(std::iter::repeat(pad).take(n_pad).chain(p.iter().copied()));
-        mask.push(std::iter::repeat(0).take(n_pad).chain(std::iter::repeat(1).take(p.len())).collect());
+        ids.extend(std::iter::repeat_n(pad, n_pad).chain(p.iter().copied()));
+        mask.push(std::iter::repeat_n(0, n_pad).chain(std::iter::repeat_n(1, p.len())).collect());
     }
     let mut cache = model.new_cache();
     let mut logits =
@@ -174,7 +176,7 @@ fn last_logits(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
 /// there are several samples, `sample`.
 pub fn generate_rows(
     model_dir: &std::path::Path,
-    rows: &[super::files::Row],
+    rows: &[Row],
     num_samples: usize,
     cfg: &GenerateConfig,
     device: &Device,
@@ -187,9 +189,9 @@ pub fn generate_rows(
     for row in rows {
         let ids = match row.fields.get("prompt") {
             Some(serde_json::Value::String(text)) => tok.encode(text)?,
-            _ => crate::data::chat::prompt_ids(&tok, row, model_dir)?,
+            _ => chat_prompt_ids(&tok, row, model_dir)?,
         };
-        prompts.extend(std::iter::repeat(ids).take(num_samples));
+        prompts.extend(std::iter::repeat_n(ids, num_samples));
     }
     let gens = generate(&model, &tok, &prompts, cfg, device, on_tokens)?;
     let mut out = Vec::with_capacity(gens.len());
@@ -205,4 +207,18 @@ pub fn generate_rows(
         out.push(fields);
     }
     Ok(out)
+}
+
+/// Token ids of a conversational prompt row for generation: the messages rendered with the model's chat
+/// template and `add_generation_prompt`, tokenized without adding special tokens (the template carries
+/// them), as `apply_chat_template(..., add_generation_prompt=True, tokenize=True)` does.
+fn chat_prompt_ids(tok: &HfTokenizer, row: &Row, model_dir: &std::path::Path) -> Result<Vec<u32>> {
+    let messages: Vec<Message> = serde_json::from_value(row.fields.get("prompt").cloned().unwrap_or_default())
+        .map_err(|e| Error::Data {
+            path: model_dir.to_path_buf(),
+            line: row.line,
+            message: format!("`prompt` must be a string or a list of {{role, content}} messages: {e}"),
+        })?;
+    let template = ChatTemplate::for_tokenizer(tok, None)?;
+    tok.encode_raw(&template.render(&messages, true)?)
 }

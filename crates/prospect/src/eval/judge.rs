@@ -1,6 +1,7 @@
 //! Judges: given a prompt and two completions, which is better?
 //!
-//! - `rule:NAME`: a programmatic judge for built-in tasks; each completion gets a score, higher wins.
+//! - `rule:NAME`: a programmatic judge for built-in tasks (`rules.rs`); each completion gets a score,
+//!   higher wins.
 //! - `llm:URL`: an OpenAI-compatible chat-completions endpoint, as the KTO paper's GPT-4 judge. The two
 //!   responses go in random (seeded) order to remove position bias; the order is recorded. The answer
 //!   must be exactly `A`, `B` or `TIE` (case and a trailing period aside); anything else counts as a
@@ -12,7 +13,10 @@ use std::path::PathBuf;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use super::rules::Rule;
 use super::winrate::Verdict;
+use crate::data::tokenize::Encoder;
+use crate::data::{ChatTemplate, Content, Message};
 use crate::error::{Error, Result};
 
 /// The default instruction for LLM judges. `{prompt}`, `{a}` and `{b}` are filled in.
@@ -24,7 +28,7 @@ Answer with exactly one word: A if Response A is better, B if Response B is bett
 /// What `--judge` names.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JudgeSpec {
-    Rule(String),
+    Rule(Rule),
     Llm { url: String },
     Reward(PathBuf),
 }
@@ -34,16 +38,10 @@ impl JudgeSpec {
         let bad =
             |m: &str| Error::config("judge", format!("{m}; expected rule:NAME, llm:URL or reward:DIR, got {spec:?}"));
         match spec.split_once(':') {
-            Some(("rule", name)) => {
-                if RULES.iter().any(|(n, _)| *n == name) {
-                    Ok(JudgeSpec::Rule(name.to_string()))
-                } else {
-                    Err(bad(&format!(
-                        "unknown rule `{name}` (known: {})",
-                        RULES.iter().map(|r| r.0).collect::<Vec<_>>().join(", ")
-                    )))
-                }
-            }
+            Some(("rule", name)) => match Rule::from_name(name) {
+                Some(rule) => Ok(JudgeSpec::Rule(rule)),
+                None => Err(bad(&format!("unknown rule `{name}` (known: {})", Rule::ALL.map(Rule::name).join(", ")))),
+            },
             Some(("llm", url)) if url.starts_with("http://") || url.starts_with("https://") => {
                 Ok(JudgeSpec::Llm { url: url.to_string() })
             }
@@ -53,11 +51,15 @@ impl JudgeSpec {
     }
 }
 
-/// Built-in rule judges: name → score(prompt, completion).
-pub const RULES: &[(&str, fn(&str, &str) -> u32)] = &[("polite-reply", crate::demo::task::score)];
-
-pub fn rule_score(name: &str, prompt: &str, completion: &str) -> Option<f64> {
-    RULES.iter().find(|(n, _)| *n == name).map(|(_, f)| f(prompt, completion) as f64)
+/// The spec as `--judge` spells it: `rule:NAME`, `llm:URL` or `reward:DIR`.
+impl std::fmt::Display for JudgeSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JudgeSpec::Rule(rule) => write!(f, "rule:{rule}"),
+            JudgeSpec::Llm { url } => write!(f, "llm:{url}"),
+            JudgeSpec::Reward(dir) => write!(f, "reward:{}", dir.display()),
+        }
+    }
 }
 
 /// A verdict from two scores: higher wins, equal ties.
@@ -159,6 +161,55 @@ impl LlmJudge {
     }
 }
 
+/// A reward model as a judge: each completion gets the score of the model's `score` head at the last
+/// non-pad token of prompt + completion, tokenized as the reward trainer tokenizes it (TRL's rules: eos
+/// appended to plain text; conversations rendered with the chat template, the completion as an assistant
+/// message). Sequences are cut at `max_length`.
+pub struct RewardJudge {
+    model: crate::model::RewardModel,
+    tok: crate::model::HfTokenizer,
+    template: Option<ChatTemplate>,
+    max_length: usize,
+    device: candle_core::Device,
+}
+
+impl RewardJudge {
+    pub fn load(dir: &std::path::Path, max_length: usize, device: &candle_core::Device) -> Result<Self> {
+        let tok = crate::model::HfTokenizer::load(dir)?;
+        let template = match &tok.chat_template {
+            Some(_) => Some(ChatTemplate::for_tokenizer(&tok, None)?),
+            None => None,
+        };
+        Ok(Self {
+            model: crate::model::load_frozen_reward(dir, device)?,
+            tok,
+            template,
+            max_length,
+            device: device.clone(),
+        })
+    }
+
+    /// The score of `completion` after `prompt` (a JSON string, or a list of messages).
+    pub fn score(&self, prompt: &serde_json::Value, completion: &str) -> Result<f64> {
+        let (p, c) = match prompt {
+            serde_json::Value::String(s) => (Content::Text(s.clone()), Content::Text(completion.to_string())),
+            other => {
+                let msgs: Vec<Message> = serde_json::from_value(other.clone())
+                    .map_err(|e| Error::Tokenizer(format!("prompt must be a string or a list of messages: {e}")))?;
+                (Content::Messages(msgs), Content::Messages(vec![Message::new("assistant", completion)]))
+            }
+        };
+        let encoder = Encoder { tok: &self.tok, template: self.template.as_ref() };
+        let seq = encoder.sequence(&p, &c, &mut Default::default())?;
+        let mut ids: Vec<u32> = seq.prompt_ids.iter().chain(&seq.completion_ids).copied().collect();
+        ids.truncate(self.max_length);
+        let n = ids.len();
+        let input = candle_core::Tensor::from_vec(ids, (1, n), &self.device)?;
+        let s = self.model.scores(&input, self.tok.pad_token_id)?; // [1]
+        Ok(s.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?[0])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,7 +226,10 @@ mod tests {
 
     #[test]
     fn specs_parse_and_name_what_is_wrong() {
-        assert_eq!(JudgeSpec::parse("rule:polite-reply").unwrap(), JudgeSpec::Rule("polite-reply".into()));
+        assert_eq!(JudgeSpec::parse("rule:polite-reply").unwrap(), JudgeSpec::Rule(Rule::PoliteReply));
+        for spec in ["rule:polite-reply", "llm:https://x.test/v1/chat/completions", "reward:runs/rm/final"] {
+            assert_eq!(JudgeSpec::parse(spec).unwrap().to_string(), spec);
+        }
         assert_eq!(
             JudgeSpec::parse("llm:http://127.0.0.1:8080/v1/chat/completions").unwrap(),
             JudgeSpec::Llm { url: "http://127.0.0.1:8080/v1/chat/completions".into() }
@@ -191,56 +245,5 @@ mod tests {
         assert_eq!(by_score(3.0, 2.0), Verdict::Candidate);
         assert_eq!(by_score(1.0, 2.0), Verdict::Baseline);
         assert_eq!(by_score(2.0, 2.0), Verdict::Tie);
-    }
-}
-
-/// A reward model as a judge: each completion gets the score of the model's `score` head at the last
-/// non-pad token of prompt + completion, tokenized as the reward trainer tokenizes it (TRL's rules: eos
-/// appended to plain text; conversations rendered with the chat template, the completion as an assistant
-/// message). Sequences are cut at `max_length`.
-pub struct RewardJudge {
-    model: crate::model::RewardModel,
-    tok: crate::model::HfTokenizer,
-    template: Option<crate::data::chat::ChatTemplate>,
-    max_length: usize,
-    device: candle_core::Device,
-}
-
-impl RewardJudge {
-    pub fn load(dir: &std::path::Path, max_length: usize, device: &candle_core::Device) -> Result<Self> {
-        let tok = crate::model::HfTokenizer::load(dir)?;
-        let template = match &tok.chat_template {
-            Some(_) => Some(crate::data::chat::ChatTemplate::for_tokenizer(&tok, None)?),
-            None => None,
-        };
-        Ok(Self {
-            model: crate::model::load_frozen_reward(dir, device)?,
-            tok,
-            template,
-            max_length,
-            device: device.clone(),
-        })
-    }
-
-    /// The score of `completion` after `prompt` (a JSON string, or a list of messages).
-    pub fn score(&self, prompt: &serde_json::Value, completion: &str) -> Result<f64> {
-        use crate::data::chat::Message;
-        use crate::data::rows::Content;
-        let (p, c) = match prompt {
-            serde_json::Value::String(s) => (Content::Text(s.clone()), Content::Text(completion.to_string())),
-            other => {
-                let msgs: Vec<Message> = serde_json::from_value(other.clone())
-                    .map_err(|e| Error::Tokenizer(format!("prompt must be a string or a list of messages: {e}")))?;
-                (Content::Messages(msgs), Content::Messages(vec![Message::new("assistant", completion)]))
-            }
-        };
-        let encoder = crate::data::tokenize::Encoder { tok: &self.tok, template: self.template.as_ref() };
-        let seq = encoder.sequence(&p, &c, &mut Default::default())?;
-        let mut ids: Vec<u32> = seq.prompt_ids.iter().chain(&seq.completion_ids).copied().collect();
-        ids.truncate(self.max_length);
-        let n = ids.len();
-        let input = candle_core::Tensor::from_vec(ids, (1, n), &self.device)?;
-        let s = self.model.scores(&input, self.tok.pad_token_id)?; // [1]
-        Ok(s.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?[0])
     }
 }

@@ -5,6 +5,7 @@ pub mod generate;
 pub mod judge;
 pub mod plot;
 pub mod report;
+pub mod rules;
 pub mod sampling;
 pub mod winrate;
 

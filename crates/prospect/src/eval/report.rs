@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::files::{pair_by_prompt, read_rows, Row};
-use super::judge::{by_score, rule_score, JudgeSpec, LlmJudge, RewardJudge};
+use super::judge::{by_score, JudgeSpec, LlmJudge, RewardJudge};
+use super::rules::Rule;
+use super::winrate::Verdict;
 use super::winrate::WinRate;
 use crate::error::{Error, Result};
 use crate::fsio::write_atomic;
@@ -55,104 +57,37 @@ pub struct EvalReport {
 pub fn evaluate(
     candidates: &[PathBuf],
     baseline: &Path,
-    judge_spec: &str,
+    judge: &JudgeSpec,
     llm: &LlmOptions,
     seed: u64,
     output: &Path,
 ) -> Result<EvalReport> {
-    let spec = JudgeSpec::parse(judge_spec)?;
     let base_rows = read_rows(baseline, true)?;
-    let reward = match &spec {
+    let reward = match judge {
         JudgeSpec::Reward(dir) => Some(RewardJudge::load(dir, 1024, &candle_core::Device::Cpu)?),
         _ => None,
     };
     let mut results = Vec::new();
     for (ci, path) in candidates.iter().enumerate() {
-        let rows = read_rows(path, true)?;
-        let (pairs, unmatched) = pair_by_prompt(&rows, &base_rows);
-        if pairs.is_empty() {
-            return Err(Error::DataFile {
-                path: path.clone(),
-                message: format!("no prompt of this file appears in the baseline {}", baseline.display()),
-            });
-        }
-        let name =
-            path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| format!("candidate{ci}"));
-        let mut verdicts = Vec::with_capacity(pairs.len());
-        let mut log = String::new();
-        let (mut c_scores, mut b_scores) = (Vec::new(), Vec::new());
-        let mut unparseable = 0;
-        let mut llm_judge = match &spec {
-            JudgeSpec::Llm { url } => Some(LlmJudge::new(
+        let mut scorer = match judge {
+            JudgeSpec::Rule(rule) => Scorer::Rule(*rule),
+            JudgeSpec::Reward(_) => {
+                Scorer::Reward(reward.as_ref().ok_or_else(|| Error::config("judge", "reward model not loaded"))?)
+            }
+            JudgeSpec::Llm { url } => Scorer::Llm(Box::new(LlmJudge::new(
                 url,
                 &llm.model,
                 llm.api_key.clone(),
                 llm.prompt_template.clone(),
                 seed.wrapping_add(ci as u64),
-            )),
-            _ => None,
+            ))),
         };
-        for &(i, j) in &pairs {
-            let (c, b): (&Row, &Row) = (&rows[i], &base_rows[j]);
-            let prompt = c.prompt_text();
-            let mut entry = json!({"prompt": prompt, "candidate": c.completion(), "baseline": b.completion(),
-                                   "candidate_line": c.line, "baseline_line": b.line});
-            let verdict = match &spec {
-                JudgeSpec::Rule(rule) => {
-                    let cs = rule_score(rule, &prompt, c.completion()).unwrap_or(0.0);
-                    let bs = rule_score(rule, &prompt, b.completion()).unwrap_or(0.0);
-                    c_scores.push(cs);
-                    b_scores.push(bs);
-                    entry["candidate_score"] = json!(cs);
-                    entry["baseline_score"] = json!(bs);
-                    by_score(cs, bs)
-                }
-                JudgeSpec::Reward(_) => {
-                    let judge = reward.as_ref().ok_or_else(|| Error::config("judge", "reward model not loaded"))?;
-                    let raw_prompt = c.fields.get("prompt").cloned().unwrap_or_default();
-                    let cs = judge.score(&raw_prompt, c.completion())?;
-                    let bs = judge.score(&raw_prompt, b.completion())?;
-                    c_scores.push(cs);
-                    b_scores.push(bs);
-                    entry["candidate_score"] = json!(cs);
-                    entry["baseline_score"] = json!(bs);
-                    by_score(cs, bs)
-                }
-                JudgeSpec::Llm { .. } => {
-                    let judge = llm_judge.as_mut().ok_or_else(|| Error::config("judge", "LLM judge not set up"))?;
-                    let j = judge.judge(&prompt, c.completion(), b.completion())?;
-                    unparseable += usize::from(!j.parsed);
-                    entry["candidate_position"] = json!(j.candidate_position);
-                    entry["judge_answer"] = json!(j.answer);
-                    entry["parsed"] = json!(j.parsed);
-                    j.verdict
-                }
-            };
-            entry["verdict"] = json!(verdict);
-            log.push_str(&entry.to_string());
-            log.push('\n');
-            verdicts.push(verdict);
-        }
-        write_atomic(&output.join(format!("comparisons-{name}.jsonl")), log.as_bytes())?;
-        let w = WinRate::from_verdicts(&verdicts);
-        let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-        results.push(CandidateResult {
-            name,
-            file: path.clone(),
-            win_rate: w.win_rate,
-            ci95: w.ci95,
-            wins: w.wins,
-            ties: w.ties,
-            losses: w.losses,
-            n: verdicts.len(),
-            unmatched,
-            unparseable,
-            mean_candidate_score: mean(&c_scores),
-            mean_baseline_score: mean(&b_scores),
-        });
+        let name =
+            path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| format!("candidate{ci}"));
+        results.push(compare(name, path, baseline, &base_rows, &mut scorer, output)?);
     }
     let report = EvalReport {
-        judge: judge_spec.to_string(),
+        judge: judge.to_string(),
         baseline: baseline.to_path_buf(),
         ci_method: "wilson".into(),
         candidates: results,
@@ -167,6 +102,102 @@ pub fn evaluate(
         &bars,
     )?;
     Ok(report)
+}
+
+/// A judge set up for one candidate file.
+enum Scorer<'a> {
+    Rule(Rule),
+    Reward(&'a RewardJudge),
+    Llm(Box<LlmJudge>),
+}
+
+/// One comparison: the verdict, the two scores (rule and reward judges), and whether an LLM judge's
+/// answer could not be parsed. Audit fields go into `entry`.
+struct Judged {
+    verdict: Verdict,
+    scores: Option<(f64, f64)>,
+    unparseable: bool,
+}
+
+impl Scorer<'_> {
+    fn judge(&mut self, c: &Row, b: &Row, prompt: &str, entry: &mut serde_json::Value) -> Result<Judged> {
+        let scores = match self {
+            Scorer::Rule(rule) => {
+                (f64::from(rule.score(prompt, c.completion())), f64::from(rule.score(prompt, b.completion())))
+            }
+            Scorer::Reward(judge) => {
+                let raw_prompt = c.fields.get("prompt").cloned().unwrap_or_default();
+                (judge.score(&raw_prompt, c.completion())?, judge.score(&raw_prompt, b.completion())?)
+            }
+            Scorer::Llm(judge) => {
+                let j = judge.judge(prompt, c.completion(), b.completion())?;
+                entry["candidate_position"] = json!(j.candidate_position);
+                entry["judge_answer"] = json!(j.answer);
+                entry["parsed"] = json!(j.parsed);
+                return Ok(Judged { verdict: j.verdict, scores: None, unparseable: !j.parsed });
+            }
+        };
+        entry["candidate_score"] = json!(scores.0);
+        entry["baseline_score"] = json!(scores.1);
+        Ok(Judged { verdict: by_score(scores.0, scores.1), scores: Some(scores), unparseable: false })
+    }
+}
+
+/// Judge one candidate file against the baseline, prompt by prompt; the comparisons go to
+/// `comparisons-NAME.jsonl`.
+fn compare(
+    name: String,
+    path: &Path,
+    baseline: &Path,
+    base_rows: &[Row],
+    scorer: &mut Scorer,
+    output: &Path,
+) -> Result<CandidateResult> {
+    let rows = read_rows(path, true)?;
+    let (pairs, unmatched) = pair_by_prompt(&rows, base_rows);
+    if pairs.is_empty() {
+        return Err(Error::DataFile {
+            path: path.to_path_buf(),
+            message: format!("no prompt of this file appears in the baseline {}", baseline.display()),
+        });
+    }
+    let mut verdicts = Vec::with_capacity(pairs.len());
+    let mut log = String::new();
+    let (mut c_scores, mut b_scores) = (Vec::new(), Vec::new());
+    let mut unparseable = 0;
+    for &(i, j) in &pairs {
+        let (c, b): (&Row, &Row) = (&rows[i], &base_rows[j]);
+        let prompt = c.prompt_text();
+        let mut entry = json!({"prompt": prompt, "candidate": c.completion(), "baseline": b.completion(),
+                               "candidate_line": c.line, "baseline_line": b.line});
+        let judged = scorer.judge(c, b, &prompt, &mut entry)?;
+        if let Some((cs, bs)) = judged.scores {
+            c_scores.push(cs);
+            b_scores.push(bs);
+        }
+        unparseable += usize::from(judged.unparseable);
+        entry["verdict"] = json!(judged.verdict);
+        log.push_str(&entry.to_string());
+        log.push('\n');
+        verdicts.push(judged.verdict);
+    }
+    write_atomic(&output.join(format!("comparisons-{name}.jsonl")), log.as_bytes())?;
+    let w = WinRate::from_verdicts(&verdicts);
+    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    Ok(CandidateResult {
+        name,
+        file: path.to_path_buf(),
+        win_rate: w.win_rate,
+        ci95: w.ci95,
+        wins: w.wins,
+        ties: w.ties,
+        losses: w.losses,
+        n: verdicts.len(),
+        unmatched,
+        unparseable,
+        mean_candidate_score: mean(&c_scores),
+        mean_baseline_score: mean(&b_scores),
+    })
 }
 
 fn stem(p: &Path) -> String {

@@ -14,9 +14,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Until `data::Shape` replaces it everywhere.
-pub use crate::data::Shape as DataKind;
-
 pub use apo_zero_unpaired::apo_zero_unpaired_loss;
 pub use cdpo::cdpo_loss;
 pub use dpo::{dpo_loss, DpoInputs};

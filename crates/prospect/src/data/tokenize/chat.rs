@@ -11,26 +11,13 @@
 //! - the context: `messages`, `add_generation_prompt`, `tools = none`, `documents = none`, and the
 //!   tokenizer's special tokens (`bos_token`, `eos_token`, `pad_token`, `unk_token`).
 //!
-//! This file renders text only; turning the text into token ids is `tokenize.rs`'s job.
+//! This file renders text only; turning the text into token ids is `tokenize/mod.rs`'s job.
 
 use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, ErrorKind};
-use serde::{Deserialize, Serialize};
 
+use crate::data::rows::Message;
 use crate::error::{Error, Result};
-
-/// One chat message, as TRL's conversational format and HF templates spell it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-impl Message {
-    pub fn new(role: &str, content: &str) -> Self {
-        Self { role: role.to_string(), content: content.to_string() }
-    }
-}
 
 /// A compiled chat template plus the special tokens it may refer to.
 pub struct ChatTemplate {
@@ -285,22 +272,4 @@ mod tests {
         let t = ChatTemplate::new(src, vec![("bos_token", "<s>".into())], "t").unwrap();
         assert_eq!(t.render(&[Message::new("user", " a "), Message::new("assistant", "b")], false).unwrap(), "<s>A,B");
     }
-}
-
-/// Token ids of a conversational prompt row for generation: the messages rendered with the model's chat
-/// template and `add_generation_prompt`, tokenized without adding special tokens (the template carries
-/// them), as `apply_chat_template(..., add_generation_prompt=True, tokenize=True)` does.
-pub fn prompt_ids(
-    tok: &crate::model::HfTokenizer,
-    row: &crate::eval::files::Row,
-    model_dir: &std::path::Path,
-) -> Result<Vec<u32>> {
-    let messages: Vec<Message> = serde_json::from_value(row.fields.get("prompt").cloned().unwrap_or_default())
-        .map_err(|e| Error::Data {
-            path: model_dir.to_path_buf(),
-            line: row.line,
-            message: format!("`prompt` must be a string or a list of {{role, content}} messages: {e}"),
-        })?;
-    let template = ChatTemplate::for_tokenizer(tok, None)?;
-    tok.encode_raw(&template.render(&messages, true)?)
 }

@@ -1,4 +1,7 @@
-//! Turning text rows into token ids exactly as TRL does, so both produce the same ids:
+//! Stage 4, tokenize: rows → token ids exactly as TRL makes them (chat template + tokenizer), so both
+//! produce the same ids. `chat.rs` renders conversations; `examples.rs` tokenizes whole files of rows into
+//! the [`examples::Examples`] a loss trains on.
+//!
 //!
 //! 1. append the tokenizer's eos text to the completion unless it already ends with it;
 //! 2. `prompt_ids = tok(prompt)`, `full = tok(prompt + completion)` (special tokens added by the
@@ -12,10 +15,13 @@
 //! 3. the completion starts where the two diverge (their common prefix), which is not always the end of
 //!    `prompt_ids`: tokens can merge across the boundary.
 
-use super::chat::{ChatTemplate, Message};
-use super::rows::Content;
+pub mod chat;
+pub mod examples;
+
+use super::rows::{Content, Message};
 use crate::error::{Error, Result};
 use crate::model::HfTokenizer;
+use chat::ChatTemplate;
 
 /// One prompt + completion, split at the common prefix. Not yet truncated.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use super::read::Record;
+use super::Record;
 use crate::error::{Error, Result};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
