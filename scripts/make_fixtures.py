@@ -605,7 +605,8 @@ def run_trl(kind: str, out: Path, result_path: Path) -> None:
     torch.use_deterministic_algorithms(True)
     set_seed(SEED)
     spec = RUNS[kind]
-    model_dir = out / "tiny-llama"
+    model_name = spec.get("model", "tiny-llama")  # a folder under tests/fixtures/
+    model_dir = out / model_name
     data_path = out / "data" / spec["data"]
     raw_rows = read_jsonl(data_path)
     dataset = Dataset.from_list(raw_rows)
@@ -734,7 +735,7 @@ def run_trl(kind: str, out: Path, result_path: Path) -> None:
         steps.append(entry)
         pos += n
 
-    config = {"trainer": spec["trainer"], "config_class": config_cls.__name__, "model": "tests/fixtures/tiny-llama",
+    config = {"trainer": spec["trainer"], "config_class": config_cls.__name__, "model": f"tests/fixtures/{model_name}",
               "dataset": f"tests/fixtures/data/{spec['data']}", **COMMON_ARGS, **spec["extra"]}
     config["output_dir"] = "<tmp>"
     result = {

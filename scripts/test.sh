@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# The test command (README): prepares what the tests need on a fresh machine, then runs every test.
+# The test command (README): prepares what the tests need on a fresh machine, then runs every test,
+# including the `live-reference` ones. Plain `cargo test --workspace` runs the hermetic part (nothing but
+# Rust); the feature adds the tests that call Python, read SmolLM2 or LLaMA-Factory's files, and those fail
+# (never skip) when what they need is missing.
 #
 #   bash scripts/test.sh            # all tests
 #   bash scripts/test.sh -- NAME    # extra arguments go to `cargo test`
@@ -26,4 +29,4 @@ bash scripts/fetch_smollm2.sh
 bash scripts/fetch_llamafactory_data.sh
 
 [ "${1:-}" = "--" ] && shift
-cargo test --workspace "$@"
+cargo test --workspace --features prospect/live-reference,prospect-cli/live-reference "$@"

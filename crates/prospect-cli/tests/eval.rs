@@ -266,11 +266,12 @@ fn generate_renders_conversational_prompts_with_the_chat_template() {
     assert_eq!(row["completion_ids"].as_array().unwrap().len(), 4);
 }
 
-#[test]
-fn reward_judge_scores_as_transformers_does() {
-    // tests/fixtures/tiny-llama-rm is a LlamaForSequenceClassification folder (num_labels = 1). Each
-    // completion's score must equal what transformers gives prompt + completion + eos.
-    let dir = scratch("eval-reward");
+/// `prospect eval --judge reward:tiny-llama-rm` on two rows. tests/fixtures/tiny-llama-rm is a
+/// LlamaForSequenceClassification folder (num_labels = 1) that scores prompt + completion + eos. Returns
+/// the comparison log, the scored token ids (candidate, baseline per row; right-padded with the pad token)
+/// and the scores the binary logged for them, in that order.
+fn reward_judge_run(name: &str) -> (Vec<serde_json::Value>, Vec<Vec<u32>>, Vec<f64>) {
+    let dir = scratch(name);
     let rm = fixtures().join("tiny-llama-rm");
     let row = |p: &str, c: &str| serde_json::json!({"prompt": p, "completion": c}).to_string();
     let (c, b) = (dir.join("cand.jsonl"), dir.join("base.jsonl"));
@@ -317,23 +318,23 @@ fn reward_judge_scores_as_transformers_does() {
         .iter()
         .map(|r| r.iter().copied().chain(std::iter::repeat(tok.pad_token_id)).take(width).collect())
         .collect();
-    let python = std::env::var("PROSPECT_PYTHON").expect("PROSPECT_PYTHON: run through scripts/test.sh");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/hf_scores.py");
-    let run = std::process::Command::new(python)
-        .arg(script)
-        .arg(&rm)
-        .arg(serde_json::to_string(&padded).unwrap())
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap();
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let want: Vec<f64> =
-        serde_json::from_value(serde_json::from_slice::<serde_json::Value>(&run.stdout).unwrap()["scores"].clone())
-            .unwrap();
-    for (o, w) in ours.iter().zip(&want) {
-        assert!((o - w).abs() < 1e-4, "Prospect {ours:?} vs transformers {want:?}");
+    (log, padded, ours)
+}
+
+#[test]
+fn reward_judge_scores_as_the_library_does_and_verdicts_follow_the_scores() {
+    let (log, ids, logged) = reward_judge_run("eval-reward");
+    assert_eq!(log.len(), 2);
+    // The binary's scores are the library's reward model on the same right-padded ids (transformers'
+    // scores of this folder are checked by `reward_judge_scores_as_transformers_does`, live-reference).
+    let dev = candle_core::Device::Cpu;
+    let rm = prospect::model::load_frozen_reward(&fixtures().join("tiny-llama-rm"), &dev).unwrap();
+    let pad = prospect::model::HfTokenizer::load(&fixtures().join("tiny-llama-rm")).unwrap().pad_token_id;
+    let want: Vec<f32> = rm.scores(&candle_core::Tensor::new(ids, &dev).unwrap(), pad).unwrap().to_vec1().unwrap();
+    for (o, w) in logged.iter().zip(&want) {
+        assert!((o - *w as f64).abs() < 1e-5, "binary {logged:?} vs library {want:?}");
     }
-    // The verdicts follow the scores.
+    assert!((logged[0] - logged[1]).abs() > 1e-6, "the two completions must score differently: {logged:?}");
     for e in &log {
         let (cs, bs) = (e["candidate_score"].as_f64().unwrap(), e["baseline_score"].as_f64().unwrap());
         let want = if cs > bs {
@@ -370,4 +371,29 @@ fn an_unknown_judge_is_a_usage_error_with_the_known_rules() {
         "{err}"
     );
     assert!(!out.exists(), "nothing is written for a bad flag");
+}
+
+#[test]
+#[cfg(feature = "live-reference")]
+fn reward_judge_scores_as_transformers_does() {
+    // Each completion's score must equal what transformers gives prompt + completion + eos.
+    let (_, padded, ours) = reward_judge_run("eval-reward-live");
+    let python = std::env::var("PROSPECT_PYTHON")
+        .expect("PROSPECT_PYTHON is not set: run through `bash scripts/test.sh`, which sets up the reference Python");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/hf_scores.py");
+    let run = std::process::Command::new(&python)
+        .arg(script)
+        .arg(fixtures().join("tiny-llama-rm"))
+        .arg(serde_json::to_string(&padded).unwrap())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run PROSPECT_PYTHON={python}: {e}"));
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let want: Vec<f64> =
+        serde_json::from_value(serde_json::from_slice::<serde_json::Value>(&run.stdout).unwrap()["scores"].clone())
+            .unwrap();
+    assert_eq!(want.len(), ours.len());
+    for (o, w) in ours.iter().zip(&want) {
+        assert!((o - w).abs() < 1e-4, "Prospect {ours:?} vs transformers {want:?}");
+    }
 }

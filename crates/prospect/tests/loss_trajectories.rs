@@ -71,17 +71,15 @@ fn reward_rows_tokenize_as_trl_does() {
     }
 }
 
-#[test]
-fn reward_model_round_trips_through_transformers() {
-    // The same run as `reward_matches_trl`; transformers' scores of its final/ are in the fixture.
-    let (_, out) = reward_run("reward-roundtrip");
+/// Prospect's reward run, its saved `final/` and the right-padded token ids of every pair of paired.jsonl
+/// (chosen rows, then rejected rows) with the scores Prospect's own reward model gives them.
+fn reward_run_scores(name: &str) -> (PathBuf, Vec<Vec<u32>>, Vec<f32>) {
+    let (_, out) = reward_run(name);
     let final_dir = out.join("final");
     let config: Value = serde_json::from_str(&std::fs::read_to_string(final_dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["architectures"][0], "LlamaForSequenceClassification");
     assert_eq!(config["pad_token_id"], 0);
     assert_eq!(config["id2label"].as_object().unwrap().len(), 1, "num_labels = 1");
-    let fixture = fixture_json("reward_roundtrip.json");
-    assert_eq!(fixture["loaded_class"], "LlamaForSequenceClassification");
 
     let rm = load_frozen_reward(&final_dir, &Device::Cpu).unwrap();
     let tok = HfTokenizer::load(&final_dir).unwrap();
@@ -92,10 +90,34 @@ fn reward_model_round_trips_through_transformers() {
     let seqs: Vec<&Sequence> = ex.iter().map(|e| &e.chosen).chain(ex.iter().map(|e| &e.rejected)).collect();
     let batch = collate_sequences(&seqs, 64, tok.pad_token_id, &Device::Cpu).unwrap();
     let scores: Vec<f32> = rm.scores(&batch.input_ids, tok.pad_token_id).unwrap().to_vec1().unwrap();
+    (final_dir, batch.input_ids.to_vec2().unwrap(), scores)
+}
+
+#[test]
+fn reward_model_scores_equal_the_recorded_transformers_scores() {
+    // Hermetic: `reward_roundtrip.json` holds the scores transformers gave the final/ of this same run when
+    // the fixture was written (`make_loss_fixtures.py --roundtrip`). This catches a drift of the run or of
+    // the scoring; loading *today's* final/ in transformers is `reward_model_round_trips_through_transformers`
+    // (live-reference).
+    let (_, _, scores) = reward_run_scores("reward-recorded");
+    let fixture = fixture_json("reward_roundtrip.json");
+    assert_eq!(fixture["loaded_class"], "LlamaForSequenceClassification");
     let want: Vec<f64> = ["chosen_scores", "rejected_scores"]
         .iter()
         .flat_map(|k| fixture[*k].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect::<Vec<_>>())
         .collect();
+    assert_eq!(scores.len(), want.len());
+    let worst = scores.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+    assert!(worst < 1e-4, "largest score difference {worst}: prospect {scores:?} vs transformers {want:?}");
+}
+
+#[test]
+#[cfg(feature = "live-reference")]
+fn reward_model_round_trips_through_transformers() {
+    // Live: transformers loads the final/ this run just saved and scores the same ids as Prospect does.
+    let (final_dir, ids, scores) = reward_run_scores("reward-roundtrip");
+    let (class, num_labels, want) = common::hf_scores(&final_dir, &ids);
+    assert_eq!((class.as_str(), num_labels), ("LlamaForSequenceClassification", 1));
     assert_eq!(scores.len(), want.len());
     let worst = scores.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
     assert!(worst < 1e-4, "largest score difference {worst}: prospect {scores:?} vs transformers {want:?}");

@@ -1,8 +1,10 @@
 //! The folders Prospect saves load in `transformers` and compute the same logits as Prospect.
 //!
-//! Runs `scripts/hf_logits.py` with the reference Python environment that `scripts/test.sh` sets up
-//! (`PROSPECT_PYTHON`, pins in `scripts/requirements-ref.txt`). Without that interpreter the test fails
-//! and says how to get it: this check is part of the contract, not optional.
+//! Runs `scripts/hf_logits.py` / `scripts/hf_scores.py` with the reference Python environment that
+//! `scripts/test.sh` sets up (`PROSPECT_PYTHON`, pins in `scripts/requirements-test.txt`), so the file
+//! builds only with `--features live-reference` (which `scripts/test.sh` turns on). With the feature on
+//! and no interpreter the tests fail and say how to get it: they never skip.
+#![cfg(feature = "live-reference")]
 
 mod common;
 
@@ -10,19 +12,10 @@ use std::path::Path;
 use std::process::Command;
 
 use candle_core::{Device, Tensor};
-use common::{fixtures, scratch, trl_config};
+use common::{fixtures, hf_scores, python, scratch, trl_config};
 use prospect::loss::{DpoConfig, LossConfig};
 use prospect::model::Policy;
 use prospect::train::{train, RunOptions};
-
-fn python() -> String {
-    std::env::var("PROSPECT_PYTHON").unwrap_or_else(|_| {
-        panic!(
-            "PROSPECT_PYTHON is not set: run the tests through `bash scripts/test.sh`, which creates the \
-             reference Python environment (torch + transformers, pinned) and points PROSPECT_PYTHON at it"
-        )
-    })
-}
 
 fn hf_logits(model_dir: &Path, ids: &[Vec<u32>]) -> (String, Vec<Vec<Vec<f64>>>) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/hf_logits.py");
@@ -90,24 +83,8 @@ fn reward_model_folder_loads_in_transformers_with_equal_scores() {
 
     // Right-padded with pad = eos = 0: the score sits on the token before the final eos.
     let ids = vec![vec![330u32, 28, 355, 319, 298, 263, 0], vec![54, 307, 201, 0, 0, 0, 0]];
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/hf_scores.py");
-    let run = Command::new(python())
-        .arg(&script)
-        .arg(&final_dir)
-        .arg(serde_json::to_string(&ids).unwrap())
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "transformers failed to load {}:\n{}",
-        final_dir.display(),
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
-    assert_eq!(json["class"], "LlamaForSequenceClassification");
-    assert_eq!(json["num_labels"], 1);
-    let want: Vec<f64> = serde_json::from_value(json["scores"].clone()).unwrap();
+    let (class, num_labels, want) = hf_scores(&final_dir, &ids);
+    assert_eq!((class.as_str(), num_labels), ("LlamaForSequenceClassification", 1));
 
     let dev = Device::Cpu;
     let got: Vec<f32> = load_frozen_reward(&final_dir, &dev)

@@ -55,6 +55,11 @@ pub struct LlamaConfig {
     /// Standard deviation of HF's normal initialisation (new heads are initialised with it).
     #[serde(default)]
     pub initializer_range: Option<f64>,
+    /// The input embedding's `padding_idx`: `transformers` builds `embed_tokens` as
+    /// `nn.Embedding(vocab_size, hidden_size, padding_idx=pad_token_id)`, whose row gets no gradient
+    /// through the lookup. Missing or `null`: no such row. Negative counts from the end, as in PyTorch.
+    #[serde(default)]
+    pub pad_token_id: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -116,7 +121,28 @@ impl LlamaConfig {
                 ),
             ));
         }
+        self.padding_idx_checked().map_err(|msg| Error::model(path, msg))?;
         Ok(())
+    }
+
+    /// `pad_token_id` as a row of the embedding (PyTorch's `nn.Embedding` rule: `-v <= id < v`, a
+    /// negative id counting from the end), or a message naming the field.
+    fn padding_idx_checked(&self) -> std::result::Result<Option<u32>, String> {
+        let Some(id) = self.pad_token_id else { return Ok(None) };
+        let v = self.vocab_size as i64;
+        let row = if id < 0 { id + v } else { id };
+        if !(0..v).contains(&row) {
+            return Err(format!(
+                "pad_token_id {id} is not a row of the embedding: expected -{v} <= pad_token_id < {v} (vocab_size)"
+            ));
+        }
+        u32::try_from(row).map(Some).map_err(|_| format!("pad_token_id {id} does not fit a token id"))
+    }
+
+    /// The embedding row that gets no gradient through the lookup (`padding_idx`), `None` without one.
+    pub fn padding_idx(&self) -> Result<Option<u32>> {
+        self.padding_idx_checked()
+            .map_err(|message| Error::Config { key: "pad_token_id (config.json)".into(), message })
     }
 
     /// RoPE base frequency, wherever `config.json` put it (default 10000).

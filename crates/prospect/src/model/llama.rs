@@ -11,9 +11,10 @@
 //! `f` MLP width, `v` vocab.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 use super::config::LlamaConfig;
+use super::embedding::TokenEmbedding;
 use super::kernels::{self, causal_softmax, rms_norm, swiglu};
 use super::ops::{self, repeat_kv, rope_tables, softmax_last_dim};
 use crate::error::Result;
@@ -186,7 +187,9 @@ impl DecoderLayer {
 /// A Llama-family causal LM. Cheap to build: it holds handles to the weights, not copies.
 pub struct Llama {
     config: LlamaConfig,
-    embed_tokens: Embedding,
+    /// `nn.Embedding(v, d, padding_idx=pad_token_id)` as `transformers` builds it for Llama, Mistral and
+    /// Qwen2: the pad row gets no gradient through the lookup (see [`TokenEmbedding`]).
+    embed_tokens: TokenEmbedding,
     layers: Vec<DecoderLayer>,
     norm: Tensor,
     /// `[v, d]`; the embedding matrix itself when embeddings are tied. `None` for a backbone built
@@ -223,7 +226,7 @@ impl Llama {
         };
         Ok(Self {
             config: cfg.clone(),
-            embed_tokens: Embedding::new(embeddings, cfg.hidden_size),
+            embed_tokens: TokenEmbedding::new(embeddings, cfg.padding_idx()?),
             layers,
             norm,
             lm_head,

@@ -2,6 +2,7 @@
 //! `sequence_logps`, where logits become log-probs.
 
 pub mod config;
+pub mod embedding;
 pub mod heads;
 pub mod init;
 pub mod kernels;

@@ -158,3 +158,39 @@ pub fn compare_steps(
         }
     }
 }
+
+/// The reference Python (`PROSPECT_PYTHON`, set by `scripts/test.sh`) for the `live-reference` tests.
+/// Panics with the way to get it: a live test never skips.
+#[cfg(feature = "live-reference")]
+pub fn python() -> String {
+    std::env::var("PROSPECT_PYTHON").unwrap_or_else(|_| {
+        panic!(
+            "PROSPECT_PYTHON is not set: run the tests through `bash scripts/test.sh`, which creates the \
+             reference Python environment (torch + transformers, pinned) and points PROSPECT_PYTHON at it"
+        )
+    })
+}
+
+/// `scripts/hf_scores.py`: `transformers`' `AutoModelForSequenceClassification` scores of right-padded
+/// `ids` for the reward-model folder `dir`. Returns (loaded class, num_labels, scores).
+#[cfg(feature = "live-reference")]
+pub fn hf_scores(dir: &Path, ids: &[Vec<u32>]) -> (String, u64, Vec<f64>) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/hf_scores.py");
+    let python = python();
+    let run = std::process::Command::new(&python)
+        .arg(&script)
+        .arg(dir)
+        .arg(serde_json::to_string(ids).unwrap())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run PROSPECT_PYTHON={python}: {e}"));
+    assert!(
+        run.status.success(),
+        "transformers failed to load {}:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let scores = serde_json::from_value(json["scores"].clone()).unwrap();
+    (json["class"].as_str().unwrap().to_string(), json["num_labels"].as_u64().unwrap(), scores)
+}
