@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Fuzz Prospect's readers of untrusted bytes: scripts/fuzz.sh [SECONDS] [TARGET...]
 #
-# Builds crates/prospect-fuzz in release, then runs every target (data, gguf, safetensors, tokenizer,
+# Builds crates/prospect-fuzz in release, then runs every target (data, parquet, gguf, safetensors, tokenizer,
 # config; or those named) for SECONDS each (default 60), all targets at once, one process each, under
 # a virtual-memory cap (FUZZ_MEM_KB, default 8 GiB) so that an unbounded allocation is a finding, not a
-# swapping machine. Prints executions, panics, slow runs (> 1 s), hangs (> 5 s) and crashes per target,
+# swapping machine. Prints executions, panics, slow runs (> 1 s), hangs (> 3 s) and crashes per target,
 # then every distinct finding; inputs land in target/fuzz/findings/. Exits 1 on a finding that is not
 # listed in tests/fixtures/bad/pending/KNOWN. CI runs `scripts/fuzz.sh 60` as a smoke test.
 #

@@ -124,7 +124,8 @@ fn replay(target: Target, files: &[String], fixtures: &Path) -> Result<()> {
             Ok(Ok(())) => println!("{file}: accepted"),
             Ok(Err(e)) => println!("{file}: error: {e:#}"),
             Err(p) => {
-                let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+                let msg =
+                    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
                 println!("{file}: PANIC: {}", msg.unwrap_or_default());
             }
         }

@@ -52,9 +52,11 @@ pub fn run(opts: &Options) -> Result<bool> {
     let known = read_known(&opts.known)?;
     let started = Instant::now();
     let summaries: Vec<(Target, Result<Summary>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> =
-            opts.targets.iter().map(|&t| (t, scope.spawn(move || supervise(t, opts)))).collect();
-        handles.into_iter().map(|(t, h)| (t, h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("supervisor panicked"))))).collect()
+        let handles: Vec<_> = opts.targets.iter().map(|&t| (t, scope.spawn(move || supervise(t, opts)))).collect();
+        handles
+            .into_iter()
+            .map(|(t, h)| (t, h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("supervisor panicked")))))
+            .collect()
     });
     let mut table = String::new();
     let mut new_findings = 0;
@@ -69,13 +71,27 @@ pub fn run(opts: &Options) -> Result<bool> {
         total += s.execs;
         table.push_str(&format!(
             "{:<12} {:>10} {:>10} {:>7} {:>5} {:>5} {:>7} {:>8}  {}\n",
-            target.name(), s.execs, s.accepted, s.panics, s.slow, s.hangs, s.crashes, s.workers, s.seeds
+            target.name(),
+            s.execs,
+            s.accepted,
+            s.panics,
+            s.slow,
+            s.hangs,
+            s.crashes,
+            s.workers,
+            s.seeds
         ));
         for (signature, f) in &s.findings {
             let is_known = known.iter().any(|(t, text)| t == target.name() && signature.contains(text.as_str()));
             new_findings += usize::from(!is_known);
             let tag = if is_known { "known" } else { "NEW" };
-            listing.push_str(&format!("  [{tag}] {} {}: {signature} (x{}; {})\n", target.name(), f.kind, f.hits, f.file));
+            listing.push_str(&format!(
+                "  [{tag}] {} {}: {signature} (x{}; {})\n",
+                target.name(),
+                f.kind,
+                f.hits,
+                f.file
+            ));
         }
     }
     let distinct: usize = summaries.iter().filter_map(|(_, s)| s.as_ref().ok()).map(|s| s.findings.len()).sum();
@@ -130,7 +146,14 @@ fn supervise(target: Target, opts: &Options) -> Result<Summary> {
 fn run_worker(target: Target, opts: &Options, seconds: f64, restart: u64, summary: &mut Summary) -> Result<bool> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
-        .args(["worker", target.name(), "--seconds", &seconds.to_string(), "--seed", &(opts.seed + restart).to_string()])
+        .args([
+            "worker",
+            target.name(),
+            "--seconds",
+            &seconds.to_string(),
+            "--seed",
+            &(opts.seed + restart).to_string(),
+        ])
         .arg("--out")
         .arg(&opts.out)
         .arg("--fixtures")
@@ -195,15 +218,22 @@ fn run_worker(target: Target, opts: &Options, seconds: f64, restart: u64, summar
 }
 
 fn add_finding(summary: &mut Summary, kind: &str, file: &str, signature: &str) {
-    summary
-        .findings
-        .entry(signature.to_string())
-        .and_modify(|f| f.hits += 1)
-        .or_insert(Finding { kind: kind.to_string(), file: file.to_string(), hits: 1 });
+    summary.findings.entry(signature.to_string()).and_modify(|f| f.hits += 1).or_insert(Finding {
+        kind: kind.to_string(),
+        file: file.to_string(),
+        hits: 1,
+    });
 }
 
 /// A worker died without reporting (abort, signal): its last input is in the `.current` file.
-fn save_crash(target: Target, current: &Path, out: &Path, status: &str, stderr: &str, summary: &mut Summary) -> Result<()> {
+fn save_crash(
+    target: Target,
+    current: &Path,
+    out: &Path,
+    status: &str,
+    stderr: &str,
+    summary: &mut Summary,
+) -> Result<()> {
     let input = std::fs::read(current).unwrap_or_default();
     let tail: String = stderr.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
     let stem = format!("{}-crash-{}", target.name(), summary.crashes);

@@ -2,7 +2,8 @@
 //!
 //! | target        | reader                                             | seeds                               |
 //! |---------------|----------------------------------------------------|-------------------------------------|
-//! | `data`        | `data::read::parse_rows` (JSONL, JSON, Parquet)    | `tests/fixtures/data/*`             |
+//! | `data`        | `data::read::parse_rows` (JSONL, JSON array)       | `tests/fixtures/data/*.json*`       |
+//! | `parquet`     | `data::read::parse_rows` (Parquet)                 | `tests/fixtures/data/*.parquet`     |
 //! | `gguf`        | `import::convert_gguf` (header, tensors, tokenizer)| toy Llamas written with candle      |
 //! | `safetensors` | `model::load_tensors` (header + tensors)           | `tests/fixtures/tiny-*/*.safetensors` |
 //! | `tokenizer`   | `model::HfTokenizer::load` + chat template compile + one encode | `tokenizer.json`, `tokenizer_config.json` |
@@ -21,13 +22,15 @@ use candle_core::{Device, Tensor};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     Data,
+    Parquet,
     Gguf,
     Safetensors,
     Tokenizer,
     Config,
 }
 
-pub const ALL: [Target; 5] = [Target::Data, Target::Gguf, Target::Safetensors, Target::Tokenizer, Target::Config];
+pub const ALL: [Target; 6] =
+    [Target::Data, Target::Parquet, Target::Gguf, Target::Safetensors, Target::Tokenizer, Target::Config];
 
 /// One starting input. `slot` is the file name the bytes stand for, where a reader reads a folder.
 pub struct Seed {
@@ -40,6 +43,7 @@ impl Target {
     pub fn name(self) -> &'static str {
         match self {
             Target::Data => "data",
+            Target::Parquet => "parquet",
             Target::Gguf => "gguf",
             Target::Safetensors => "safetensors",
             Target::Tokenizer => "tokenizer",
@@ -48,9 +52,9 @@ impl Target {
     }
 
     pub fn parse(name: &str) -> Result<Self> {
-        ALL.into_iter().find(|t| t.name() == name).with_context(|| {
-            format!("unknown target `{name}`; targets: {}", ALL.map(Target::name).join(", "))
-        })
+        ALL.into_iter()
+            .find(|t| t.name() == name)
+            .with_context(|| format!("unknown target `{name}`; targets: {}", ALL.map(Target::name).join(", ")))
     }
 
     /// The largest input a mutation may produce: twice the largest seed, at least 64 KiB.
@@ -67,9 +71,12 @@ impl Target {
             Ok(())
         };
         match self {
-            Target::Data => {
+            Target::Data | Target::Parquet => {
                 for path in files_in(&fixtures.join("data"))? {
-                    add(path, "data")?;
+                    let parquet = path.extension().is_some_and(|e| e == "parquet");
+                    if parquet == (self == Target::Parquet) {
+                        add(path, "data")?;
+                    }
                 }
             }
             Target::Gguf => {}
@@ -102,7 +109,7 @@ impl Target {
 
     pub fn slot(self) -> &'static str {
         match self {
-            Target::Data => "data",
+            Target::Data | Target::Parquet => "data",
             Target::Gguf => "model.gguf",
             Target::Safetensors => "model.safetensors",
             Target::Tokenizer => "tokenizer.json",
@@ -114,12 +121,14 @@ impl Target {
     /// an error is the expected outcome for most mutants and is not a finding.
     pub fn run(self, input: &[u8], slot: &str, scratch: &Path, fixtures: &Path, variant: u64) -> Result<()> {
         match self {
-            Target::Data => {
+            Target::Data | Target::Parquet => {
                 let options = prospect::data::ReadOptions { skip_invalid: variant % 2 == 1, ..Default::default() };
                 prospect::data::read::parse_rows(input, Path::new("fuzz.jsonl"), &options)?;
             }
             Target::Gguf => {
-                let dtype = if variant % 2 == 1 { prospect::import::ImportDtype::Bf16 } else {
+                let dtype = if variant % 2 == 1 {
+                    prospect::import::ImportDtype::Bf16
+                } else {
                     prospect::import::ImportDtype::F32
                 };
                 prospect::import::convert_gguf(&mut std::io::Cursor::new(input), Path::new("fuzz.gguf"), dtype)?;
@@ -173,9 +182,12 @@ fn files_in(dir: &Path) -> Result<Vec<PathBuf>> {
 /// GGUF writer: the same layout llama.cpp writes, small enough for thousands of imports a second.
 fn toy_gguf_seeds() -> Result<Vec<Seed>> {
     let mut seeds = Vec::new();
-    for (dtype, hidden, name) in
-        [(GgmlDType::F32, 8, "f32"), (GgmlDType::F16, 8, "f16"), (GgmlDType::Q8_0, 32, "q8_0"), (GgmlDType::Q4_1, 32, "q4_1")]
-    {
+    for (dtype, hidden, name) in [
+        (GgmlDType::F32, 8, "f32"),
+        (GgmlDType::F16, 8, "f16"),
+        (GgmlDType::Q8_0, 32, "q8_0"),
+        (GgmlDType::Q4_1, 32, "q4_1"),
+    ] {
         seeds.push(Seed { name: format!("toy-{name}.gguf"), slot: "model.gguf", bytes: toy_gguf(dtype, hidden)? });
     }
     Ok(seeds)
@@ -237,7 +249,9 @@ fn toy_metadata(hidden: usize) -> Vec<(String, Value)> {
         ("tokenizer.ggml.padding_token_id".into(), u32(0)),
         (
             "tokenizer.chat_template".into(),
-            Value::String("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}".into()),
+            Value::String(
+                "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}".into(),
+            ),
         ),
     ]
 }

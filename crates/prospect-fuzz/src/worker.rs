@@ -32,7 +32,7 @@ use crate::targets::{Seed, Target};
 /// An execution slower than this (twice) is a finding.
 pub const SLOW: Duration = Duration::from_secs(1);
 /// An execution still running after this is a hang: the watchdog ends the process.
-pub const HANG: Duration = Duration::from_secs(5);
+pub const HANG: Duration = Duration::from_secs(3);
 /// Exit code of a worker the watchdog ended.
 pub const HANG_EXIT: i32 = 3;
 
@@ -130,7 +130,8 @@ fn watch(shared: &Shared) {
         let started = shared.started_ms.load(Ordering::Relaxed);
         if started != 0 && shared.now_ms().saturating_sub(started) > HANG.as_millis() as u64 {
             let input = shared.current.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let signature = format!("hang (over {} s) in {}", HANG.as_secs(), component_of_input(shared.target, &input));
+            let signature =
+                format!("hang (over {} s) in {}", HANG.as_secs(), component_of_input(shared.target, &input));
             report(shared, "hang", &input, &signature, "the watchdog ended the worker");
             shared.print_stats();
             std::process::exit(HANG_EXIT);
@@ -144,7 +145,7 @@ fn watch(shared: &Shared) {
 /// For hangs and slow runs there is no location: name the part of the reader the input goes to.
 pub fn component_of_input(target: Target, input: &[u8]) -> String {
     match target {
-        Target::Data if input.starts_with(b"PAR1") => "data: Parquet (parquet crate)".to_string(),
+        Target::Data | Target::Parquet if input.starts_with(b"PAR1") => "Parquet (the parquet crate)".to_string(),
         Target::Data => "data: JSON/JSONL".to_string(),
         other => other.name().to_string(),
     }
@@ -156,8 +157,9 @@ fn report(shared: &Shared, kind: &str, input: &[u8], signature: &str, details: &
     input.hash(&mut hasher);
     let stem = format!("{}-{kind}-{:016x}", shared.target.name(), hasher.finish());
     let bin = shared.findings.join(format!("{stem}.bin"));
-    let written = std::fs::write(&bin, input)
-        .and_then(|_| std::fs::write(shared.findings.join(format!("{stem}.txt")), format!("{signature}\n\n{details}\n")));
+    let written = std::fs::write(&bin, input).and_then(|_| {
+        std::fs::write(shared.findings.join(format!("{stem}.txt")), format!("{signature}\n\n{details}\n"))
+    });
     if let Err(e) = written {
         eprintln!("cannot write finding {}: {e}", bin.display());
     }
@@ -231,7 +233,8 @@ impl Fuzz<'_> {
         }
         if elapsed > SLOW && self.confirm_slow(input, slot, variant) {
             self.shared.slow.fetch_add(1, Ordering::Relaxed);
-            let signature = format!("slow (over {} s) in {}", SLOW.as_secs(), component_of_input(self.args.target, input));
+            let signature =
+                format!("slow (over {} s) in {}", SLOW.as_secs(), component_of_input(self.args.target, input));
             report(self.shared, "slow", input, &signature, &format!("first run {elapsed:?}"));
         }
         Ok(())
@@ -311,8 +314,17 @@ fn short_path(location: &str) -> String {
 /// The first backtrace frame that is not the standard library, the panic machinery or this harness:
 /// the code that made the bad request (`parquet::encodings::rle::RleDecoder::reload`).
 pub fn first_frame_outside_std(backtrace: &str) -> String {
-    const SKIP: [&str; 9] =
-        ["std::", "core::", "alloc::", "backtrace::", "rust_begin_unwind", "__rust", "prospect_fuzz::", "_start", "__libc"];
+    const SKIP: [&str; 9] = [
+        "std::",
+        "core::",
+        "alloc::",
+        "backtrace::",
+        "rust_begin_unwind",
+        "__rust",
+        "prospect_fuzz::",
+        "_start",
+        "__libc",
+    ];
     for line in backtrace.lines() {
         let Some((index, symbol)) = line.trim_start().split_once(": ") else { continue };
         if index.parse::<usize>().is_err() {
@@ -338,13 +350,18 @@ mod tests {
 
     #[test]
     fn signatures_ignore_sizes_and_name_the_culprit() {
-        assert_eq!(normalize("index 17 out of range for slice of length 3"), "index N out of range for slice of length N");
+        assert_eq!(
+            normalize("index 17 out of range for slice of length 3"),
+            "index N out of range for slice of length N"
+        );
         let bt = "   0: std::backtrace::Backtrace::force_capture\n   1: prospect_fuzz::worker::record_panic\n   \
                   2: core::panicking::panic_fmt\n   3: alloc::raw_vec::capacity_overflow\n   \
                   4: <parquet::schema::types::Type as Foo>::from_thrift::h0123456789abcdef\n   5: main\n";
         assert_eq!(first_frame_outside_std(bt), "parquet::schema::types::Type as Foo>::from_thrift");
         assert_eq!(
-            short_path("/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/parquet-57.1.0/src/util/bit_util.rs:60"),
+            short_path(
+                "/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/parquet-57.1.0/src/util/bit_util.rs:60"
+            ),
             "parquet-57.1.0/src/util/bit_util.rs:60"
         );
         assert_eq!(short_path("/work/x/crates/prospect/src/data/read.rs:10"), "prospect/src/data/read.rs:10");

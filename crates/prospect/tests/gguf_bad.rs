@@ -170,7 +170,10 @@ fn the_toy_file_imports_and_loads() {
     let src = dir.join("toy.gguf");
     std::fs::write(&src, toy().bytes()).unwrap();
     let report = import_gguf(&src, &dir.join("out"), ImportDtype::F32).unwrap();
-    assert_eq!((report.tensors, report.parameters, report.vocab_size), (11, 64 + 8 * 3 + 8 * (8 + 4 + 4 + 8 + 16 * 3), 8));
+    assert_eq!(
+        (report.tensors, report.parameters, report.vocab_size),
+        (11, 64 + 8 * 3 + 8 * (8 + 4 + 4 + 8 + 16 * 3), 8)
+    );
     let (policy, _) = prospect::model::Policy::load(&dir.join("out"), &candle_core::Device::Cpu).unwrap();
     assert_eq!(policy.params.len(), 11);
 }
@@ -203,7 +206,10 @@ fn a_zero_sized_tensor_is_an_error() {
 fn tensors_must_have_the_shapes_the_hyperparameters_give() {
     // `llama.embedding_length` 16 with 8-wide tensors: used to import, then fail to load.
     let err = import_error("width", &toy().u32("llama.embedding_length", 16).bytes());
-    assert_contains(&err, &["tensor `token_embd.weight` (F32, shape [8, 8])", "expected shape [8, 16]", "`llama.embedding_length` 16"]);
+    assert_contains(
+        &err,
+        &["tensor `token_embd.weight` (F32, shape [8, 8])", "expected shape [8, 16]", "`llama.embedding_length` 16"],
+    );
     // A feed-forward width that disagrees with ffn_gate.
     let err = import_error("ffn", &toy().u32("llama.feed_forward_length", 24).bytes());
     assert_contains(&err, &["tensor `blk.0.ffn_gate.weight`", "expected shape [24, 8]"]);
@@ -219,7 +225,8 @@ fn tensors_must_have_the_shapes_the_hyperparameters_give() {
 
 #[test]
 fn an_invalid_chat_template_is_an_error() {
-    let err = import_error("jinja", &toy().str("tokenizer.chat_template", "{% for m in messages %}{{ m.content }").bytes());
+    let err =
+        import_error("jinja", &toy().str("tokenizer.chat_template", "{% for m in messages %}{{ m.content }").bytes());
     assert_contains(&err, &["chat template (GGUF `tokenizer.chat_template`)", "cannot compile"]);
 }
 
@@ -239,14 +246,32 @@ fn malformed_headers_are_errors() {
         ("align0", base.clone().u32("general.alignment", 0).bytes(), "`general.alignment` must be a u32 power of two"),
         ("align3", base.clone().u32("general.alignment", 3).bytes(), "`general.alignment` must be a u32 power of two"),
         ("strlen", base.clone().kv("x", 8, u64::MAX.to_le_bytes().to_vec()).bytes(), "value of `x` at byte"),
-        ("arraylen", base.clone().kv("x", 9, [4u32.to_le_bytes().to_vec(), (1u64 << 40).to_le_bytes().to_vec()].concat()).bytes(), "`x` declares 1099511627776 array elements"),
+        (
+            "arraylen",
+            base.clone()
+                .kv("x", 9, [4u32.to_le_bytes().to_vec(), (1u64 << 40).to_le_bytes().to_vec()].concat())
+                .bytes(),
+            "`x` declares 1099511627776 array elements",
+        ),
         ("nested", base.clone().kv("x", 9, nested_arrays(5)).bytes(), "`x` nests arrays more than 4 deep"),
         ("valuetype", base.clone().kv("x", 13, vec![0; 8]).bytes(), "value type 13"),
         ("bool", base.clone().kv("x", 7, vec![2]).bytes(), "bool stored as 2"),
-        ("count", Gguf { tensor_count: Some(1 << 60), ..base.clone() }.bytes(), "the header declares 1152921504606846976 tensors"),
-        ("ggmltype", base.clone().declared_tensor("output_norm.weight", &[8], 16).bytes(), "tensor `output_norm.weight` has ggml type 16"),
+        (
+            "count",
+            Gguf { tensor_count: Some(1 << 60), ..base.clone() }.bytes(),
+            "the header declares 1152921504606846976 tensors",
+        ),
+        (
+            "ggmltype",
+            base.clone().declared_tensor("output_norm.weight", &[8], 16).bytes(),
+            "tensor `output_norm.weight` has ggml type 16",
+        ),
         ("ndims", base.clone().declared_tensor("output_norm.weight", &[1; 5], 0).bytes(), "has 5 dimensions"),
-        ("blockrows", base.clone().declared_tensor("output_norm.weight", &[8], 2).bytes(), "rows of 8 values do not split into blocks of 32"),
+        (
+            "blockrows",
+            base.clone().declared_tensor("output_norm.weight", &[8], 2).bytes(),
+            "rows of 8 values do not split into blocks of 32",
+        ),
     ];
     for (name, bytes, want) in cases {
         let err = import_error(name, &bytes);

@@ -130,8 +130,8 @@ impl Converted {
         };
         let config_bytes = to_bytes(&self.config, "config.json")?;
         let tokenizer_config_bytes = to_bytes(&self.tokenizer_config, "tokenizer_config.json")?;
-        let tokenizer_bytes =
-            serde_json::to_vec(&self.tokenizer).map_err(|e| Error::model(dest.join("tokenizer.json"), e.to_string()))?;
+        let tokenizer_bytes = serde_json::to_vec(&self.tokenizer)
+            .map_err(|e| Error::model(dest.join("tokenizer.json"), e.to_string()))?;
         crate::fsio::replace_dir_atomic(dest, |tmp| {
             crate::fsio::write_atomic(&tmp.join("config.json"), &config_bytes)?;
             crate::fsio::write_atomic(&tmp.join("tokenizer.json"), &tokenizer_bytes)?;
@@ -265,8 +265,9 @@ fn tokenizer_config(meta: &Meta, tokens: &[String], hp: &Hyperparameters) -> Res
     }
     config.insert("model_max_length".into(), json!(hp.context_length));
     if let Some(template) = meta.opt_string("tokenizer.chat_template")? {
-        crate::data::ChatTemplate::new(&template, Vec::new(), "GGUF `tokenizer.chat_template`")
-            .map_err(|e| meta.error(format!("{e}; fix or drop the template, the folder could not be used for chat data")))?;
+        crate::data::ChatTemplate::new(&template, Vec::new(), "GGUF `tokenizer.chat_template`").map_err(|e| {
+            meta.error(format!("{e}; fix or drop the template, the folder could not be used for chat data"))
+        })?;
         config.insert("chat_template".into(), json!(template));
     }
     Ok(serde_json::Value::Object(config))
@@ -289,6 +290,19 @@ fn plan_tensors<'h>(
     tied: bool,
     src: &Path,
 ) -> Result<Vec<PlannedTensor<'h>>> {
+    // Nine tensors per layer: a block count the file cannot hold is refused before it is iterated.
+    let layer_tensors = hp.layers.checked_mul(9).unwrap_or(usize::MAX);
+    if layer_tensors > header.tensors.len() {
+        return Err(Error::model(
+            src,
+            format!(
+                "`llama.block_count` {} needs {} layer tensors, but the file holds {} tensors in all",
+                hp.layers,
+                if layer_tensors == usize::MAX { "more than 2^64".to_string() } else { layer_tensors.to_string() },
+                header.tensors.len()
+            ),
+        ));
+    }
     let mut planned = Vec::with_capacity(header.tensors.len());
     for info in &header.tensors {
         let fail = |msg: String| tensor_error(src, info, msg);
@@ -304,7 +318,10 @@ fn plan_tensors<'h>(
     }
     for name in required_tensors(hp.layers, tied) {
         if header.tensor(&name).is_none() {
-            return Err(Error::model(src, format!("tensor `{name}` is missing; a Llama with {} layers needs it", hp.layers)));
+            return Err(Error::model(
+                src,
+                format!("tensor `{name}` is missing; a Llama with {} layers needs it", hp.layers),
+            ));
         }
     }
     // Deterministic output order: by GGUF name.
@@ -447,10 +464,9 @@ impl Hyperparameters {
         if self.heads.checked_mul(self.head_dim).is_none() {
             return Err(meta.error(format!("{} heads of {} values overflow", self.heads, self.head_dim)));
         }
-        for (key, value) in [
-            ("llama.attention.layer_norm_rms_epsilon", self.rms_norm_eps),
-            ("llama.rope.freq_base", self.rope_theta),
-        ] {
+        for (key, value) in
+            [("llama.attention.layer_norm_rms_epsilon", self.rms_norm_eps), ("llama.rope.freq_base", self.rope_theta)]
+        {
             if !(value.is_finite() && value > 0.0) {
                 return Err(meta.error(format!("`{key}` is {value}; expected a positive finite number")));
             }
@@ -597,7 +613,6 @@ impl Meta<'_> {
         self.array(key)?.iter().map(|v| self.int(key, v)).collect()
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -282,7 +282,8 @@ fn read_tensor_infos<R: Read>(input: &mut Input<R>, count: u64) -> Result<Vec<Ra
         if n_dims == 0 || n_dims > MAX_DIMS {
             return Err(format!("tensor `{name}` has {n_dims} dimensions; expected 1 to {MAX_DIMS}"));
         }
-        let ne = (0..n_dims).map(|_| input.length(&format!("dimensions of tensor `{name}`"))).collect::<Result<_, _>>()?;
+        let ne =
+            (0..n_dims).map(|_| input.length(&format!("dimensions of tensor `{name}`"))).collect::<Result<_, _>>()?;
         let type_id = input.u32(&format!("type of tensor `{name}`"))?;
         let offset = input.u64(&format!("offset of tensor `{name}`"))?;
         if !names.insert(name.clone()) {
