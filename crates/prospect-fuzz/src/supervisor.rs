@@ -181,9 +181,11 @@ fn run_worker(target: Target, opts: &Options, seconds: f64, restart: u64, summar
                     last_stats.copy_from_slice(&nums);
                 }
             }
-            Some("seeds") if restart == 0 => {
-                let nums: Vec<&str> = words.collect();
-                summary.seeds = format!("{}/{}", nums.get(1).unwrap_or(&"?"), nums.first().unwrap_or(&"?"));
+            Some("seeds") => {
+                if restart == 0 {
+                    let nums: Vec<&str> = words.collect();
+                    summary.seeds = format!("{}/{}", nums.get(1).unwrap_or(&"?"), nums.first().unwrap_or(&"?"));
+                }
             }
             Some("finding") => {
                 let (kind, file, signature) = (words.next(), words.next(), words.next());

@@ -291,7 +291,7 @@ fn plan_tensors<'h>(
     src: &Path,
 ) -> Result<Vec<PlannedTensor<'h>>> {
     // Nine tensors per layer: a block count the file cannot hold is refused before it is iterated.
-    let layer_tensors = hp.layers.checked_mul(9).unwrap_or(usize::MAX);
+    let layer_tensors = hp.layers.saturating_mul(9);
     if layer_tensors > header.tensors.len() {
         return Err(Error::model(
             src,

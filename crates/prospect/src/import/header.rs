@@ -149,7 +149,7 @@ impl<R: Read> Input<'_, R> {
         let item_type = self.u32(&format!("array type of `{key}`"))?;
         let len = self.length(&format!("array length of `{key}`"))?;
         let min_size = min_value_size(item_type, self.wide);
-        let needed = len.checked_mul(min_size).unwrap_or(u64::MAX);
+        let needed = len.saturating_mul(min_size);
         if needed > self.remaining() {
             return Err(format!(
                 "`{key}` declares {len} array elements (at least {needed} bytes), but only {} bytes are left in the file",
@@ -312,7 +312,7 @@ impl RawTensorInfo {
         };
         let block = dtype.block_size();
         // Rows are whole ggml blocks: `ne[0]` (the last dimension here) is a multiple of the block size.
-        if self.ne[0] % block as u64 != 0 {
+        if !self.ne[0].is_multiple_of(block as u64) {
             return Err(format!("{what}: rows of {} values do not split into blocks of {block}", self.ne[0]));
         }
         let byte_len = (elems / block).checked_mul(dtype.type_size());
