@@ -136,7 +136,7 @@ fn watch(shared: &Shared) {
             shared.print_stats();
             std::process::exit(HANG_EXIT);
         }
-        if ticks % 10 == 0 {
+        if ticks.is_multiple_of(10) {
             shared.print_stats();
         }
     }
