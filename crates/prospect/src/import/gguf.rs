@@ -11,6 +11,11 @@
 //! The reference for every byte of that folder is `scripts/gguf_to_hf_reference.py` (gguf-py); the
 //! integration test `crates/prospect-cli/tests/gguf_import.rs` compares the two on SmolLM2-135M.
 //!
+//! Nothing is written unless the folder would load: every tensor has the shape the hyperparameters give
+//! it (a wrong `llama.embedding_length` is an error, not a folder `Policy::load` rejects later), every
+//! tensor a Llama needs is there, the tokenizer loads, and the chat template compiles.
+//! Malformed files are `header.rs`'s business (`crates/prospect/tests/gguf_bad.rs` tests both).
+//!
 //! Not responsible for: other architectures (Qwen2, Gemma, ...), SentencePiece tokenizers, RoPE
 //! scaling. Each is rejected with a message naming the GGUF key, never converted silently wrong.
 
@@ -19,12 +24,13 @@ use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Value;
 use candle_core::{DType, Tensor};
 use serde_json::json;
 
 use super::bpe::{tokenizer_json, GgufBpe};
 use super::dequant::{dequantize, type_name, unpermute_qk};
+use super::header::{read_header, GgufHeader, TensorInfo};
 use crate::error::{Error, Result};
 
 /// The weight dtype written to `model.safetensors`.
@@ -73,11 +79,72 @@ pub const IMPORT_FILES: &[&str] = &["config.json", "model.safetensors", "tokeniz
 pub fn import_gguf(src: &Path, dest: &Path, dtype: ImportDtype) -> Result<ImportReport> {
     check_destination(dest)?;
     let file = File::open(src).map_err(|e| Error::io(src, e))?;
-    let mut reader = BufReader::new(file);
-    let content =
-        Content::read(&mut reader).map_err(|e| Error::model(src, format!("not a readable GGUF file: {e}")))?;
-    let meta = Meta { path: src, map: &content.metadata };
+    let converted = convert_gguf(&mut BufReader::new(file), src, dtype)?;
+    converted.write(dest)?;
+    Ok(converted.report)
+}
 
+/// A GGUF file converted in memory: the Hugging Face folder's files, checked, not yet written.
+pub struct Converted {
+    pub config: serde_json::Value,
+    pub tokenizer: serde_json::Value,
+    pub tokenizer_config: serde_json::Value,
+    /// Hugging Face names → weights (`[r, c]` or `[d]`), in `dtype`.
+    pub tensors: BTreeMap<String, Tensor>,
+    pub report: ImportReport,
+}
+
+/// Convert the GGUF file read by `reader`; `src` names it in errors. Allocates at most what the file's
+/// size allows (the header is checked first), and never panics on malformed input.
+pub fn convert_gguf<R: Read + Seek>(reader: &mut R, src: &Path, dtype: ImportDtype) -> Result<Converted> {
+    let header = read_header(reader).map_err(|e| Error::model(src, format!("not a readable GGUF file: {e}")))?;
+    let meta = Meta { path: src, map: &header.metadata };
+    check_supported(&meta)?;
+    let hp = Hyperparameters::read(&meta)?;
+    let tok = TokenizerFiles::build(&meta, &hp)?;
+    let tied = header.tensor("output.weight").is_none();
+    let planned = plan_tensors(&header, &hp, tok.vocab_size, tied, src)?;
+    let (tensors, source_types) = read_tensors(reader, &header, &planned, src, dtype)?;
+    let report = ImportReport {
+        model_name: meta.opt_string("general.name")?,
+        num_hidden_layers: hp.layers,
+        vocab_size: tok.vocab_size,
+        tensors: tensors.len(),
+        parameters: tensors.values().map(|t| t.elem_count()).sum(),
+        source_types,
+    };
+    Ok(Converted {
+        config: config_json(&meta, &hp, tok.vocab_size, tied, dtype, src)?,
+        tokenizer: tok.tokenizer,
+        tokenizer_config: tok.tokenizer_config,
+        tensors,
+        report,
+    })
+}
+
+impl Converted {
+    /// Write the folder atomically; the tokenizer must load before it appears.
+    pub fn write(&self, dest: &Path) -> Result<()> {
+        let to_bytes = |v: &serde_json::Value, name: &str| {
+            serde_json::to_vec_pretty(v).map_err(|e| Error::model(dest.join(name), e.to_string()))
+        };
+        let config_bytes = to_bytes(&self.config, "config.json")?;
+        let tokenizer_config_bytes = to_bytes(&self.tokenizer_config, "tokenizer_config.json")?;
+        let tokenizer_bytes = serde_json::to_vec(&self.tokenizer)
+            .map_err(|e| Error::model(dest.join("tokenizer.json"), e.to_string()))?;
+        crate::fsio::replace_dir_atomic(dest, |tmp| {
+            crate::fsio::write_atomic(&tmp.join("config.json"), &config_bytes)?;
+            crate::fsio::write_atomic(&tmp.join("tokenizer.json"), &tokenizer_bytes)?;
+            crate::fsio::write_atomic(&tmp.join("tokenizer_config.json"), &tokenizer_config_bytes)?;
+            crate::model::save_tensors(&self.tensors, &tmp.join("model.safetensors"))?;
+            crate::model::HfTokenizer::load(tmp)?;
+            Ok(())
+        })
+    }
+}
+
+/// Architecture and RoPE: what this import can convert faithfully.
+fn check_supported(meta: &Meta) -> Result<()> {
     let arch = meta.string("general.architecture")?;
     if arch != "llama" {
         return Err(meta.error(format!(
@@ -89,14 +156,25 @@ pub fn import_gguf(src: &Path, dest: &Path, dtype: ImportDtype) -> Result<Import
             return Err(meta.error(format!("`llama.rope.scaling.type` is `{kind}`: RoPE scaling is not supported")));
         }
     }
-    let hp = Hyperparameters::read(&meta)?;
-    let tokens = meta.strings("tokenizer.ggml.tokens")?;
-    let vocab_size = meta.opt_usize("llama.vocab_size")?.unwrap_or(tokens.len());
-    let tied = !content.tensor_infos.contains_key("output.weight");
+    if meta.opt_bool("tokenizer.ggml.add_bos_token")? == Some(true) {
+        return Err(meta.error(
+            "`tokenizer.ggml.add_bos_token` is true: prepending BOS is not rebuilt yet, token ids would differ",
+        ));
+    }
+    Ok(())
+}
 
-    // config.json: the fields of `model::LlamaConfig`, named and ordered as transformers writes them.
+/// config.json: the fields of `model::LlamaConfig`, named and ordered as transformers writes them.
+fn config_json(
+    meta: &Meta,
+    hp: &Hyperparameters,
+    vocab_size: usize,
+    tied: bool,
+    dtype: ImportDtype,
+    src: &Path,
+) -> Result<serde_json::Value> {
     let token_id = |key: &str| meta.opt_usize(key);
-    let config = json!({
+    Ok(json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": hp.hidden,
@@ -118,52 +196,51 @@ pub fn import_gguf(src: &Path, dest: &Path, dtype: ImportDtype) -> Result<Import
         "mlp_bias": false,
         "torch_dtype": dtype.torch_name(),
         "_source": format!("imported by prospect from {}", src.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()),
-    });
+    }))
+}
 
-    // Tensors, in file order of names (BTreeMap: deterministic output).
-    let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
-    let mut source_types: BTreeMap<String, usize> = BTreeMap::new();
-    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-    names.sort();
-    for name in names {
-        let info = &content.tensor_infos[name]; // `name` is one of its keys
-        let fail = |msg: String| {
-            Error::model(
-                src,
-                format!("tensor `{name}` ({}, shape {:?}): {msg}", type_name(info.ggml_dtype), info.shape.dims()),
-            )
-        };
-        let (hf_name, heads) = hf_tensor_name(name, &hp).map_err(fail)?;
-        let dims = info.shape.dims();
-        let elems = info.shape.elem_count();
-        let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-        let mut raw = vec![0u8; bytes];
-        reader
-            .seek(SeekFrom::Start(content.tensor_data_offset + info.offset))
-            .and_then(|_| reader.read_exact(&mut raw))
-            .map_err(|e| fail(format!("cannot read {bytes} bytes at offset {}: {e}", info.offset)))?;
-        let mut w = dequantize(info.ggml_dtype, &raw, dims).map_err(|e| fail(e.to_string()))?; // [r, c] or [d]
-        if let Some(heads) = heads {
-            w = unpermute_qk(&w, heads).map_err(|e| fail(e.to_string()))?;
+/// tokenizer.json and tokenizer_config.json, both checked the way the loader will read them.
+struct TokenizerFiles {
+    tokenizer: serde_json::Value,
+    tokenizer_config: serde_json::Value,
+    vocab_size: usize,
+}
+
+impl TokenizerFiles {
+    fn build(meta: &Meta, hp: &Hyperparameters) -> Result<Self> {
+        let tokens = meta.strings("tokenizer.ggml.tokens")?;
+        let vocab_size = meta.opt_usize("llama.vocab_size")?.unwrap_or(tokens.len());
+        if tokens.is_empty() || tokens.len() > vocab_size {
+            return Err(meta.error(format!(
+                "`tokenizer.ggml.tokens` has {} tokens for a vocabulary of {vocab_size} (`llama.vocab_size`); \
+                 expected between 1 and {vocab_size}",
+                tokens.len()
+            )));
         }
-        let w = w.to_dtype(dtype.dtype()).map_err(|e| fail(e.to_string()))?;
-        *source_types.entry(type_name(info.ggml_dtype).to_string()).or_default() += 1;
-        tensors.insert(hf_name, w);
+        let bpe_model = meta.string("tokenizer.ggml.model")?;
+        if bpe_model != "gpt2" {
+            return Err(meta.error(format!(
+                "`tokenizer.ggml.model` is `{bpe_model}`; only byte-level BPE (`gpt2`) tokenizers can be rebuilt"
+            )));
+        }
+        let merges = meta.strings("tokenizer.ggml.merges")?;
+        let token_types = meta.ints("tokenizer.ggml.token_type")?;
+        let pre = meta.opt_string("tokenizer.ggml.pre")?.unwrap_or_else(|| "gpt-2".to_string());
+        let bpe = GgufBpe { tokens: &tokens, merges: &merges, token_types: &token_types, pre: &pre };
+        let tokenizer = tokenizer_json(&bpe).map_err(|e| meta.error(e))?;
+        // The loader parses it with the tokenizers library: a merge of unknown tokens fails there.
+        tokenizer
+            .to_string()
+            .parse::<tokenizers::Tokenizer>()
+            .map_err(|e| meta.error(format!("the rebuilt tokenizer does not load: {e}")))?;
+        let tokenizer_config = tokenizer_config(meta, &tokens, hp)?;
+        Ok(Self { tokenizer, tokenizer_config, vocab_size })
     }
+}
 
-    let bpe_model = meta.string("tokenizer.ggml.model")?;
-    if bpe_model != "gpt2" {
-        return Err(meta.error(format!(
-            "`tokenizer.ggml.model` is `{bpe_model}`; only byte-level BPE (`gpt2`) tokenizers can be rebuilt"
-        )));
-    }
-    let merges = meta.strings("tokenizer.ggml.merges")?;
-    let token_types = meta.ints("tokenizer.ggml.token_type")?;
-    let pre = meta.opt_string("tokenizer.ggml.pre")?.unwrap_or_else(|| "gpt-2".to_string());
-    let tokenizer = tokenizer_json(&GgufBpe { tokens: &tokens, merges: &merges, token_types: &token_types, pre: &pre })
-        .map_err(|e| meta.error(e))?;
-
-    // tokenizer_config.json: the special tokens by text, as `model::HfTokenizer` and transformers read them.
+/// tokenizer_config.json: the special tokens by text, as `model::HfTokenizer` and transformers read
+/// them, and the chat template, compiled as `data::ChatTemplate` will compile it.
+fn tokenizer_config(meta: &Meta, tokens: &[String], hp: &Hyperparameters) -> Result<serde_json::Value> {
     let token_text = |key: &str| -> Result<Option<String>> {
         match meta.opt_usize(key)? {
             None => Ok(None),
@@ -174,8 +251,8 @@ pub fn import_gguf(src: &Path, dest: &Path, dtype: ImportDtype) -> Result<Import
                 .ok_or_else(|| meta.error(format!("`{key}` is {id}, past the {} tokens", tokens.len()))),
         }
     };
-    let mut tokenizer_config = serde_json::Map::new();
-    tokenizer_config.insert("tokenizer_class".into(), json!("GPT2Tokenizer"));
+    let mut config = serde_json::Map::new();
+    config.insert("tokenizer_class".into(), json!("GPT2Tokenizer"));
     for (field, key) in [
         ("bos_token", "tokenizer.ggml.bos_token_id"),
         ("eos_token", "tokenizer.ggml.eos_token_id"),
@@ -183,44 +260,121 @@ pub fn import_gguf(src: &Path, dest: &Path, dtype: ImportDtype) -> Result<Import
         ("unk_token", "tokenizer.ggml.unknown_token_id"),
     ] {
         if let Some(text) = token_text(key)? {
-            tokenizer_config.insert(field.into(), json!(text));
+            config.insert(field.into(), json!(text));
         }
     }
-    tokenizer_config.insert("model_max_length".into(), json!(hp.context_length));
+    config.insert("model_max_length".into(), json!(hp.context_length));
     if let Some(template) = meta.opt_string("tokenizer.chat_template")? {
-        tokenizer_config.insert("chat_template".into(), json!(template));
+        crate::data::ChatTemplate::new(&template, Vec::new(), "GGUF `tokenizer.chat_template`").map_err(|e| {
+            meta.error(format!("{e}; fix or drop the template, the folder could not be used for chat data"))
+        })?;
+        config.insert("chat_template".into(), json!(template));
     }
-    if meta.opt_bool("tokenizer.ggml.add_bos_token")? == Some(true) {
-        return Err(meta.error(
-            "`tokenizer.ggml.add_bos_token` is true: prepending BOS is not rebuilt yet, token ids would differ",
+    Ok(serde_json::Value::Object(config))
+}
+
+/// A GGUF tensor checked against the hyperparameters: its Hugging Face name, and the head count to
+/// un-permute it with (Q and K only).
+struct PlannedTensor<'h> {
+    info: &'h TensorInfo,
+    hf_name: String,
+    heads: Option<usize>,
+}
+
+/// Name and shape of every tensor, checked before any data is read; every tensor the model needs
+/// must be there.
+fn plan_tensors<'h>(
+    header: &'h GgufHeader,
+    hp: &Hyperparameters,
+    vocab_size: usize,
+    tied: bool,
+    src: &Path,
+) -> Result<Vec<PlannedTensor<'h>>> {
+    // Nine tensors per layer: a block count the file cannot hold is refused before it is iterated.
+    let layer_tensors = hp.layers.saturating_mul(9);
+    if layer_tensors > header.tensors.len() {
+        return Err(Error::model(
+            src,
+            format!(
+                "`llama.block_count` {} needs {} layer tensors, but the file holds {} tensors in all",
+                hp.layers,
+                if layer_tensors == usize::MAX { "more than 2^64".to_string() } else { layer_tensors.to_string() },
+                header.tensors.len()
+            ),
         ));
     }
+    let mut planned = Vec::with_capacity(header.tensors.len());
+    for info in &header.tensors {
+        let fail = |msg: String| tensor_error(src, info, msg);
+        let (hf_name, heads, want) = hf_tensor(&info.name, hp, vocab_size).map_err(fail)?;
+        if info.dims != want {
+            return Err(fail(format!(
+                "expected shape {want:?} from the hyperparameters (`llama.embedding_length` {}, vocabulary {vocab_size}, \
+                 `llama.feed_forward_length` {}, {} heads / {} KV heads of {}); the file is inconsistent",
+                hp.hidden, hp.intermediate, hp.heads, hp.kv_heads, hp.head_dim
+            )));
+        }
+        planned.push(PlannedTensor { info, hf_name, heads });
+    }
+    for name in required_tensors(hp.layers, tied) {
+        if header.tensor(&name).is_none() {
+            return Err(Error::model(
+                src,
+                format!("tensor `{name}` is missing; a Llama with {} layers needs it", hp.layers),
+            ));
+        }
+    }
+    // Deterministic output order: by GGUF name.
+    planned.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+    Ok(planned)
+}
 
-    let report = ImportReport {
-        model_name: meta.opt_string("general.name")?,
-        num_hidden_layers: hp.layers,
-        vocab_size,
-        tensors: tensors.len(),
-        parameters: tensors.values().map(|t| t.elem_count()).sum(),
-        source_types,
-    };
-    let to_bytes = |v: &serde_json::Value, name: &str| {
-        serde_json::to_vec_pretty(v).map_err(|e| Error::model(dest.join(name), e.to_string()))
-    };
-    let config_bytes = to_bytes(&config, "config.json")?;
-    let tokenizer_config_bytes = to_bytes(&serde_json::Value::Object(tokenizer_config), "tokenizer_config.json")?;
-    let tokenizer_bytes =
-        serde_json::to_vec(&tokenizer).map_err(|e| Error::model(dest.join("tokenizer.json"), e.to_string()))?;
-    crate::fsio::replace_dir_atomic(dest, |tmp| {
-        crate::fsio::write_atomic(&tmp.join("config.json"), &config_bytes)?;
-        crate::fsio::write_atomic(&tmp.join("tokenizer.json"), &tokenizer_bytes)?;
-        crate::fsio::write_atomic(&tmp.join("tokenizer_config.json"), &tokenizer_config_bytes)?;
-        crate::model::save_tensors(&tensors, &tmp.join("model.safetensors"))?;
-        // The rebuilt tokenizer must load in the tokenizers library before the folder appears.
-        crate::model::HfTokenizer::load(tmp)?;
-        Ok(())
-    })?;
-    Ok(report)
+fn tensor_error(src: &Path, info: &TensorInfo, msg: String) -> Error {
+    Error::model(src, format!("tensor `{}` ({}, shape {:?}): {msg}", info.name, type_name(info.dtype), info.dims))
+}
+
+/// The GGUF names of the tensors a Llama of `layers` layers cannot do without.
+fn required_tensors(layers: usize, tied: bool) -> Vec<String> {
+    let mut names = vec!["token_embd.weight".to_string(), "output_norm.weight".to_string()];
+    if !tied {
+        names.push("output.weight".to_string());
+    }
+    const LAYER: [&str; 9] =
+        ["attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+    for layer in 0..layers {
+        names.extend(LAYER.iter().map(|kind| format!("blk.{layer}.{kind}.weight")));
+    }
+    names
+}
+
+/// Read, dequantize, un-permute and convert every planned tensor. Each read is `info.byte_len` bytes,
+/// which `header.rs` has checked against the file's size.
+fn read_tensors<R: Read + Seek>(
+    reader: &mut R,
+    header: &GgufHeader,
+    planned: &[PlannedTensor],
+    src: &Path,
+    dtype: ImportDtype,
+) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, usize>)> {
+    let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut source_types: BTreeMap<String, usize> = BTreeMap::new();
+    for PlannedTensor { info, hf_name, heads } in planned {
+        let fail = |msg: String| tensor_error(src, info, msg);
+        let mut raw = vec![0u8; info.byte_len];
+        let start = header.data_offset + info.offset; // checked in header.rs: start + byte_len <= file size
+        reader
+            .seek(SeekFrom::Start(start))
+            .and_then(|_| reader.read_exact(&mut raw))
+            .map_err(|e| fail(format!("cannot read {} bytes at offset {}: {e}", info.byte_len, info.offset)))?;
+        let mut w = dequantize(info.dtype, &raw, &info.dims).map_err(|e| fail(e.to_string()))?; // [r, c] or [d]
+        if let Some(heads) = heads {
+            w = unpermute_qk(&w, *heads).map_err(|e| fail(e.to_string()))?;
+        }
+        let w = w.to_dtype(dtype.dtype()).map_err(|e| fail(e.to_string()))?;
+        *source_types.entry(type_name(info.dtype).to_string()).or_default() += 1;
+        tensors.insert(hf_name.clone(), w);
+    }
+    Ok((tensors, source_types))
 }
 
 /// Refuse to replace a folder that holds anything but a previous import.
@@ -264,6 +418,12 @@ impl Hyperparameters {
         if heads == 0 || hidden % heads != 0 {
             return Err(meta.error(format!("`llama.embedding_length` {hidden} does not split into {heads} heads")));
         }
+        let kv_heads = meta.opt_usize("llama.attention.head_count_kv")?.unwrap_or(heads);
+        if kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(meta.error(format!(
+                "`llama.attention.head_count_kv` {kv_heads} does not divide `llama.attention.head_count` {heads}"
+            )));
+        }
         let head_dim = meta.opt_usize("llama.attention.key_length")?.unwrap_or(hidden / heads);
         if let Some(rope_dims) = meta.opt_usize("llama.rope.dimension_count")? {
             if rope_dims != head_dim {
@@ -272,31 +432,65 @@ impl Hyperparameters {
                 )));
             }
         }
-        Ok(Self {
+        let hp = Self {
             layers: meta.usize("llama.block_count")?,
             hidden,
             intermediate: meta.usize("llama.feed_forward_length")?,
             heads,
-            kv_heads: meta.opt_usize("llama.attention.head_count_kv")?.unwrap_or(heads),
+            kv_heads,
             head_dim,
             context_length: meta.usize("llama.context_length")?,
             rms_norm_eps: meta.float("llama.attention.layer_norm_rms_epsilon")?,
             // llama.cpp's default when the key is absent.
             rope_theta: meta.opt_float("llama.rope.freq_base")?.unwrap_or(10_000.0),
-        })
+        };
+        hp.check(meta)?;
+        Ok(hp)
+    }
+
+    /// Sizes a model can have: no zero, no product that overflows, positive finite floats.
+    fn check(&self, meta: &Meta) -> Result<()> {
+        for (key, value) in [
+            ("llama.block_count", self.layers),
+            ("llama.embedding_length", self.hidden),
+            ("llama.feed_forward_length", self.intermediate),
+            ("llama.context_length", self.context_length),
+            ("llama.attention.key_length", self.head_dim),
+        ] {
+            if value == 0 {
+                return Err(meta.error(format!("`{key}` is 0; a model needs at least 1")));
+            }
+        }
+        if self.heads.checked_mul(self.head_dim).is_none() {
+            return Err(meta.error(format!("{} heads of {} values overflow", self.heads, self.head_dim)));
+        }
+        for (key, value) in
+            [("llama.attention.layer_norm_rms_epsilon", self.rms_norm_eps), ("llama.rope.freq_base", self.rope_theta)]
+        {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(meta.error(format!("`{key}` is {value}; expected a positive finite number")));
+            }
+        }
+        Ok(())
     }
 }
 
-/// The Hugging Face name of a GGUF tensor, and the head count to un-permute it with (Q and K only).
-fn hf_tensor_name(name: &str, hp: &Hyperparameters) -> std::result::Result<(String, Option<usize>), String> {
+/// The Hugging Face name of a GGUF tensor, the head count to un-permute it with (Q and K only), and the
+/// shape (Hugging Face order) the hyperparameters give it.
+fn hf_tensor(
+    name: &str,
+    hp: &Hyperparameters,
+    vocab: usize,
+) -> std::result::Result<(String, Option<usize>, Vec<usize>), String> {
+    let (d, q, kv, ff) = (hp.hidden, hp.heads * hp.head_dim, hp.kv_heads * hp.head_dim, hp.intermediate);
     let top = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
+        "token_embd.weight" => Some(("model.embed_tokens.weight", vec![vocab, d])),
+        "output_norm.weight" => Some(("model.norm.weight", vec![d])),
+        "output.weight" => Some(("lm_head.weight", vec![vocab, d])),
         _ => None,
     };
-    if let Some(hf) = top {
-        return Ok((hf.to_string(), None));
+    if let Some((hf, shape)) = top {
+        return Ok((hf.to_string(), None, shape));
     }
     let parts: Vec<&str> = name.split('.').collect();
     let (layer, kind) = match parts.as_slice() {
@@ -306,19 +500,19 @@ fn hf_tensor_name(name: &str, hp: &Hyperparameters) -> std::result::Result<(Stri
     if layer >= hp.layers {
         return Err(format!("layer {layer} is past `llama.block_count` {}", hp.layers));
     }
-    let (sub, heads) = match kind {
-        "attn_norm" => ("input_layernorm", None),
-        "ffn_norm" => ("post_attention_layernorm", None),
-        "attn_q" => ("self_attn.q_proj", Some(hp.heads)),
-        "attn_k" => ("self_attn.k_proj", Some(hp.kv_heads)),
-        "attn_v" => ("self_attn.v_proj", None),
-        "attn_output" => ("self_attn.o_proj", None),
-        "ffn_gate" => ("mlp.gate_proj", None),
-        "ffn_up" => ("mlp.up_proj", None),
-        "ffn_down" => ("mlp.down_proj", None),
+    let (sub, heads, shape) = match kind {
+        "attn_norm" => ("input_layernorm", None, vec![d]),
+        "ffn_norm" => ("post_attention_layernorm", None, vec![d]),
+        "attn_q" => ("self_attn.q_proj", Some(hp.heads), vec![q, d]),
+        "attn_k" => ("self_attn.k_proj", Some(hp.kv_heads), vec![kv, d]),
+        "attn_v" => ("self_attn.v_proj", None, vec![kv, d]),
+        "attn_output" => ("self_attn.o_proj", None, vec![d, q]),
+        "ffn_gate" => ("mlp.gate_proj", None, vec![ff, d]),
+        "ffn_up" => ("mlp.up_proj", None, vec![ff, d]),
+        "ffn_down" => ("mlp.down_proj", None, vec![d, ff]),
         other => return Err(format!("`{other}` is not a Llama layer tensor this import knows")),
     };
-    Ok((format!("model.layers.{layer}.{sub}.weight"), heads))
+    Ok((format!("model.layers.{layer}.{sub}.weight"), heads, shape))
 }
 
 /// Typed access to GGUF metadata, with errors that name the file and the key.
