@@ -72,7 +72,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         b
     });
     let mut tokens = 0usize;
-    let out = generate_rows(&a.model, &rows, a.num_samples, &cfg, &candle_core::Device::Cpu, &mut |n| {
+    let out = generate_rows(&a.model, &a.prompts, &rows, a.num_samples, &cfg, &candle_core::Device::Cpu, &mut |n| {
         tokens += n;
         if let Some(b) = &bar {
             b.set_message(format!(

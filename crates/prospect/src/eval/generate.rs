@@ -121,10 +121,15 @@ fn generate_batch(
         .map(|_| Generation { completion_ids: vec![], completion: String::new(), finish: FinishReason::Length })
         .collect();
     let mut done = vec![false; b];
+    // A row stops at the model's context: prompt + completion never exceed `max_position_embeddings`.
+    let context = model.config().max_position_embeddings.unwrap_or(usize::MAX);
     for _ in 0..cfg.max_new_tokens {
         let mut next = Vec::with_capacity(b);
         let mut produced = 0;
         for (i, row) in logits.iter().enumerate() {
+            if !done[i] && prompts[i].len() + gens[i].completion_ids.len() >= context {
+                done[i] = true; // finish stays `Length`
+            }
             if done[i] {
                 next.push(pad);
                 mask[i].push(0);
@@ -171,11 +176,13 @@ fn last_logits(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(logits.narrow(1, t - 1, 1)?.squeeze(1)?.to_dtype(candle_core::DType::F32)?.to_vec2()?)
 }
 
-/// Generate `num_samples` completions for every row of a prompt file with the model in `model_dir`.
-/// Each output row is the input row plus `completion`, `completion_ids`, `finish`, `model` and, when
-/// there are several samples, `sample`.
+/// Generate `num_samples` completions for every row of the prompt file `prompts_file` (read into `rows`)
+/// with the model in `model_dir`. Each output row is the input row plus `completion`, `completion_ids`,
+/// `finish`, `model` and, when there are several samples, `sample`. A prompt that leaves no room in the
+/// model's context (`max_position_embeddings`) is an error naming its line.
 pub fn generate_rows(
     model_dir: &std::path::Path,
+    prompts_file: &std::path::Path,
     rows: &[Row],
     num_samples: usize,
     cfg: &GenerateConfig,
@@ -185,12 +192,25 @@ pub fn generate_rows(
     let tok = HfTokenizer::load(model_dir)?;
     let (policy, _) = crate::model::Policy::load(model_dir, device)?;
     let model = policy.frozen_model(device)?;
+    let context = model.config().max_position_embeddings;
     let mut prompts = Vec::with_capacity(rows.len() * num_samples);
     for row in rows {
         let ids = match row.fields.get("prompt") {
             Some(serde_json::Value::String(text)) => tok.encode(text)?,
-            _ => chat_prompt_ids(&tok, row, model_dir)?,
+            _ => chat_prompt_ids(&tok, row, prompts_file)?,
         };
+        let n = ids.len() + cfg.append_tokens.len();
+        if let Some(context) = context.filter(|&c| n >= c) {
+            return Err(Error::Data {
+                path: prompts_file.to_path_buf(),
+                line: row.line,
+                message: format!(
+                    "`prompt` is {n} tokens, which leaves no room to generate: the model's context is {context} \
+                     tokens (max_position_embeddings in {})",
+                    model_dir.join("config.json").display()
+                ),
+            });
+        }
         prompts.extend(std::iter::repeat_n(ids, num_samples));
     }
     let gens = generate(&model, &tok, &prompts, cfg, device, on_tokens)?;
@@ -212,10 +232,10 @@ pub fn generate_rows(
 /// Token ids of a conversational prompt row for generation: the messages rendered with the model's chat
 /// template and `add_generation_prompt`, tokenized without adding special tokens (the template carries
 /// them), as `apply_chat_template(..., add_generation_prompt=True, tokenize=True)` does.
-fn chat_prompt_ids(tok: &HfTokenizer, row: &Row, model_dir: &std::path::Path) -> Result<Vec<u32>> {
+fn chat_prompt_ids(tok: &HfTokenizer, row: &Row, prompts_file: &std::path::Path) -> Result<Vec<u32>> {
     let messages: Vec<Message> = serde_json::from_value(row.fields.get("prompt").cloned().unwrap_or_default())
         .map_err(|e| Error::Data {
-            path: model_dir.to_path_buf(),
+            path: prompts_file.to_path_buf(),
             line: row.line,
             message: format!("`prompt` must be a string or a list of {{role, content}} messages: {e}"),
         })?;
