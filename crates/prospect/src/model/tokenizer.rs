@@ -224,3 +224,36 @@ fn check_fits_model(tokenizer: &tokenizers::Tokenizer, dir: &Path) -> Result<()>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The smallest input found that makes tokenizers 0.23.2 panic instead of erroring (the upstream
+    /// report in docs/RELIABILITY.md): a syntax error inside `decoder`. When this test fails, the crate
+    /// returns an error there now and the report can be closed.
+    const UPSTREAM_PANIC: &str = r#"{"decoder": {"type": "ByteLevel" "x"}}"#;
+
+    #[test]
+    fn the_tokenizers_crate_still_panics_on_a_syntax_error_in_decoder() {
+        let panic = catch_panic(|| tokenizers::Tokenizer::from_bytes(UPSTREAM_PANIC.as_bytes())).err();
+        assert!(panic.as_deref().is_some_and(|m| m.starts_with("Helper")), "{panic:?}");
+    }
+
+    #[test]
+    fn a_panic_in_the_crate_is_an_error_naming_the_file_and_position() {
+        let path = Path::new("dir/tokenizer.json");
+        let Err(e) = parse_tokenizer(UPSTREAM_PANIC.as_bytes(), path) else { panic!("parsed") };
+        let message = e.to_string();
+        assert!(message.starts_with("model dir/tokenizer.json: cannot load tokenizer: invalid JSON: "), "{message}");
+        assert!(message.contains("line 1 column 34"), "{message}");
+        assert!(message.contains("(the tokenizers crate panicked: Helper"), "{message}");
+    }
+
+    #[test]
+    fn catch_panic_returns_the_value_or_the_message() {
+        assert_eq!(catch_panic(|| 7), Ok(7));
+        assert_eq!(catch_panic(|| -> u8 { panic!("boom {}", 1) }), Err("boom 1".to_string()));
+        assert_eq!(catch_panic(|| -> u8 { std::panic::panic_any(5u8) }), Err("a non-string payload".to_string()));
+    }
+}
