@@ -8,8 +8,9 @@
 //! - a forward pass to the logits without gradient tracking (what the reference and the KL pass cost);
 //! - the same with gradient tracking (the policy's pass);
 //! - `sequence_logps` on those logits, fused kernel and composite reference;
-//! - the backward pass from the summed log-probs (fused path);
-//! and reports FLOP/s for the matmuls (2 · params · tokens forward, twice that backward).
+//! - the backward pass from the summed log-probs (fused path).
+//!
+//! It reports FLOP/s for the matmuls (2 · params · tokens forward, twice that backward).
 
 use std::time::Instant;
 

@@ -33,8 +33,8 @@ fn cached_logits_equal_full_forward_at_every_position() {
         let mut mask: Vec<Vec<u8>> = vec![];
         let mut ids = vec![];
         for (r, &n) in rows.iter().zip(&prompt_len) {
-            ids.extend(std::iter::repeat(0).take(width - n).chain(r[..n].iter().copied()));
-            mask.push(std::iter::repeat(0).take(width - n).chain(std::iter::repeat(1).take(n)).collect());
+            ids.extend(std::iter::repeat_n(0, width - n).chain(r[..n].iter().copied()));
+            mask.push(std::iter::repeat_n(0, width - n).chain(std::iter::repeat_n(1, n)).collect());
         }
         let mut cache = m.new_cache();
         let first: Vec<Vec<Vec<f32>>> = m

@@ -44,8 +44,11 @@ fn examples(data: &str, loss: &LossConfig) -> Examples {
     prepare(read_jsonl(&path).unwrap(), loss.shape(), &tok, 32, &path).unwrap().0
 }
 
+/// A metric as TRL logs it (its key) and how to read ours.
+type MetricKey = (&'static str, fn(&StepMetrics) -> Option<f64>);
+
 /// Compare each step's metrics with TRL's log. `keys` are (TRL key, our value getter).
-fn check_steps(fixture: &Value, ours: &[StepMetrics], keys: &[(&str, fn(&StepMetrics) -> Option<f64>)]) {
+fn check_steps(fixture: &Value, ours: &[StepMetrics], keys: &[MetricKey]) {
     let steps = fixture["steps"].as_array().unwrap();
     assert_eq!(ours.len(), steps.len());
     for (m, s) in ours.iter().zip(steps) {
@@ -61,16 +64,15 @@ fn check_steps(fixture: &Value, ours: &[StepMetrics], keys: &[(&str, fn(&StepMet
     }
 }
 
-const LOSS: (&str, fn(&StepMetrics) -> Option<f64>) = ("loss", |m| Some(m.loss));
-const GRAD_NORM: (&str, fn(&StepMetrics) -> Option<f64>) = ("grad_norm", |m| Some(m.grad_norm));
-const LR: (&str, fn(&StepMetrics) -> Option<f64>) = ("learning_rate", |m| Some(m.lr));
-const EPOCH: (&str, fn(&StepMetrics) -> Option<f64>) = ("epoch", |m| Some(m.epoch));
-const KL: (&str, fn(&StepMetrics) -> Option<f64>) = ("kl", |m| m.objective.get("kl"));
-const CHOSEN: (&str, fn(&StepMetrics) -> Option<f64>) = ("rewards/chosen", |m| m.objective.get("rewards/chosen"));
-const REJECTED: (&str, fn(&StepMetrics) -> Option<f64>) = ("rewards/rejected", |m| m.objective.get("rewards/rejected"));
-const MARGINS: (&str, fn(&StepMetrics) -> Option<f64>) = ("rewards/margins", |m| m.objective.get("rewards/margins"));
-const ACCURACIES: (&str, fn(&StepMetrics) -> Option<f64>) =
-    ("rewards/accuracies", |m| m.objective.get("rewards/accuracies"));
+const LOSS: MetricKey = ("loss", |m| Some(m.loss));
+const GRAD_NORM: MetricKey = ("grad_norm", |m| Some(m.grad_norm));
+const LR: MetricKey = ("learning_rate", |m| Some(m.lr));
+const EPOCH: MetricKey = ("epoch", |m| Some(m.epoch));
+const KL: MetricKey = ("kl", |m| m.objective.get("kl"));
+const CHOSEN: MetricKey = ("rewards/chosen", |m| m.objective.get("rewards/chosen"));
+const REJECTED: MetricKey = ("rewards/rejected", |m| m.objective.get("rewards/rejected"));
+const MARGINS: MetricKey = ("rewards/margins", |m| m.objective.get("rewards/margins"));
+const ACCURACIES: MetricKey = ("rewards/accuracies", |m| m.objective.get("rewards/accuracies"));
 
 fn check_kto_rows(fixture: &Value, examples: &Examples) {
     let Examples::Unpaired(ex) = examples else { panic!("KTO trains on unpaired examples") };

@@ -70,6 +70,13 @@ pub struct RopeParameters {
     pub rope_type: Option<String>,
 }
 
+/// Largest `config.json` read (real ones are a few KiB).
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// Most parameters a config may describe (2^40, about 1.1 trillion): far above any model this trains,
+/// far below the sizes whose products overflow.
+pub const MAX_PARAMETERS: usize = 1 << 40;
+
 fn default_rms_norm_eps() -> f64 {
     1e-6
 }
@@ -80,9 +87,10 @@ fn default_hidden_act() -> String {
 impl LlamaConfig {
     /// Read and check `config.json` from a model folder.
     pub fn load(dir: &Path) -> Result<Self> {
+        super::check_model_dir(dir)?;
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let config: LlamaConfig = serde_json::from_str(&text)
+        let bytes = super::read_bounded(&path, MAX_CONFIG_BYTES)?;
+        let config: LlamaConfig = serde_json::from_slice(&bytes)
             .map_err(|e| Error::model(&path, format!("not a Llama-family config.json: {e}")))?;
         config.check(&path)?;
         Ok(config)
@@ -111,18 +119,96 @@ impl LlamaConfig {
                 format!("RoPE type `{kind}` is not supported yet (only plain RoPE); results would silently differ"),
             ));
         }
-        if self.num_attention_heads == 0 || self.num_attention_heads % self.num_kv_heads() != 0 {
-            return Err(Error::model(
-                path,
-                format!(
-                    "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
-                    self.num_attention_heads,
-                    self.num_kv_heads()
-                ),
-            ));
-        }
+        self.check_sizes().map_err(|msg| Error::model(path, msg))?;
+        self.check_floats().map_err(|msg| Error::model(path, msg))?;
         self.padding_idx_checked().map_err(|msg| Error::model(path, msg))?;
         Ok(())
+    }
+
+    /// The sizes, before anything divides by them or allocates with them: every size positive, the
+    /// heads and the head width consistent, and the parameter count finite and below [`MAX_PARAMETERS`].
+    fn check_sizes(&self) -> std::result::Result<(), String> {
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+        ];
+        if let Some((field, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("`{field}` is 0: expected a positive size"));
+        }
+        let h = self.num_attention_heads;
+        match self.num_key_value_heads {
+            Some(0) => {
+                return Err(format!(
+                    "`num_key_value_heads` is 0: expected a divisor of num_attention_heads ({h}), or no \
+                     `num_key_value_heads` for plain multi-head attention"
+                ))
+            }
+            Some(g) if !h.is_multiple_of(g) => {
+                return Err(format!(
+                    "`num_key_value_heads` ({g}) must divide num_attention_heads ({h}): each K/V head serves \
+                     the same number of query heads"
+                ))
+            }
+            _ => {}
+        }
+        let e = match self.head_dim {
+            Some(0) => return Err("`head_dim` is 0: expected a positive size".into()),
+            Some(e) => e,
+            None if !self.hidden_size.is_multiple_of(h) => {
+                return Err(format!(
+                    "`hidden_size` ({}) must be a multiple of num_attention_heads ({h}) when `head_dim` is not \
+                     given (head_dim = hidden_size / num_attention_heads)",
+                    self.hidden_size
+                ))
+            }
+            None => self.hidden_size / h,
+        };
+        if !e.is_multiple_of(2) {
+            return Err(format!("head dimension {e} must be even: RoPE rotates pairs of dimensions"));
+        }
+        match self.parameter_count() {
+            Some(n) if n <= MAX_PARAMETERS => Ok(()),
+            count => Err(format!(
+                "the sizes describe {} parameters; expected at most {MAX_PARAMETERS} (2^40): is a size corrupted?",
+                count.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string())
+            )),
+        }
+    }
+
+    /// Number of scalar parameters the sizes describe (embedding, untied LM head, layers, biases),
+    /// `None` when the count overflows `usize`. Checked arithmetic: the sizes are untrusted.
+    fn parameter_count(&self) -> Option<usize> {
+        let (v, d, f) = (self.vocab_size, self.hidden_size, self.intermediate_size);
+        let (h, g) = (self.num_attention_heads, self.num_key_value_heads.unwrap_or(self.num_attention_heads));
+        let e = self.head_dim.unwrap_or(d / h.max(1));
+        let q = h.checked_mul(e)?; // rows of q_proj, columns of o_proj
+        let kv = g.checked_mul(e)?; // rows of k_proj and v_proj
+        let attention = q.checked_mul(d)?.checked_mul(2)?.checked_add(kv.checked_mul(d)?.checked_mul(2)?)?;
+        let biases = q.checked_add(kv.checked_mul(2)?)?.checked_add(d)?.checked_add(f.checked_mul(2)?)?;
+        let mlp = d.checked_mul(f)?.checked_mul(3)?;
+        let layer = attention.checked_add(mlp)?.checked_add(biases)?.checked_add(d.checked_mul(2)?)?;
+        let embeddings = v.checked_mul(d)?.checked_mul(if self.tie_word_embeddings { 1 } else { 2 })?;
+        layer.checked_mul(self.num_hidden_layers)?.checked_add(embeddings)?.checked_add(d)
+    }
+
+    /// The floating-point fields: finite, and positive where a logarithm or a division needs it.
+    fn check_floats(&self) -> std::result::Result<(), String> {
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return Err(format!("`rms_norm_eps` is {}: expected a finite number >= 0", self.rms_norm_eps));
+        }
+        let theta = self.rope_theta();
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(format!("`rope_theta` is {theta}: expected a finite number > 0"));
+        }
+        match self.initializer_range {
+            Some(std) if !(std.is_finite() && std >= 0.0) => {
+                Err(format!("`initializer_range` is {std}: expected a finite number >= 0"))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// `pad_token_id` as a row of the embedding (PyTorch's `nn.Embedding` rule: `-v <= id < v`, a

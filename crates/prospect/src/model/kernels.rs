@@ -313,7 +313,7 @@ impl CustomOp2 for SoftmaxBackward {
 /// The rows may also be `[..., r*t, t]`: `r` blocks of `t` queries each (grouped-query attention).
 pub fn causal_softmax(s: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     let dims = s.dims();
-    if dims.len() < 2 || dims[dims.len() - 1] == 0 || dims[dims.len() - 2] % dims[dims.len() - 1] != 0 {
+    if dims.len() < 2 || dims[dims.len() - 1] == 0 || !dims[dims.len() - 2].is_multiple_of(dims[dims.len() - 1]) {
         candle_core::bail!("causal_softmax: scores must be [..., r*t, t], got {dims:?}");
     }
     s.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32 })

@@ -322,10 +322,10 @@ impl Llama {
                     p
                 })
                 .collect();
-            for q in past..total {
-                positions.push(pos_of[q] as u32);
-                for k in 0..total {
-                    let visible = k <= q && row[k] != 0;
+            for (q, &pos) in pos_of.iter().enumerate().skip(past) {
+                positions.push(pos as u32);
+                for (k, &m) in row.iter().enumerate() {
+                    let visible = k <= q && m != 0;
                     mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
                 }
             }

@@ -76,6 +76,7 @@ impl Policy {
     ) -> Result<(Self, Vec<String>, Vec<String>)> {
         let config = LlamaConfig::load(dir)?;
         let mut tensors = load_tensors(dir, TRAIN_DTYPE, device)?;
+        check_embedding(dir, &config, &tensors)?;
         let mut initialised = Vec::new();
         let std = config.initializer_range.unwrap_or(0.02);
         let d = config.hidden_size;
@@ -229,6 +230,7 @@ impl Policy {
 pub fn load_frozen_reward(dir: &Path, device: &Device) -> Result<RewardModel> {
     let config = LlamaConfig::load(dir)?;
     let tensors = load_tensors(dir, TRAIN_DTYPE, device)?;
+    check_embedding(dir, &config, &tensors)?;
     if !tensors.contains_key(heads::SCORE_WEIGHT) {
         return Err(Error::model(dir, "not a reward model: no `score.weight` (train one with `type = \"reward\"`)"));
     }
@@ -242,6 +244,7 @@ pub fn load_frozen_reward(dir: &Path, device: &Device) -> Result<RewardModel> {
 pub fn load_frozen(dir: &Path, device: &Device) -> Result<Llama> {
     let config = LlamaConfig::load(dir)?;
     let tensors = load_tensors(dir, TRAIN_DTYPE, device)?;
+    check_embedding(dir, &config, &tensors)?;
     Ok(weights::build_with(tensors, TRAIN_DTYPE, device, |vb| Llama::new(&config, vb).map_err(|e| annotate(dir, e)))?.0)
 }
 
@@ -275,4 +278,51 @@ fn annotate(dir: &Path, e: Error) -> Error {
         Error::Candle(c) => Error::model(dir, format!("checkpoint does not fit config.json: {c}")),
         other => other,
     }
+}
+
+/// A model folder must exist before anything is read from it: otherwise the first missing file
+/// (`tokenizer.json`, `config.json`) would be blamed.
+pub(crate) fn check_model_dir(dir: &Path) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(Error::model(dir, "is a file, not a model folder (expected a Hugging Face model folder)")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::model(
+            dir,
+            "folder does not exist (expected a Hugging Face model folder: config.json, tokenizer.json, model.safetensors)",
+        )),
+        Err(e) => Err(Error::io(dir, e)),
+    }
+}
+
+/// Read a small file whole, refusing one over `max` bytes before allocating for it.
+pub(crate) fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
+    let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    if len > max {
+        return Err(Error::model(
+            path,
+            format!("file is {len} bytes; expected at most {max}: not a file of this kind"),
+        ));
+    }
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+/// The checkpoint's embedding against `config.json`, before anything is allocated from the config's
+/// sizes (a new head is `[1, d]`) or built: `model.embed_tokens.weight` must be `[vocab_size, hidden_size]`.
+/// (Every other tensor's shape is checked as the model is built, naming the tensor and both shapes.)
+fn check_embedding(dir: &Path, config: &LlamaConfig, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    const EMBED: &str = "model.embed_tokens.weight";
+    let Some(embed) = tensors.get(EMBED) else {
+        return Err(Error::model(dir, format!("the weights have no `{EMBED}` (is this a Llama-family checkpoint?)")));
+    };
+    let expected = [config.vocab_size, config.hidden_size];
+    if embed.dims() != expected {
+        return Err(Error::model(
+            dir,
+            format!(
+                "`{EMBED}` in the weights has shape {:?}, config.json says [vocab_size, hidden_size] = {expected:?}",
+                embed.dims()
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 
 /// Read every tensor of a model folder, converted to `dtype` on `device`.
 pub fn load_tensors(dir: &Path, dtype: DType, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    super::check_model_dir(dir)?;
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<std::path::PathBuf> = if single.exists() {
@@ -67,7 +68,7 @@ impl SimpleBackend for TrackedTensors {
         let t = self.get_unchecked(name, dtype, dev)?;
         if t.shape() != &s {
             return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("tensor `{name}` in the checkpoint"),
+                msg: format!("tensor `{name}`: config.json implies one shape, the weights hold another"),
                 expected: s,
                 got: t.shape().clone(),
             });
