@@ -118,11 +118,16 @@ fn a_tokenizer_larger_than_the_model_vocabulary_is_refused_at_load() {
         message.contains("`model.embed_tokens.weight` in the weights has shape [400, 32], config.json says [vocab_size, hidden_size] = [300, 32]"),
         "{message}"
     );
+    // The same check for a reference model in another folder, against a tokenizer that loaded.
+    let tok = HfTokenizer::load(&common::fixtures().join("tiny-llama")).unwrap();
+    let message = error_of(tok.check_fits(&dir));
+    assert!(message.contains("up to 399") && message.contains("vocab_size 300"), "{message}");
     // A model vocabulary larger than the tokenizer's (padded, as many checkpoints are) is fine.
     let dir = tiny_llama_with("vocab-padded", |c| {
         c.insert("vocab_size".into(), 512.into());
     });
     HfTokenizer::load(&dir).unwrap();
+    tok.check_fits(&dir).unwrap();
 }
 
 /// A size in config.json that the weights do not have: the error names the tensor and both shapes.

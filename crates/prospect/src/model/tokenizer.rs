@@ -94,6 +94,12 @@ impl HfTokenizer {
         })
     }
 
+    /// Check that every token id is a row of another folder's model (a reference model loaded from its
+    /// own folder): ids must be < its `config.json`'s `vocab_size`.
+    pub fn check_fits(&self, model_dir: &Path) -> Result<()> {
+        check_fits_model(&self.inner, model_dir)
+    }
+
     /// Token ids of `text`, with the tokenizer's post-processor applied (`add_special_tokens=True`,
     /// as `tokenizer(text)` does in `transformers`).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
