@@ -54,6 +54,9 @@ impl Run {
     ) -> Result<Run> {
         config.validate()?;
         let (tok, policy, changed_tokenizer) = load_policy(config, device, on_event)?;
+        if let Some(reference) = config.reference.as_deref().filter(|_| config.loss.needs_reference()) {
+            tok.check_fits(reference)?; // the reference scores the policy's token ids
+        }
         let data = data::load(config, &tok, on_event)?;
         let schedule = Schedule::new(config, data.train.len());
         let fingerprint = Fingerprint::of(config)?;
