@@ -141,11 +141,8 @@ impl LlamaConfig {
 
     /// The embedding row that gets no gradient through the lookup (`padding_idx`), `None` without one.
     pub fn padding_idx(&self) -> Result<Option<u32>> {
-        self.padding_idx_checked().map_err(|message| Error::Config {
-            origin: "config.json".into(),
-            key: "pad_token_id".into(),
-            message,
-        })
+        self.padding_idx_checked()
+            .map_err(|message| Error::Config { origin: "config.json".into(), key: "pad_token_id".into(), message })
     }
 
     /// RoPE base frequency, wherever `config.json` put it (default 10000).
