@@ -288,7 +288,11 @@ fn skip_invalid_counts_what_it_skips() {
         ]
     );
     let e = parse_rows(b"oops\n", Path::new("s.jsonl"), &options).unwrap_err().to_string();
-    assert_eq!(e, "s.jsonl: no valid rows: all 1 were skipped as invalid; the first: s.jsonl:1: malformed JSON: expected value (column 1)");
+    assert_eq!(
+        e,
+        "s.jsonl: no usable rows: every one of the 1 records was invalid (skipped under skip_invalid = true); the first \
+         error: s.jsonl:1: malformed JSON: expected value (column 1)"
+    );
 }
 
 #[test]

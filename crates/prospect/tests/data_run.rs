@@ -190,3 +190,63 @@ fn a_template_that_rejects_a_row_names_its_line() {
     let want = format!("conv_unpaired.jsonl:2: chat template ({}): cannot render: ", jinja.display());
     assert!(err.contains(&want) && err.contains("System role not supported"), "{err}");
 }
+
+/// unpaired.jsonl with every label set to `label`, written under `out`.
+fn one_class(out: &std::path::Path, label: bool) -> std::path::PathBuf {
+    let good = std::fs::read_to_string(fixtures().join("data/unpaired.jsonl")).unwrap();
+    let text = good
+        .replace("\"label\": false", &format!("\"label\": {label}"))
+        .replace("\"label\": true", &format!("\"label\": {label}"));
+    assert_eq!(text.matches(&format!("\"label\": {label}")).count(), 16, "{text}");
+    let path = out.join(format!("all-{label}.jsonl"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn one_class_kto_gets_a_warning_not_a_ratio() {
+    let out = scratch("data-run-one-class");
+    let mut config = trl_config("unpaired.jsonl", LossConfig::Kto(KtoConfig::default()), &out);
+    config.train_data = one_class(&out, true);
+    config.auto_weights = true;
+    let err = train(&config, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{}: auto_weights = true has no ratio to aim for: KTO class balance: all 16 examples are desirable and \
+             none undesirable, so λ_D·n_D/(λ_U·n_U) has no second class and no class weight can balance it; KTO will \
+             only move the desirable side. Add undesirable examples (e.g. label_from on a score), or train with sft; \
+             or set auto_weights = false",
+            config.train_data.display()
+        )
+    );
+    config.auto_weights = false;
+    config.train_data = one_class(&out, false);
+    config.max_steps = Some(1);
+    let mut events = vec![];
+    train(&config, &Device::Cpu, RunOptions::default(), &mut |e| events.push(e)).unwrap();
+    let n = notices(&events);
+    assert!(
+        n.iter().any(|m| m.starts_with("KTO class balance: all 16 examples are undesirable and none desirable")),
+        "{n:?}"
+    );
+    assert!(!n.iter().any(|m| m.contains("Set EITHER") || m.contains("auto_weights:")), "{n:?}");
+}
+
+#[test]
+fn a_one_row_kto_file_is_an_error_at_setup() {
+    let out = scratch("data-run-one-row");
+    let data = out.join("one.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"Hi\", \"completion\": \"there\", \"label\": true}\n").unwrap();
+    let mut config = trl_config("unpaired.jsonl", LossConfig::Kto(KtoConfig::default()), &out);
+    config.train_data = data.clone();
+    let err = train(&config, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{}: `kto` estimates its KL term from mismatched pairs (a prompt with another example's completion), \
+             which needs at least 2 examples; this file gives 1",
+            data.display()
+        )
+    );
+}

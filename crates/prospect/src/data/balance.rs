@@ -101,6 +101,27 @@ pub fn auto_weights(n_desirable: usize, n_undesirable: usize) -> (f64, f64) {
     }
 }
 
+/// [`auto_weights`] when both classes are present; `None` when one is empty, since λ_D·n_D / (λ_U·n_U)
+/// then has no second class and no weight can bring it into range.
+pub fn balanced_weights(n_desirable: usize, n_undesirable: usize) -> Option<(f64, f64)> {
+    (n_desirable > 0 && n_undesirable > 0).then(|| auto_weights(n_desirable, n_undesirable))
+}
+
+/// A warning, in words, when KTO data has one class only (`None` when both are present, or no rows).
+pub fn single_class_warning(n_desirable: usize, n_undesirable: usize) -> Option<String> {
+    let (n, only, missing) = match (n_desirable, n_undesirable) {
+        (0, 0) => return None,
+        (n, 0) => (n, "desirable", "undesirable"),
+        (0, n) => (n, "undesirable", "desirable"),
+        _ => return None,
+    };
+    Some(format!(
+        "KTO class balance: all {n} examples are {only} and none {missing}, so λ_D·n_D/(λ_U·n_U) has no second \
+         class and no class weight can balance it; KTO will only move the {only} side. Add {missing} examples \
+         (e.g. label_from on a score), or train with sft"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +158,20 @@ mod tests {
         // 20 desirable, 10 undesirable: λ_U = 20 / (7/6 · 10) = 12/7.
         let (ld, lu) = auto_weights(20, 10);
         assert!(ld == 1.0 && (lu - 12.0 / 7.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn one_class_gets_no_ratio() {
+        assert_eq!(balanced_weights(16, 0), None);
+        assert_eq!(balanced_weights(0, 3), None);
+        assert_eq!(balanced_weights(10, 10), Some((7.0 / 6.0, 1.0)));
+        let w = single_class_warning(16, 0).unwrap();
+        assert!(w.starts_with("KTO class balance: all 16 examples are desirable and none undesirable"), "{w}");
+        let w = single_class_warning(0, 5).unwrap();
+        assert!(w.contains("all 5 examples are undesirable and none desirable"), "{w}");
+        assert!(w.contains("KTO will only move the undesirable side"), "{w}");
+        assert_eq!(single_class_warning(3, 4), None);
+        assert_eq!(single_class_warning(0, 0), None);
     }
 
     #[test]

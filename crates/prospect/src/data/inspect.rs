@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::balance::auto_weights;
+use super::balance::{balanced_weights, single_class_warning};
 use super::layout::{DataFormat, ReadOptions, ReadReport};
 use super::read::read_rows;
 use super::rows::Rows;
@@ -74,8 +74,10 @@ pub struct Inspection {
     /// Desirable / undesirable rows as KTO sees them (paired rows unpair into one of each).
     pub desirable: Option<usize>,
     pub undesirable: Option<usize>,
-    /// (λ_D, λ_U) that `auto_weights` would choose for KTO.
+    /// (λ_D, λ_U) that `auto_weights` would choose for KTO; `None` with one class only.
     pub recommended_weights: Option<(f64, f64)>,
+    /// Set when the rows have one KTO class only: no class weight can balance them.
+    pub class_warning: Option<String>,
     pub tokens: Option<TokenLengths>,
 }
 
@@ -96,9 +98,9 @@ pub fn inspect(
         Rows::Paired(v) => (Some(v.len()), Some(v.len())),
         Rows::Sft(_) => (None, None),
     };
-    let recommended_weights = match (desirable, undesirable) {
-        (Some(nd), Some(nu)) => Some(auto_weights(nd, nu)),
-        _ => None,
+    let (recommended_weights, class_warning) = match (desirable, undesirable) {
+        (Some(nd), Some(nu)) => (balanced_weights(nd, nu), single_class_warning(nd, nu)),
+        _ => (None, None),
     };
     let tokens = match tok {
         Some(tok) => Some(token_lengths(&rows, tok, chat_template, max_length, path)?),
@@ -115,6 +117,7 @@ pub fn inspect(
         desirable,
         undesirable,
         recommended_weights,
+        class_warning,
         tokens,
     })
 }

@@ -6,13 +6,13 @@ use std::path::Path;
 
 use super::Event;
 use crate::config::TrainConfig;
-use crate::data::balance::{auto_weights, hold_out, keep_fractions};
+use crate::data::balance::{balanced_weights, hold_out, keep_fractions, single_class_warning};
 use crate::data::examples::prepare_with;
 use crate::data::tokenize::Encoder;
 use crate::data::{read_rows, unpair, ChatTemplate, Examples, PrepareReport, ReadReport, Rows};
 use crate::data::{Sequence, Shape};
-use crate::error::Result;
-use crate::loss::{kto::class_weight_advice, LossConfig};
+use crate::error::{Error, Result};
+use crate::loss::{kto::class_weight_advice, Family, LossConfig};
 use crate::model::HfTokenizer;
 
 /// What a run trains and evaluates on.
@@ -104,10 +104,17 @@ fn prepare_only(
         }
         None => None,
     };
+    check_kl_pairs(config, &train)?;
     let mut loss = config.loss.clone();
     if let (true, Examples::Unpaired(v)) = (config.auto_weights, &train) {
         let nd = v.iter().filter(|e| e.label).count();
-        let (ld, lu) = auto_weights(nd, v.len() - nd);
+        let Some((ld, lu)) = balanced_weights(nd, v.len() - nd) else {
+            let why = single_class_warning(nd, v.len() - nd).unwrap_or_default();
+            return Err(Error::DataFile {
+                path: config.train_data.clone(),
+                message: format!("auto_weights = true has no ratio to aim for: {why}; or set auto_weights = false"),
+            });
+        };
         loss.set_class_weights(ld, lu);
         on_event(Event::Notice(format!(
             "auto_weights: {nd} desirable and {} undesirable examples; desirable_weight = {ld:.4}, undesirable_weight = {lu:.4} \
@@ -121,6 +128,25 @@ fn prepare_only(
         None => (train, eval),
     };
     Ok(RunData { train, eval, loss, skipped_invalid })
+}
+
+/// KTO's KL term pairs each prompt with another example's completion (`rotate_for_kl`): with one
+/// example the pair would be the example with itself, which is not a mismatched pair.
+fn check_kl_pairs(config: &TrainConfig, train: &Examples) -> Result<()> {
+    if let Family::Unpaired(loss) = config.loss.family() {
+        if loss.kl_pairs() && train.len() < 2 {
+            return Err(Error::DataFile {
+                path: config.train_data.clone(),
+                message: format!(
+                    "`{}` estimates its KL term from mismatched pairs (a prompt with another example's completion), \
+                     which needs at least 2 examples; this file gives {}",
+                    config.loss.name(),
+                    train.len()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// CSFT's data transform: labelled rows become SFT examples whose completion starts with the control
@@ -206,7 +232,9 @@ fn report_prepare(
     let weights = loss.and_then(LossConfig::class_weights);
     if let (Some((ld, lu)), Examples::Unpaired(v), false) = (weights, examples, config.auto_weights) {
         let nd = v.iter().filter(|e| e.label).count();
-        if let Some(advice) = class_weight_advice(ld, lu, nd, v.len() - nd) {
+        // With one class there is no ratio: say so instead of advising weights that cannot apply.
+        let advice = single_class_warning(nd, v.len() - nd).or_else(|| class_weight_advice(ld, lu, nd, v.len() - nd));
+        if let Some(advice) = advice {
             on_event(Event::Notice(advice));
         }
     }

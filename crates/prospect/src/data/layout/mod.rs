@@ -316,14 +316,9 @@ impl Reader<'_> {
 
     fn finish(mut self) -> Result<(Rows, ReadReport)> {
         let Some((layout, _)) = self.first else {
-            let message = match self.report.skipped.first() {
-                None => "the file has no rows".to_string(),
-                Some(first) => {
-                    format!(
-                        "no valid rows: all {} were skipped as invalid; the first: {first}",
-                        self.report.skipped.len()
-                    )
-                }
+            let message = match self.report.skipped.is_empty() {
+                true => "the file has no rows".to_string(),
+                false => self.no_usable_rows(),
             };
             return Err(self.file_err(message));
         };
@@ -337,15 +332,29 @@ impl Reader<'_> {
         }
         let rows = self.assemble(layout.shape);
         if rows.is_empty() {
-            let message = format!(
-                "no usable rows: {} records, {} left out ({})",
-                self.report.records,
-                self.report.filtered,
-                self.report.filter_rule.unwrap_or("no rule applies")
-            );
-            return Err(self.file_err(message));
+            return Err(self.file_err(self.no_usable_rows()));
         }
         Ok((rows, self.report))
+    }
+
+    /// Why a file gave no rows: every row invalid (with the first error), left out by the layout's rule, or both.
+    fn no_usable_rows(&self) -> String {
+        let r = &self.report;
+        let rule = r.filter_rule.unwrap_or("no rule applies");
+        match (r.skipped.first(), r.filtered) {
+            (Some(first), 0) if r.skipped.len() == r.records => format!(
+                "no usable rows: every one of the {} records was invalid (skipped under skip_invalid = true); \
+                 the first error: {first}",
+                r.records
+            ),
+            (Some(first), filtered) => format!(
+                "no usable rows: of {} records, {} rows were invalid (skipped under skip_invalid = true) and {filtered} \
+                 left out ({rule}); the first error: {first}",
+                r.records,
+                r.skipped.len()
+            ),
+            (None, filtered) => format!("no usable rows: {} records, {filtered} left out ({rule})", r.records),
+        }
     }
 
     /// The converted records as rows of `shape`, with score labels resolved.

@@ -2,9 +2,10 @@
 //! `prompter`/`assistant`, `text`, `rank`, `deleted`). Converted per tree, not per record: for each
 //! message with two or more ranked assistant replies, replies of adjacent rank (rank 0 is best) are
 //! paired, (0 vs 1), (1 vs 2), ..., and the prompt is the thread from the root. Deleted messages are
-//! not part of the tree (counted as filtered).
+//! not part of the tree (counted as filtered). A message that is its own parent, or a `parent_id` chain
+//! that comes back to itself, is an error at that message's line: it is not a tree.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 
@@ -40,8 +41,12 @@ impl<'a> Tree<'a> {
                 tree.deleted += 1; // oasst1 marks removed messages; they are not part of the tree (counted).
                 continue;
             }
-            tree.by_id.insert(id, (*line, obj));
             let parent = obj.get("parent_id").and_then(Value::as_str);
+            if parent == Some(id) {
+                skip(*line, format!("message {id:?} is its own parent (`parent_id` = `message_id`)"))?;
+                continue;
+            }
+            tree.by_id.insert(id, (*line, obj));
             let rank = obj.get("rank").and_then(Value::as_f64);
             let role = obj.get("role").and_then(Value::as_str);
             if let (Some(p), Some(r), Some("assistant")) = (parent, rank, role) {
@@ -51,25 +56,40 @@ impl<'a> Tree<'a> {
         Ok(tree)
     }
 
-    /// The thread from the root down to `start`, as messages.
-    fn thread(&self, start: &str) -> std::result::Result<Vec<Message>, String> {
+    /// The thread from the root down to `start`, as messages. An error carries the line to report it at:
+    /// the message that closes a `parent_id` cycle, or `None` for the reply's own line.
+    fn thread(&self, start: &'a str) -> std::result::Result<Vec<Message>, (Option<usize>, String)> {
         let mut out = Vec::new();
-        let mut id = start.to_string();
-        for _ in 0..10_000 {
-            let Some((_, obj)) = self.by_id.get(id.as_str()) else {
-                return Err(format!(
-                    "message {id:?} of this reply's thread is not in the file; expected whole message trees"
+        let mut seen: HashSet<&str> = HashSet::new();
+        let mut id: &str = start;
+        loop {
+            let Some((line, obj)) = self.by_id.get(id) else {
+                return Err((
+                    None,
+                    format!("message {id:?} of this reply's thread is not in the file; expected whole message trees"),
                 ));
             };
-            let text = obj.get("text").and_then(Value::as_str).ok_or("field `text` must be a string")?;
+            if !seen.insert(id) {
+                let message = format!(
+                    "message {id:?} is its own ancestor: its `parent_id` chain comes back to it ({} messages); \
+                     expected a tree",
+                    seen.len()
+                );
+                return Err((Some(*line), message));
+            }
+            let fail = |m: String| (None, m);
+            let text =
+                obj.get("text").and_then(Value::as_str).ok_or_else(|| fail("field `text` must be a string".into()))?;
             let role = match obj.get("role").and_then(Value::as_str) {
                 Some("prompter") => "user",
                 Some("assistant") => "assistant",
-                other => return Err(format!("field `role` must be \"prompter\" or \"assistant\", got {other:?}")),
+                other => {
+                    return Err(fail(format!("field `role` must be \"prompter\" or \"assistant\", got {other:?}")))
+                }
             };
             out.push(Message::new(role, text));
             match obj.get("parent_id").and_then(Value::as_str) {
-                Some(p) => id = p.to_string(),
+                Some(p) => id = p,
                 None => break,
             }
         }
@@ -94,8 +114,8 @@ pub(super) fn pairs(
         replies.sort_by_key(|(rank, line, _)| (*rank, *line));
         let prompt = match tree.thread(parent) {
             Ok(p) => p,
-            Err(m) => {
-                skip(replies[0].1, m)?;
+            Err((line, m)) => {
+                skip(line.unwrap_or(replies[0].1), m)?;
                 continue;
             }
         };

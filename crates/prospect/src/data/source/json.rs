@@ -1,17 +1,92 @@
-//! JSONL and JSON-array containers → records, with the line each record starts on.
+//! JSONL and JSON-array containers → records, with the line each record starts on. A key repeated in
+//! one object, at any depth, is an error naming the key ([`Unique`]): serde_json keeps the last one
+//! silently, which once flipped a row's label.
 
+use std::fmt;
 use std::path::Path;
 
-use serde_json::Value;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
 
 use super::{data_err, Record};
 use crate::error::Result;
 
+/// A JSON value parsed like `serde_json::Value`, except that a key repeated within one object is an error.
+struct Unique(Value);
+
+const DUPLICATE: &str = "duplicate key";
+
+impl<'de> Deserialize<'de> for Unique {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(UniqueVisitor).map(Unique)
+    }
+}
+
+struct UniqueVisitor;
+
+impl<'de> Visitor<'de> for UniqueVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+    fn visit_f64<E>(self, v: f64) -> std::result::Result<Value, E> {
+        Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> std::result::Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Unique(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Value, A::Error> {
+        let mut obj = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let Unique(value) = map.next_value()?;
+            if obj.contains_key(&key) {
+                return Err(de::Error::custom(format!(
+                    "{DUPLICATE} `{key}`: each key may appear once per object (a JSON reader would keep only the last)"
+                )));
+            }
+            obj.insert(key, value);
+        }
+        Ok(Value::Object(obj))
+    }
+}
+
+/// One JSON value from text, duplicate keys rejected.
+fn parse_unique(text: &str) -> serde_json::Result<Value> {
+    serde_json::from_str::<Unique>(text).map(|u| u.0)
+}
+
 /// serde_json's message without its " at line L column C" suffix, which is relative to the record.
 fn json_message(e: &serde_json::Error) -> String {
     let text = e.to_string();
+    let body = text.rfind(" at line ").map_or(text.as_str(), |i| &text[..i]);
+    if body.starts_with(DUPLICATE) {
+        return body.to_string();
+    }
     match text.rfind(" at line ") {
-        Some(i) => format!("malformed JSON: {} (column {})", &text[..i], e.column()),
+        Some(_) => format!("malformed JSON: {body} (column {})", e.column()),
         None => format!("malformed JSON: {text}"),
     }
 }
@@ -36,9 +111,7 @@ pub(super) fn jsonl(bytes: &[u8], path: &Path) -> Vec<Result<Record>> {
             continue;
         }
         out.push(
-            serde_json::from_str::<Value>(text)
-                .map(|value| Record { line, value })
-                .map_err(|e| data_err(path, line, json_message(&e))),
+            parse_unique(text).map(|value| Record { line, value }).map_err(|e| data_err(path, line, json_message(&e))),
         );
     }
     out
@@ -72,9 +145,9 @@ pub(super) fn json_array(bytes: &[u8], path: &Path) -> Result<Vec<Result<Record>
             break;
         }
         let start = line_at(pos);
-        let mut stream = serde_json::Deserializer::from_str(&text[pos..]).into_iter::<Value>();
+        let mut stream = serde_json::Deserializer::from_str(&text[pos..]).into_iter::<Unique>();
         match stream.next() {
-            Some(Ok(value)) => out.push(Ok(Record { line: start, value })),
+            Some(Ok(Unique(value))) => out.push(Ok(Record { line: start, value })),
             Some(Err(e)) => return Err(data_err(path, start + e.line().saturating_sub(1), json_message(&e))),
             None => return Err(data_err(path, start, "malformed JSON: the array is not closed with `]`".into())),
         }
@@ -125,5 +198,24 @@ mod tests {
         assert_eq!(err, "x.json:2: malformed JSON: expected `,` or `]` after an array element");
         let err = records(b"[\n{\"a\": \"\xff\"}]", Path::new("x.json")).unwrap_err().to_string();
         assert_eq!(err, "x.json:2: invalid UTF-8; the file must be UTF-8 text");
+    }
+
+    const ONCE: &str = ": each key may appear once per object (a JSON reader would keep only the last)";
+
+    #[test]
+    fn duplicate_keys_are_errors_at_any_depth() {
+        let jsonl = b"{\"label\": true}\n{\"prompt\": \"p\", \"label\": true, \"label\": false}\n";
+        let (_, recs) = records(jsonl, Path::new("f.jsonl")).unwrap();
+        assert!(recs[0].is_ok());
+        let err = recs[1].as_ref().unwrap_err().to_string();
+        assert_eq!(err, format!("f.jsonl:2: duplicate key `label`{ONCE}"));
+        // Nested: a message object with two `content` keys, in the third line of a JSON array.
+        let array = b"[{\"a\": 1},\n {\"messages\": [{\"role\": \"user\",\n \"content\": \"x\", \"content\": \"y\"}]}]";
+        let err = records(array, Path::new("f.json")).unwrap_err().to_string();
+        assert_eq!(err, format!("f.json:3: duplicate key `content`{ONCE}"));
+        // The same key in sibling objects is fine, and values keep their types.
+        let (_, recs) = records(b"{\"a\": {\"k\": 1.5}, \"b\": {\"k\": [null, -2, \"s\"]}}", Path::new("f")).unwrap();
+        let value = &recs[0].as_ref().unwrap().value;
+        assert_eq!(value, &serde_json::json!({"a": {"k": 1.5}, "b": {"k": [null, -2, "s"]}}));
     }
 }
