@@ -278,6 +278,9 @@ fn print_inspection(r: &Inspection) {
              auto_weights = true sets desirable_weight = {ld:.4}, undesirable_weight = {lu:.4} (ratio 7/6)"
         );
     }
+    if let Some(warning) = &r.class_warning {
+        println!("warning:      {warning}");
+    }
     match &r.tokens {
         Some(t) => {
             let row = |name: &str, p: &Percentiles| {

@@ -79,6 +79,13 @@ fn inspect_invalid_data_exits_non_zero_with_file_and_line() {
     let out = prospect(&["data", "inspect", bad.to_str().unwrap(), "--skip-invalid"]);
     assert!(out.status.success());
     assert!(stdout(&out).contains("skipped:      1 invalid rows"), "{}", stdout(&out));
+    // The one row left is desirable: no class weight can balance a single class, and the CLI says so.
+    let text = stdout(&out);
+    assert!(
+        text.contains("warning:      KTO class balance: all 1 examples are desirable and none undesirable"),
+        "{text}"
+    );
+    assert!(!text.contains("auto_weights = true sets"), "{text}");
     let empty = dir.join("empty.json");
     std::fs::write(&empty, "").unwrap();
     let out = prospect(&["data", "inspect", empty.to_str().unwrap()]);
