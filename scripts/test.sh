@@ -23,7 +23,8 @@ if ! "$venv/bin/python" -c "import torch, transformers" >/dev/null 2>&1; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check -r scripts/requirements-test.txt
 fi
-export PROSPECT_PYTHON="$PWD/$venv/bin/python"
+case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac
+export PROSPECT_PYTHON="$venv/bin/python"
 
 bash scripts/fetch_smollm2.sh
 bash scripts/fetch_llamafactory_data.sh
