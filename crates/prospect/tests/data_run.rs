@@ -250,3 +250,20 @@ fn a_one_row_kto_file_is_an_error_at_setup() {
         )
     );
 }
+
+#[test]
+fn a_last_microbatch_of_one_kto_example_is_reported() {
+    // 3 examples in microbatches of 2: 3 % 2 == 1, so the epoch's last microbatch pairs its row with itself.
+    let out = scratch("data-run-odd-tail");
+    let data = out.join("three.jsonl");
+    let row = |c: &str, l: bool| format!("{{\"prompt\": \"Hi\", \"completion\": \"{c}\", \"label\": {l}}}\n");
+    std::fs::write(&data, [row("there", true), row("you", false), row("friend", true)].concat()).unwrap();
+    let mut config = trl_config("unpaired.jsonl", LossConfig::Kto(KtoConfig::default()), &out);
+    config.train_data = data;
+    (config.batch_size, config.microbatch_size, config.max_steps) = (2, 2, Some(1));
+    let mut events = vec![];
+    train(&config, &Device::Cpu, RunOptions::default(), &mut |e| events.push(e)).unwrap();
+    let n = notices(&events);
+    let want = "3 examples in microbatches of 2: the last microbatch of each epoch holds one example";
+    assert!(n.iter().any(|m| m.starts_with(want)), "{n:?}");
+}

@@ -104,7 +104,7 @@ fn prepare_only(
         }
         None => None,
     };
-    check_kl_pairs(config, &train)?;
+    check_kl_pairs(config, &train, on_event)?;
     let mut loss = config.loss.clone();
     if let (true, Examples::Unpaired(v)) = (config.auto_weights, &train) {
         let nd = v.iter().filter(|e| e.label).count();
@@ -131,20 +131,32 @@ fn prepare_only(
 }
 
 /// KTO's KL term pairs each prompt with another example's completion (`rotate_for_kl`): with one
-/// example the pair would be the example with itself, which is not a mismatched pair.
-fn check_kl_pairs(config: &TrainConfig, train: &Examples) -> Result<()> {
-    if let Family::Unpaired(loss) = config.loss.family() {
-        if loss.kl_pairs() && train.len() < 2 {
-            return Err(Error::DataFile {
-                path: config.train_data.clone(),
-                message: format!(
-                    "`{}` estimates its KL term from mismatched pairs (a prompt with another example's completion), \
-                     which needs at least 2 examples; this file gives {}",
-                    config.loss.name(),
-                    train.len()
-                ),
-            });
-        }
+/// example the pair would be the example with itself, which is not a mismatched pair. A last microbatch of
+/// one example (`n % microbatch_size == 1`) pairs that example with itself, as TRL's rotation does: said,
+/// not refused.
+fn check_kl_pairs(config: &TrainConfig, train: &Examples, on_event: &mut dyn FnMut(Event)) -> Result<()> {
+    let Family::Unpaired(loss) = config.loss.family() else { return Ok(()) };
+    if !loss.kl_pairs() {
+        return Ok(());
+    }
+    if train.len() < 2 {
+        return Err(Error::DataFile {
+            path: config.train_data.clone(),
+            message: format!(
+                "`{}` estimates its KL term from mismatched pairs (a prompt with another example's completion), \
+                 which needs at least 2 examples; this file gives {}",
+                config.loss.name(),
+                train.len()
+            ),
+        });
+    }
+    if train.len() % config.microbatch_size == 1 {
+        on_event(Event::Notice(format!(
+            "{} examples in microbatches of {}: the last microbatch of each epoch holds one example, so its KL \
+             pair is that example with itself (TRL's rotation does the same); drop or add an example to avoid it",
+            train.len(),
+            config.microbatch_size
+        )));
     }
     Ok(())
 }
