@@ -280,6 +280,28 @@ fn a_diverging_run_names_its_step_and_loss() {
 }
 
 #[test]
+fn a_run_whose_weights_were_destroyed_says_so() {
+    // lr 1e6 stays finite but moves every weight by ~1e6 at step 1 (Adam's first update is ±lr): the logits
+    // saturate, every softmax is one-hot in f32, and from step 2 the gradient is exactly zero.
+    let out = scratch("destroyed");
+    let mut c = trl_config("unpaired.jsonl", LossConfig::Kto(KtoConfig::default()), &out);
+    c.learning_rate = 1e6;
+    let mut notices = vec![];
+    let history = train(&c, &Device::Cpu, RunOptions::default(), &mut |e| {
+        if let prospect::train::Event::Notice(m) = e {
+            notices.push(m)
+        }
+    })
+    .unwrap();
+    let zero: Vec<usize> = history.iter().filter(|m| m.grad_norm == 0.0).map(|m| m.step).collect();
+    assert!(!zero.is_empty(), "{:?}", history.iter().map(|m| m.grad_norm).collect::<Vec<_>>());
+    for step in zero {
+        let want = format!("step {step}: the gradient is exactly zero, so the weights did not learn");
+        assert!(notices.iter().any(|n| n.starts_with(&want)), "{notices:?}");
+    }
+}
+
+#[test]
 fn an_update_that_overflows_the_weights_stops_the_run_before_anything_is_saved() {
     // Decay factor 1 − lr·λ = 1 − 1e40 is −inf in f32: every decayed weight overflows at step 1.
     let out = scratch("overflow");
