@@ -6,6 +6,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::process::Output;
 
 use common::*;
 
@@ -42,22 +43,19 @@ fn generation_files(dir: &Path) -> (PathBuf, PathBuf) {
     (c, b)
 }
 
+/// `prospect eval --candidate C --baseline B --judge JUDGE --output OUT EXTRA...`.
+fn run_eval(c: &Path, b: &Path, judge: &str, out: &Path, extra: &[&str]) -> Output {
+    let files = [c.to_str().unwrap(), b.to_str().unwrap(), out.to_str().unwrap()];
+    let args = ["eval", "--candidate", files[0], "--baseline", files[1], "--judge", judge, "--output", files[2]];
+    prospect(&args.iter().chain(extra).copied().collect::<Vec<_>>())
+}
+
 #[test]
 fn rule_judge_counts_wins_ties_and_losses() {
     let dir = scratch("eval-rule");
     let (c, b) = generation_files(&dir);
     let out = dir.join("out");
-    let o = prospect(&[
-        "eval",
-        "--candidate",
-        c.to_str().unwrap(),
-        "--baseline",
-        b.to_str().unwrap(),
-        "--judge",
-        "rule:polite-reply",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = run_eval(&c, &b, "rule:polite-reply", &out, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
     let k = &r["candidates"][0];
@@ -138,19 +136,7 @@ fn llm_judge_over_loopback_randomises_order_and_parses_strictly() {
     let (url, server) = fake_judge(4);
     let out = dir.join("out");
     let judge = format!("llm:{url}");
-    let o = prospect(&[
-        "eval",
-        "--candidate",
-        c.to_str().unwrap(),
-        "--baseline",
-        b.to_str().unwrap(),
-        "--judge",
-        &judge,
-        "--output",
-        out.to_str().unwrap(),
-        "--seed",
-        "1",
-    ]);
+    let o = run_eval(&c, &b, &judge, &out, &["--seed", "1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let seen = server.join().unwrap();
     assert_eq!(seen.len(), 4);
@@ -279,17 +265,7 @@ fn reward_judge_run(name: &str) -> (Vec<serde_json::Value>, Vec<Vec<u32>>, Vec<f
     write(&b, &[&row("The sky is", " green today."), &row("Two plus two is", " five.")]);
     let out = dir.join("out");
     let judge = format!("reward:{}", rm.display());
-    let o = prospect(&[
-        "eval",
-        "--candidate",
-        c.to_str().unwrap(),
-        "--baseline",
-        b.to_str().unwrap(),
-        "--judge",
-        &judge,
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = run_eval(&c, &b, &judge, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("comparisons-cand.jsonl"))
         .unwrap()
@@ -353,17 +329,7 @@ fn an_unknown_judge_is_a_usage_error_with_the_known_rules() {
     let dir = scratch("eval-bad-judge");
     let (c, b) = generation_files(&dir);
     let out = dir.join("out");
-    let o = prospect(&[
-        "eval",
-        "--candidate",
-        c.to_str().unwrap(),
-        "--baseline",
-        b.to_str().unwrap(),
-        "--judge",
-        "rule:nope",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = run_eval(&c, &b, "rule:nope", &out, &[]);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(

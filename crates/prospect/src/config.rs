@@ -208,24 +208,24 @@ impl TrainConfig {
     /// `loss.beta=0.2`), and validate. Relative paths are resolved against `base_dir`. Errors name where
     /// the offending key was written: `line N` of `text`, or the `--set` override.
     pub fn from_toml(text: &str, overrides: &[String], base_dir: &Path) -> Result<Self> {
-        Self::parse(text, overrides, base_dir).map_err(|e| Origin { file: None, text, overrides }.blame(e))
+        let origin = Origin { file: None, text, overrides };
+        Self::parse(&origin, base_dir).map_err(|e| origin.blame(e))
     }
 
     /// Read and parse a config file; relative paths in it are relative to the current directory,
     /// as a user typing them at a shell expects. Errors name `FILE:LINE` or the `--set` override.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::parse(&text, overrides, Path::new(""))
-            .map_err(|e| Origin { file: Some(path), text: &text, overrides }.blame(e))
+        let origin = Origin { file: Some(path), text: &text, overrides };
+        Self::parse(&origin, Path::new("")).map_err(|e| origin.blame(e))
     }
 
-    fn parse(text: &str, overrides: &[String], base_dir: &Path) -> Result<Self> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| line_of(text, s.start));
-            let origin = line.map_or("config".into(), |l| format!("line {l}"));
+    fn parse(source: &Origin, base_dir: &Path) -> Result<Self> {
+        let mut table: toml::Table = toml::from_str(source.text).map_err(|e| {
+            let origin = source.at_line(e.span().map(|s| line_of(source.text, s.start)));
             Error::Config { origin, key: "(syntax)".into(), message: e.message().trim_end().into() }
         })?;
-        for item in overrides {
+        for item in source.overrides {
             apply_override(&mut table, item)?;
         }
         // Deserialized from the canonical text of the merged table, so that an error's span names its key.
@@ -407,23 +407,27 @@ struct Origin<'a> {
 }
 
 impl Origin<'_> {
+    /// Give a config error raised without a place (`Error::config`) the place its key was written.
     fn blame(&self, error: Error) -> Error {
-        let Error::Config { origin, key, message } = error else { return error };
-        let origin = match origin.strip_prefix("line ") {
-            // A syntax error: the parser knows the line.
-            Some(line) => self.file.map_or(origin.clone(), |f| format!("{}:{line}", f.display())),
-            None if origin == "config" => self.describe(&key),
-            None => origin,
-        };
-        Error::Config { origin, key, message }
+        match error {
+            Error::Config { origin, key, message } if origin == "config" => {
+                Error::Config { origin: self.describe(&key), key, message }
+            }
+            other => other,
+        }
     }
 
     fn describe(&self, key: &str) -> String {
         let overridden = |item: &&String| item.split_once('=').is_some_and(|(k, _)| k.trim() == key);
-        if let Some(item) = self.overrides.iter().rev().find(overridden) {
-            return format!("--set {item}");
+        match self.overrides.iter().rev().find(overridden) {
+            Some(item) => format!("--set {item}"),
+            None => self.at_line(key_line(self.text, key)),
         }
-        match (self.file, key_line(self.text, key)) {
+    }
+
+    /// `FILE:LINE`, `FILE`, `line LINE` or `config`, as far as the place is known.
+    fn at_line(&self, line: Option<usize>) -> String {
+        match (self.file, line) {
             (Some(file), Some(line)) => format!("{}:{line}", file.display()),
             (Some(file), None) => file.display().to_string(),
             (None, Some(line)) => format!("line {line}"),

@@ -9,30 +9,15 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use candle_core::{Device, Tensor};
-use common::{fixtures, hf_scores, python, scratch, trl_config};
+use common::{fixtures, hf_scores, run_reference_script, scratch, trl_config};
 use prospect::loss::{DpoConfig, LossConfig};
 use prospect::model::Policy;
 use prospect::train::{train, RunOptions};
 
 fn hf_logits(model_dir: &Path, ids: &[Vec<u32>]) -> (String, Vec<Vec<Vec<f64>>>) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/hf_logits.py");
-    let out = Command::new(python())
-        .arg(&script)
-        .arg(model_dir)
-        .arg(serde_json::to_string(ids).unwrap())
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("cannot run the reference Python");
-    assert!(
-        out.status.success(),
-        "transformers failed to load {}:\n{}",
-        model_dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json = run_reference_script("hf_logits.py", model_dir, ids);
     let logits = serde_json::from_value(json["logits"].clone()).unwrap();
     (json["class"].as_str().unwrap().to_string(), logits)
 }

@@ -171,11 +171,11 @@ pub fn python() -> String {
     })
 }
 
-/// `scripts/hf_scores.py`: `transformers`' `AutoModelForSequenceClassification` scores of right-padded
-/// `ids` for the reward-model folder `dir`. Returns (loaded class, num_labels, scores).
+/// Run `scripts/SCRIPT` with the reference Python on the model folder `dir` and the token ids `ids` (as
+/// JSON), offline; returns its JSON output. Fails with the script's stderr when it fails.
 #[cfg(feature = "live-reference")]
-pub fn hf_scores(dir: &Path, ids: &[Vec<u32>]) -> (String, u64, Vec<f64>) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/hf_scores.py");
+pub fn run_reference_script(script: &str, dir: &Path, ids: &[Vec<u32>]) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts").join(script);
     let python = python();
     let run = std::process::Command::new(&python)
         .arg(&script)
@@ -190,7 +190,14 @@ pub fn hf_scores(dir: &Path, ids: &[Vec<u32>]) -> (String, u64, Vec<f64>) {
         dir.display(),
         String::from_utf8_lossy(&run.stderr)
     );
-    let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    serde_json::from_slice(&run.stdout).unwrap()
+}
+
+/// `scripts/hf_scores.py`: `transformers`' `AutoModelForSequenceClassification` scores of right-padded
+/// `ids` for the reward-model folder `dir`. Returns (loaded class, num_labels, scores).
+#[cfg(feature = "live-reference")]
+pub fn hf_scores(dir: &Path, ids: &[Vec<u32>]) -> (String, u64, Vec<f64>) {
+    let json = run_reference_script("hf_scores.py", dir, ids);
     let scores = serde_json::from_value(json["scores"].clone()).unwrap();
     (json["class"].as_str().unwrap().to_string(), json["num_labels"].as_u64().unwrap(), scores)
 }
