@@ -114,6 +114,96 @@ pub struct TrainConfig {
 
     /// The objective and its hyperparameters.
     pub loss: LossConfig,
+
+    /// LoRA: train low-rank adapters on a frozen base instead of every weight (`[lora]`, PEFT's names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraTable>,
+}
+
+/// The `[lora]` table. Keys left out take PEFT's defaults (r 8, alpha 8, dropout 0, `q_proj` and
+/// `v_proj`), or, with `init_adapter`, that adapter's values; a key that contradicts the adapter is an
+/// error.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraTable {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub r: Option<usize>,
+    /// Scale = alpha / r (alpha / √r with `rslora`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropout: Option<f64>,
+    /// Module names (`q_proj`, ..., `down_proj`) or `"all-linear"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_modules: Option<crate::model::lora::TargetModules>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rslora: Option<bool>,
+    /// A PEFT adapter folder to start from and keep training; the reference is a frozen copy of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_adapter: Option<PathBuf>,
+}
+
+impl LoraTable {
+    /// The run's LoRA settings: the table over PEFT's defaults, or over `adapter`'s config when the
+    /// run starts from one (where the two disagree, an error names the key).
+    pub fn settings(
+        &self,
+        adapter: Option<&crate::model::lora::LoraSettings>,
+    ) -> Result<crate::model::lora::LoraSettings> {
+        use crate::model::lora::{resolve_targets, LoraSettings, TargetModules};
+        let targets = match &self.target_modules {
+            None => None,
+            Some(TargetModules::List(v)) => Some(v.clone()),
+            Some(TargetModules::One(s)) => Some(vec![s.clone()]),
+        };
+        let targets =
+            targets.map(|t| resolve_targets(&t)).transpose().map_err(|m| Error::config("lora.target_modules", m))?;
+        let defaults = LoraSettings {
+            r: 8,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            rslora: false,
+        };
+        let base = adapter.cloned().unwrap_or(defaults);
+        let conflict = |key: &str, ours: String, theirs: String| {
+            Error::config(
+                format!("lora.{key}"),
+                format!("is {ours}, but init_adapter's adapter_config.json says {theirs}; leave it out to keep the adapter's"),
+            )
+        };
+        if let Some(a) = adapter {
+            if let Some(r) = self.r.filter(|&r| r != a.r) {
+                return Err(conflict("r", r.to_string(), a.r.to_string()));
+            }
+            if let Some(x) = self.alpha.filter(|&x| x != a.alpha) {
+                return Err(conflict("alpha", x.to_string(), a.alpha.to_string()));
+            }
+            if let Some(t) = targets.as_ref().filter(|t| **t != a.target_modules) {
+                return Err(conflict("target_modules", format!("{t:?}"), format!("{:?}", a.target_modules)));
+            }
+            if let Some(x) = self.rslora.filter(|&x| x != a.rslora) {
+                return Err(conflict("rslora", x.to_string(), a.rslora.to_string()));
+            }
+        }
+        let settings = LoraSettings {
+            r: self.r.unwrap_or(base.r),
+            alpha: self.alpha.unwrap_or(base.alpha),
+            dropout: self.dropout.unwrap_or(base.dropout),
+            target_modules: targets.unwrap_or(base.target_modules),
+            rslora: self.rslora.unwrap_or(base.rslora),
+        };
+        if !(1..=65_536).contains(&settings.r) {
+            return Err(Error::config("lora.r", format!("must be in [1, 65536], got {}", settings.r)));
+        }
+        if !(settings.alpha.is_finite() && settings.alpha > 0.0) {
+            return Err(Error::config("lora.alpha", format!("must be a positive number, got {}", settings.alpha)));
+        }
+        if !(0.0..1.0).contains(&settings.dropout) {
+            return Err(Error::config("lora.dropout", format!("must be in [0, 1), got {}", settings.dropout)));
+        }
+        Ok(settings)
+    }
 }
 
 /// Learning-rate schedule after warmup.
@@ -201,6 +291,7 @@ impl TrainConfig {
             eval_every: 0,
             precompute_ref_logps: false,
             loss,
+            lora: None,
         }
     }
 
@@ -245,8 +336,10 @@ impl TrainConfig {
                 *path = base_dir.join(&*path);
             }
         }
-        for path in
-            [config.reference.as_mut(), config.chat_template.as_mut(), config.eval_data.as_mut()].into_iter().flatten()
+        let init_adapter = config.lora.as_mut().and_then(|l| l.init_adapter.as_mut());
+        for path in [config.reference.as_mut(), config.chat_template.as_mut(), config.eval_data.as_mut(), init_adapter]
+            .into_iter()
+            .flatten()
         {
             if path.is_relative() {
                 *path = base_dir.join(&*path);
@@ -271,6 +364,9 @@ impl TrainConfig {
         self.validate_schedule()?;
         self.validate_optimizer()?;
         self.validate_data()?;
+        if let Some(lora) = &self.lora {
+            lora.settings(None)?; // ranges; agreement with init_adapter is checked when it is read
+        }
         self.validate_loss()
     }
 

@@ -164,3 +164,54 @@ fn every_precomputable_reference_gives_the_live_run() {
     // Every loss with a sequence-level reference is in, e.g. KTO's four passes and DPO's two.
     assert!(checked.contains(&"kto") && checked.contains(&"dpo") && checked.contains(&"kto_zero"), "{checked:?}");
 }
+
+/// `[lora]` with r 4 on every linear layer.
+fn lora_table() -> prospect::config::LoraTable {
+    prospect::config::LoraTable {
+        r: Some(4),
+        alpha: Some(8.0),
+        target_modules: Some(prospect::model::lora::TargetModules::One("all-linear".into())),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn every_loss_trains_with_lora() {
+    use prospect::model::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+    for loss in every_loss() {
+        let name = loss.name();
+        let out = scratch(&format!("lora-{name}"));
+        let mut config = trl_config(data_for(&loss), loss.clone(), &out);
+        config.model = start_model(&loss, &config.model);
+        config.max_steps = Some(2);
+        config.lora = Some(lora_table());
+        let history = run(&config);
+        assert!(history.iter().all(|m| m.loss.is_finite() && m.grad_norm > 0.0), "{name}: {history:?}");
+        let final_dir = out.join("final");
+        let adapter: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(final_dir.join(ADAPTER_CONFIG)).unwrap()).unwrap();
+        assert_eq!(adapter["peft_type"], "LORA", "{name}");
+        assert!(!final_dir.join("model.safetensors").exists(), "{name}: the base was saved");
+        let saved = candle_core::safetensors::load(final_dir.join(ADAPTER_WEIGHTS), &Device::Cpu).unwrap();
+        // 2 layers × 7 linear layers × (A, B), plus what trains whole.
+        let lora: Vec<&String> = saved.keys().filter(|k| k.contains(".lora_")).collect();
+        assert_eq!(lora.len(), 28, "{name}: {:?}", saved.keys());
+        let whole: Vec<&String> = saved.keys().filter(|k| !k.contains(".lora_")).collect();
+        let expected_whole: &[&str] = match loss.family() {
+            Family::Reward(_) => &["base_model.model.score.weight"],
+            _ if name == "csft" => &["base_model.model.model.embed_tokens.weight"], // control tokens added
+            _ => &[],
+        };
+        assert_eq!(whole, expected_whole, "{name}");
+        // Every B left zero after two updates (it starts at zero and only a gradient moves it).
+        let b_norm: f64 = saved
+            .iter()
+            .filter(|(k, _)| k.contains("lora_B"))
+            .map(|(_, t)| t.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64)
+            .fold(f64::INFINITY, f64::min);
+        assert!(b_norm > 0.0, "{name}: some lora_B did not move");
+        if matches!(loss.family(), Family::Token(_)) {
+            assert!(final_dir.join("value_head.safetensors").exists(), "{name}: no value head");
+        }
+    }
+}

@@ -60,6 +60,10 @@ pub struct LlamaConfig {
     /// through the lookup. Missing or `null`: no such row. Negative counts from the end, as in PyTorch.
     #[serde(default)]
     pub pad_token_id: Option<i64>,
+    /// Not in `config.json`: the LoRA adapters' scale and dropout when the model is built with adapters
+    /// (`model::lora`). `None`: the plain model.
+    #[serde(skip)]
+    pub adapter: Option<super::lora::AdapterSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

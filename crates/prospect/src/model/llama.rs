@@ -10,26 +10,26 @@
 //! Shapes: `b` batch, `t` time, `d` hidden, `h` query heads, `g` key/value heads, `e` head dim,
 //! `f` MLP width, `v` vocab.
 
-use candle_core::{DType, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
 
 use super::config::LlamaConfig;
 use super::embedding::TokenEmbedding;
 use super::kernels::{self, causal_softmax, rms_norm, swiglu};
+use super::lora::{frozen_matmul, Proj};
 use super::ops::{self, repeat_kv, rope_tables, softmax_last_dim};
 use crate::error::Result;
 
-fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    let weight = vb.get((out_dim, in_dim), "weight")?;
-    let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-    Ok(Linear::new(weight, bias))
+/// A linear layer, with the LoRA adapter the config enables when the tensors hold one.
+fn linear(cfg: &LlamaConfig, in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Proj> {
+    Proj::new(in_dim, out_dim, bias, cfg.adapter.as_ref(), vb)
 }
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -40,10 +40,10 @@ impl Attention {
         let (d, e) = (cfg.hidden_size, cfg.head_dim());
         let (h, g) = (cfg.num_attention_heads, cfg.num_kv_heads());
         Ok(Self {
-            q_proj: linear(d, h * e, cfg.qkv_bias(), vb.pp("q_proj"))?,
-            k_proj: linear(d, g * e, cfg.qkv_bias(), vb.pp("k_proj"))?,
-            v_proj: linear(d, g * e, cfg.qkv_bias(), vb.pp("v_proj"))?,
-            o_proj: linear(h * e, d, cfg.o_bias(), vb.pp("o_proj"))?,
+            q_proj: linear(cfg, d, h * e, cfg.qkv_bias(), vb.pp("q_proj"))?,
+            k_proj: linear(cfg, d, g * e, cfg.qkv_bias(), vb.pp("k_proj"))?,
+            v_proj: linear(cfg, d, g * e, cfg.qkv_bias(), vb.pp("v_proj"))?,
+            o_proj: linear(cfg, h * e, d, cfg.o_bias(), vb.pp("o_proj"))?,
             num_heads: h,
             num_kv_heads: g,
             head_dim: e,
@@ -143,18 +143,18 @@ impl KvCache {
 }
 
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
 }
 
 impl Mlp {
     fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         let (d, f, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Self {
-            gate_proj: linear(d, f, bias, vb.pp("gate_proj"))?,
-            up_proj: linear(d, f, bias, vb.pp("up_proj"))?,
-            down_proj: linear(f, d, bias, vb.pp("down_proj"))?,
+            gate_proj: linear(cfg, d, f, bias, vb.pp("gate_proj"))?,
+            up_proj: linear(cfg, d, f, bias, vb.pp("up_proj"))?,
+            down_proj: linear(cfg, f, d, bias, vb.pp("down_proj"))?,
         })
     }
 
@@ -258,7 +258,11 @@ impl Llama {
                 "this model was built without an LM head (a reward model); it has no logits".into(),
             )
         })?;
-        Ok(hidden.broadcast_matmul(&lm_head.t()?)?) // [b, t, v]
+        if lm_head.is_variable() {
+            Ok(hidden.broadcast_matmul(&lm_head.t()?)?) // [b, t, v]
+        } else {
+            frozen_matmul(hidden, lm_head) // [b, t, v]: no `[v, d]` gradient for a head that does not train
+        }
     }
 
     /// Final hidden states `[b, t, d]`, after the last RMSNorm: what HF's heads read.

@@ -8,6 +8,7 @@ pub mod init;
 pub mod kernels;
 pub mod llama;
 pub mod logps;
+pub mod lora;
 pub mod ops;
 pub mod tokenizer;
 pub mod weights;
@@ -21,6 +22,7 @@ pub use config::LlamaConfig;
 pub use heads::{RewardModel, ValueHead};
 pub use llama::Llama;
 pub use logps::{completion_logps, sequence_logps, sequence_logps_composite, token_logps, SequenceLogps};
+pub use lora::LoraSettings;
 pub use tokenizer::HfTokenizer;
 pub use weights::{load_tensors, save_tensors, Params};
 
@@ -47,14 +49,29 @@ pub enum Head {
 pub const VALUE_HEAD_FILE: &str = "value_head.safetensors";
 
 /// A trainable policy: its config, its parameters as `Var`s, and the folder it came from.
+///
+/// Full fine-tuning: `params` holds every weight and `frozen` is empty. LoRA: `params` holds the
+/// adapters (and a reward model's `score` or PPO's value head), `frozen` the base weights as plain
+/// tensors: no gradient, no optimizer state.
 pub struct Policy {
     pub config: LlamaConfig,
     pub params: Params,
+    pub frozen: BTreeMap<String, Tensor>,
+    /// LoRA's settings, when the run trains adapters.
+    pub lora: Option<lora::LoraSettings>,
+    /// With `init_adapter`: the adapter as the run started, kept frozen (the reference applies it).
+    initial_adapter: Option<BTreeMap<String, Tensor>>,
     pub source_dir: PathBuf,
     pub head: Head,
     /// Written to `config.json` when a reward model is saved (HF reads the score at the last token
     /// that is not `pad_token_id`).
     pub pad_token_id: Option<u32>,
+}
+
+/// How a LoRA run starts: its settings, and the adapter folder it continues (or `None`: a fresh one).
+pub struct LoraStart<'a> {
+    pub table: &'a crate::config::LoraTable,
+    pub seed: u64,
 }
 
 impl Policy {
@@ -65,47 +82,32 @@ impl Policy {
         Ok((policy, unused))
     }
 
-    /// Load with a given head. A head the folder lacks (`score.weight`; `v_head.summary.*` in
-    /// `value_head.safetensors`) is initialised from N(0, `initializer_range`²) with `seed` (bias 0).
-    /// Returns the policy, the unused checkpoint tensors, and the names of initialised tensors.
+    /// Load with a given head, every weight trainable. See [`Policy::load_for_training`].
     pub fn load_with_head(
         dir: &Path,
         device: &Device,
         head: Head,
         seed: u64,
     ) -> Result<(Self, Vec<String>, Vec<String>)> {
-        let config = LlamaConfig::load(dir)?;
+        Self::load_for_training(dir, device, head, seed, None)
+    }
+
+    /// Load with a given head, for full fine-tuning or (with `lora`) adapters on a frozen base. A head
+    /// the folder lacks (`score.weight`; `v_head.summary.*` in `value_head.safetensors`) is initialised
+    /// from N(0, `initializer_range`²) with `seed` (bias 0); heads always train whole.
+    /// Returns the policy, the unused checkpoint tensors, and the names of initialised tensors.
+    pub fn load_for_training(
+        dir: &Path,
+        device: &Device,
+        head: Head,
+        seed: u64,
+        lora: Option<LoraStart>,
+    ) -> Result<(Self, Vec<String>, Vec<String>)> {
+        let mut config = LlamaConfig::load(dir)?;
         let mut tensors = load_tensors(dir, TRAIN_DTYPE, device)?;
         check_embedding(dir, &config, &tensors)?;
-        let mut initialised = Vec::new();
-        let std = config.initializer_range.unwrap_or(0.02);
-        let d = config.hidden_size;
-        match head {
-            Head::Lm => {}
-            Head::Score => {
-                if !tensors.contains_key(heads::SCORE_WEIGHT) {
-                    tensors.insert(heads::SCORE_WEIGHT.into(), heads::normal_init(1, d, std, seed, device)?);
-                    initialised.push(heads::SCORE_WEIGHT.to_string());
-                }
-            }
-            Head::Value => {
-                let file = dir.join(VALUE_HEAD_FILE);
-                if file.exists() {
-                    let loaded = candle_core::safetensors::load(&file, device)
-                        .map_err(|e| Error::model(&file, format!("cannot read safetensors: {e}")))?;
-                    for (name, t) in loaded {
-                        tensors.insert(name, t.to_dtype(TRAIN_DTYPE)?);
-                    }
-                } else {
-                    tensors.insert(heads::VALUE_WEIGHT.into(), heads::normal_init(1, d, std, seed, device)?);
-                    tensors.insert(heads::VALUE_BIAS.into(), Tensor::zeros(1, TRAIN_DTYPE, device)?);
-                    initialised.extend([heads::VALUE_WEIGHT.to_string(), heads::VALUE_BIAS.to_string()]);
-                }
-            }
-        }
-        let mut params = Params::from_tensors(&tensors)?;
-        drop(tensors);
-        let (_, used) = weights::build_with(params.tensors(), TRAIN_DTYPE, device, |vb| {
+        let initialised = add_head(dir, &config, &mut tensors, head, seed, device)?;
+        let (_, used) = weights::build_with(tensors.clone(), TRAIN_DTYPE, device, |vb| {
             let built = match head {
                 Head::Lm => Llama::new(&config, vb).map(|_| ()),
                 Head::Score => RewardModel::new(&config, vb).map(|_| ()),
@@ -113,8 +115,81 @@ impl Policy {
             };
             built.map_err(|e| annotate(dir, e))
         })?;
-        let unused = params.retain(&used);
-        Ok((Self { config, params, source_dir: dir.to_path_buf(), head, pad_token_id: None }, unused, initialised))
+        let unused: Vec<String> = tensors.keys().filter(|k| !used.contains(*k)).cloned().collect();
+        tensors.retain(|k, _| used.contains(k));
+        let mut policy = Self {
+            config: config.clone(),
+            params: Params::from_tensors(&BTreeMap::new())?,
+            frozen: BTreeMap::new(),
+            lora: None,
+            initial_adapter: None,
+            source_dir: dir.to_path_buf(),
+            head,
+            pad_token_id: None,
+        };
+        let Some(start) = lora else {
+            policy.params = Params::from_tensors(&tensors)?;
+            return Ok((policy, unused, initialised));
+        };
+        let adapter = match &start.table.init_adapter {
+            Some(path) => Some(lora::Adapter::read(path, &config, device)?),
+            None => None,
+        };
+        let settings = start.table.settings(adapter.as_ref().map(|a| &a.settings))?;
+        config.adapter = Some(settings.spec());
+        // Heads train whole (PEFT's `modules_to_save`); an adapter's saved `score` replaces the base's.
+        let mut trainable: BTreeMap<String, Tensor> =
+            tensors.iter().filter(|(k, _)| is_head_tensor(k)).map(|(k, t)| (k.clone(), t.clone())).collect();
+        tensors.retain(|k, _| !is_head_tensor(k));
+        let adapter_tensors = match &adapter {
+            Some(a) => a.tensors.clone(),
+            None => lora::fresh_adapter(&config, &settings, start.seed, device)?,
+        };
+        for (name, _) in lora::MODULES_TO_SAVE {
+            if adapter_tensors.contains_key(name) {
+                tensors.remove(name); // the adapter's copy trains; the base's is not needed
+            }
+        }
+        if let Some(embed) = adapter_tensors.get("model.embed_tokens.weight") {
+            config.vocab_size = embed.dim(0)?;
+        }
+        if head != Head::Score && adapter_tensors.contains_key(heads::SCORE_WEIGHT) {
+            return Err(Error::model(
+                dir,
+                "init_adapter holds a reward model's `score` head; this loss trains a policy",
+            ));
+        }
+        policy.initial_adapter = adapter.is_some().then(|| {
+            adapter_tensors.iter().filter(|(k, _)| !is_head_tensor(k)).map(|(k, t)| (k.clone(), t.clone())).collect()
+        });
+        trainable.extend(adapter_tensors);
+        policy.params = Params::from_tensors(&trainable)?;
+        policy.frozen = tensors;
+        policy.config = config;
+        policy.lora = Some(settings);
+        Ok((policy, unused, initialised))
+    }
+
+    /// The model as training starts, frozen, without a second copy of the base: the base with the
+    /// adapter off, or (with `init_adapter`) with a frozen copy of the initial adapter. `None` without
+    /// LoRA (the reference is then a model folder of its own).
+    pub fn lora_reference(&self, device: &Device) -> Result<Option<Llama>> {
+        if self.lora.is_none() {
+            return Ok(None);
+        }
+        let mut tensors = self.frozen.clone();
+        if let Some(initial) = &self.initial_adapter {
+            tensors.extend(initial.iter().map(|(k, t)| (k.clone(), t.detach())));
+        }
+        let (model, _) = weights::build_with(tensors, TRAIN_DTYPE, device, |vb| Llama::new(&self.config, vb))?;
+        Ok(Some(model))
+    }
+
+    /// The frozen base and the trainable tensors, under one set of names.
+    fn with_frozen(&self, trainable: BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+        let mut all = self.frozen.clone();
+        all.extend(trainable);
+        all
     }
 
     fn build_llama(&self, tensors: BTreeMap<String, Tensor>, device: &Device) -> Result<Llama> {
@@ -129,12 +204,12 @@ impl Policy {
     /// The model on the trainable weights: gradients flow into `params`. (For a reward model, the
     /// backbone without an LM head.)
     pub fn model(&self, device: &Device) -> Result<Llama> {
-        self.build_llama(self.params.tensors(), device)
+        self.build_llama(self.with_frozen(self.params.tensors()), device)
     }
 
     /// The model on the current weights with gradient tracking off (shares storage, copies nothing).
     pub fn frozen_model(&self, device: &Device) -> Result<Llama> {
-        self.build_llama(self.params.detached_tensors(), device)
+        self.build_llama(self.with_frozen(self.params.detached_tensors()), device)
     }
 
     /// Grow the vocabulary to `vocab_size` rows (after tokens were added to the tokenizer): every new
@@ -147,8 +222,12 @@ impl Policy {
             return Ok(0);
         }
         for name in ["model.embed_tokens.weight", "lm_head.weight"] {
-            let Some(var) = self.params.get(name) else { continue };
-            let w = var.as_tensor().detach(); // [v, d]
+            // With LoRA the grown matrices train whole, as PEFT's `modules_to_save` (the new rows must learn).
+            let w = match (self.params.get(name), self.frozen.remove(name)) {
+                (Some(var), _) => var.as_tensor().detach(), // [v, d]
+                (None, Some(t)) => t,
+                (None, None) => continue,
+            };
             let mean = w.mean_keepdim(0)?; // [1, d]
             let rows = mean.broadcast_as((vocab_size - old, w.dim(1)?))?.contiguous()?; // [new, d]
             let grown = Tensor::cat(&[&w, &rows], 0)?.to_device(device)?; // [v', d]
@@ -160,12 +239,18 @@ impl Policy {
 
     /// The trainable reward model (backbone + `score`); only for [`Head::Score`].
     pub fn reward_model(&self, device: &Device) -> Result<RewardModel> {
-        Ok(weights::build_with(self.params.tensors(), TRAIN_DTYPE, device, |vb| RewardModel::new(&self.config, vb))?.0)
+        Ok(weights::build_with(self.with_frozen(self.params.tensors()), TRAIN_DTYPE, device, |vb| {
+            RewardModel::new(&self.config, vb)
+        })?
+        .0)
     }
 
     /// The trainable value head; only for [`Head::Value`].
     pub fn value_head(&self, device: &Device) -> Result<ValueHead> {
-        Ok(weights::build_with(self.params.tensors(), TRAIN_DTYPE, device, |vb| ValueHead::new(&self.config, vb))?.0)
+        Ok(weights::build_with(self.with_frozen(self.params.tensors()), TRAIN_DTYPE, device, |vb| {
+            ValueHead::new(&self.config, vb)
+        })?
+        .0)
     }
 
     /// Save as a Hugging Face folder: `config.json` and tokenizer files from the source folder, the
@@ -196,6 +281,38 @@ impl Policy {
 }
 
 impl Policy {
+    /// Save as a PEFT adapter folder: `adapter_config.json`, `adapter_model.safetensors` (the adapters and
+    /// a reward model's `score`, under PEFT's names), the tokenizer files, PPO's value head beside them,
+    /// plus `extra` files. `base` is written as `base_model_name_or_path`. The folder appears atomically.
+    pub fn save_adapter(&self, dest: &Path, base: &str, extra: &[(&str, &[u8])]) -> Result<()> {
+        let settings = self.lora.as_ref().ok_or_else(|| Error::Compute("save_adapter: this run has no LoRA".into()))?;
+        let saved: Vec<String> = lora::MODULES_TO_SAVE
+            .iter()
+            .filter(|(name, _)| self.params.get(name).is_some())
+            .map(|(_, module)| module.to_string())
+            .collect();
+        let config = lora::AdapterConfig::new(settings, base, self.head == Head::Score, saved);
+        crate::fsio::replace_dir_atomic(dest, |tmp| {
+            for name in HF_SIDE_FILES.iter().filter(|n| **n != "config.json") {
+                let src = self.source_dir.join(name);
+                if src.exists() {
+                    let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+                    crate::fsio::write_atomic(&tmp.join(name), &bytes)?;
+                }
+            }
+            let (value_head, tensors): (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) =
+                self.params.detached_tensors().into_iter().partition(|(k, _)| k.starts_with("v_head."));
+            lora::write_adapter(tmp, &config, &tensors)?;
+            if !value_head.is_empty() {
+                save_tensors(&value_head, &tmp.join(VALUE_HEAD_FILE))?;
+            }
+            for (name, bytes) in extra {
+                crate::fsio::write_atomic(&tmp.join(name), bytes)?;
+            }
+            Ok(())
+        })
+    }
+
     /// `config.json` for the saved folder: f32 weights, and for a reward model the
     /// sequence-classification fields `AutoModelForSequenceClassification` needs.
     fn rewrite_config(&self, bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
@@ -226,26 +343,164 @@ impl Policy {
     }
 }
 
-/// A frozen reward model (to score completions, e.g. for PPO): the folder must hold `score.weight`.
+/// Put the head `head` needs into `tensors` when the folder lacks it; returns the names initialised.
+fn add_head(
+    dir: &Path,
+    config: &LlamaConfig,
+    tensors: &mut BTreeMap<String, Tensor>,
+    head: Head,
+    seed: u64,
+    device: &Device,
+) -> Result<Vec<String>> {
+    let mut initialised = Vec::new();
+    let std = config.initializer_range.unwrap_or(0.02);
+    let d = config.hidden_size;
+    match head {
+        Head::Lm => {}
+        Head::Score => {
+            if !tensors.contains_key(heads::SCORE_WEIGHT) {
+                tensors.insert(heads::SCORE_WEIGHT.into(), heads::normal_init(1, d, std, seed, device)?);
+                initialised.push(heads::SCORE_WEIGHT.to_string());
+            }
+        }
+        Head::Value => {
+            let file = dir.join(VALUE_HEAD_FILE);
+            if file.exists() {
+                let loaded = candle_core::safetensors::load(&file, device)
+                    .map_err(|e| Error::model(&file, format!("cannot read safetensors: {e}")))?;
+                for (name, t) in loaded {
+                    tensors.insert(name, t.to_dtype(TRAIN_DTYPE)?);
+                }
+            } else {
+                tensors.insert(heads::VALUE_WEIGHT.into(), heads::normal_init(1, d, std, seed, device)?);
+                tensors.insert(heads::VALUE_BIAS.into(), Tensor::zeros(1, TRAIN_DTYPE, device)?);
+                initialised.extend([heads::VALUE_WEIGHT.to_string(), heads::VALUE_BIAS.to_string()]);
+            }
+        }
+    }
+    Ok(initialised)
+}
+
+/// Tensors of a scalar head (`score.*`, `v_head.*`): trained whole, with or without LoRA.
+fn is_head_tensor(name: &str) -> bool {
+    name.starts_with("score.") || name.starts_with("v_head.")
+}
+
+/// Where a frozen model comes from: a Hugging Face folder, or a PEFT adapter on a base.
+///
+/// `resolve(dir, None)` accepts either kind of folder: an adapter folder (it has `adapter_config.json`)
+/// is applied to the base its `base_model_name_or_path` names. `resolve(base, Some(adapter))` is an
+/// explicit pair (`--model BASE --adapter DIR`).
+#[derive(Debug, Clone)]
+pub struct ModelSource {
+    pub base: PathBuf,
+    pub adapter: Option<PathBuf>,
+}
+
+impl ModelSource {
+    pub fn resolve(dir: &Path, adapter: Option<&Path>) -> Result<Self> {
+        if let Some(adapter) = adapter {
+            return Ok(Self { base: dir.to_path_buf(), adapter: Some(adapter.to_path_buf()) });
+        }
+        if !lora::is_adapter_dir(dir) {
+            return Ok(Self { base: dir.to_path_buf(), adapter: None });
+        }
+        let path = dir.join(lora::ADAPTER_CONFIG);
+        let config: lora::AdapterConfig = serde_json::from_slice(&read_bounded(&path, 16 << 20)?)
+            .map_err(|e| Error::model(&path, format!("not a PEFT adapter config: {e}")))?;
+        let base = config.base_model_name_or_path.as_deref().filter(|b| !b.is_empty()).ok_or_else(|| {
+            Error::model(&path, "names no base model (`base_model_name_or_path`); give the base explicitly")
+        })?;
+        let local = dir.join(base);
+        let base = if Path::new(base).is_relative() && local.is_dir() { local } else { PathBuf::from(base) };
+        Ok(Self { base, adapter: Some(dir.to_path_buf()) })
+    }
+
+    /// The folder to read the tokenizer from: the adapter's when it carries `tokenizer.json`, else the base's.
+    pub fn tokenizer_dir(&self) -> &Path {
+        match &self.adapter {
+            Some(a) if a.join("tokenizer.json").is_file() => a,
+            _ => &self.base,
+        }
+    }
+
+    /// The base's config and tensors with the adapter's tensors added (unmerged) and `config.adapter`
+    /// set, so that the model applies the adapter in its forward pass.
+    fn load(&self, device: &Device) -> Result<(LlamaConfig, BTreeMap<String, Tensor>)> {
+        let mut config = LlamaConfig::load(&self.base)?;
+        let mut tensors = load_tensors(&self.base, TRAIN_DTYPE, device)?;
+        check_embedding(&self.base, &config, &tensors)?;
+        if let Some(dir) = &self.adapter {
+            let adapter = lora::Adapter::read(dir, &config, device)?;
+            config.adapter = Some(adapter.settings.spec());
+            tensors.extend(adapter.tensors);
+            if let Some(embed) = tensors.get("model.embed_tokens.weight") {
+                config.vocab_size = embed.dim(0)?; // an adapter that grew the vocabulary (modules_to_save)
+            }
+        }
+        Ok((config, tensors))
+    }
+
+    fn blame(&self) -> &Path {
+        self.adapter.as_deref().unwrap_or(&self.base)
+    }
+}
+
+/// A frozen reward model (to score completions, e.g. for PPO): the folder (or the adapter) must hold
+/// `score.weight`.
 pub fn load_frozen_reward(dir: &Path, device: &Device) -> Result<RewardModel> {
-    let config = LlamaConfig::load(dir)?;
-    let tensors = load_tensors(dir, TRAIN_DTYPE, device)?;
-    check_embedding(dir, &config, &tensors)?;
+    let source = ModelSource::resolve(dir, None)?;
+    let (config, tensors) = source.load(device)?;
     if !tensors.contains_key(heads::SCORE_WEIGHT) {
         return Err(Error::model(dir, "not a reward model: no `score.weight` (train one with `type = \"reward\"`)"));
     }
     Ok(weights::build_with(tensors, TRAIN_DTYPE, device, |vb| {
-        RewardModel::new(&config, vb).map_err(|e| annotate(dir, e))
+        RewardModel::new(&config, vb).map_err(|e| annotate(source.blame(), e))
     })?
     .0)
 }
 
-/// A frozen model (the reference): plain tensors, no `Var`s, no gradient, no optimizer state.
+/// A frozen model (the reference): plain tensors, no `Var`s, no gradient, no optimizer state. `dir` may
+/// be a PEFT adapter folder (see [`ModelSource`]).
 pub fn load_frozen(dir: &Path, device: &Device) -> Result<Llama> {
-    let config = LlamaConfig::load(dir)?;
-    let tensors = load_tensors(dir, TRAIN_DTYPE, device)?;
-    check_embedding(dir, &config, &tensors)?;
-    Ok(weights::build_with(tensors, TRAIN_DTYPE, device, |vb| Llama::new(&config, vb).map_err(|e| annotate(dir, e)))?.0)
+    load_frozen_source(&ModelSource::resolve(dir, None)?, device)
+}
+
+/// A frozen causal LM from a [`ModelSource`]: an adapter is applied in the forward pass, not merged.
+pub fn load_frozen_source(source: &ModelSource, device: &Device) -> Result<Llama> {
+    let (config, tensors) = source.load(device)?;
+    Ok(weights::build_with(tensors, TRAIN_DTYPE, device, |vb| {
+        Llama::new(&config, vb).map_err(|e| annotate(source.blame(), e))
+    })?
+    .0)
+}
+
+/// A full Hugging Face folder from a base and a PEFT adapter: every adapted weight becomes
+/// `W + s·B·A` (PEFT's `merge_and_unload`), a reward adapter's `score` replaces the base's. The folder
+/// holds the base's `config.json` and tokenizer files and f32 `model.safetensors`; it appears atomically.
+pub fn merge_adapter(base: &Path, adapter_dir: &Path, dest: &Path, device: &Device) -> Result<()> {
+    let config = LlamaConfig::load(base)?;
+    let mut tensors = load_tensors(base, TRAIN_DTYPE, device)?;
+    check_embedding(base, &config, &tensors)?;
+    let mut config = config;
+    let adapter = lora::Adapter::read(adapter_dir, &config, device)?;
+    lora::merge(&mut tensors, &adapter)?;
+    if let Some(embed) = tensors.get("model.embed_tokens.weight") {
+        config.vocab_size = embed.dim(0)?;
+    }
+    let reward = adapter.config.task_type.as_deref() == Some("SEQ_CLS");
+    let mut policy = Policy {
+        config,
+        params: Params::from_tensors(&BTreeMap::new())?,
+        frozen: tensors,
+        lora: None,
+        initial_adapter: None,
+        source_dir: base.to_path_buf(),
+        head: if reward { Head::Score } else { Head::Lm },
+        pad_token_id: None,
+    };
+    policy.params = Params::from_tensors(&std::mem::take(&mut policy.frozen))?;
+    policy.save_hf(dest, &[])
 }
 
 /// Files copied from the source folder into a saved model.

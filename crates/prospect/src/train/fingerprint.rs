@@ -40,6 +40,7 @@ impl Fingerprint {
             ("reference", config.reference.as_ref()),
             ("train_data", Some(&config.train_data)),
             ("eval_data", config.eval_data.as_ref()),
+            ("lora.init_adapter", config.lora.as_ref().and_then(|l| l.init_adapter.as_ref())),
         ];
         for (key, path) in paths {
             if let Some(path) = path {

@@ -23,7 +23,7 @@ use crate::config::TrainConfig;
 use crate::data::Examples;
 use crate::error::{Error, Result};
 use crate::loss::{Family, LossConfig, LossState};
-use crate::model::{load_frozen, load_frozen_reward, Head, HfTokenizer, Policy};
+use crate::model::{load_frozen, load_frozen_reward, Head, HfTokenizer, Llama, LoraStart, Policy};
 
 /// Everything a run holds between steps.
 pub struct Run {
@@ -55,7 +55,8 @@ impl Run {
         config.validate()?;
         let (tok, policy, changed_tokenizer) = load_policy(config, device, on_event)?;
         if let Some(reference) = config.reference.as_deref().filter(|_| config.loss.needs_reference()) {
-            tok.check_fits(reference)?; // the reference scores the policy's token ids
+            // the reference scores the policy's token ids
+            tok.check_fits(&crate::model::ModelSource::resolve(reference, None)?.base)?;
         }
         let data = data::load(config, &tok, on_event)?;
         let schedule = Schedule::new(config, data.train.len());
@@ -66,7 +67,7 @@ impl Run {
         let log = MetricsLog::open(&config.output_dir, start_step)?;
         let settings =
             BatchSettings { max_length: config.max_length, pad_id: tok.pad_token_id, device: device.clone() };
-        let reference = reference(config, &data, &schedule, start_step, &settings, on_event)?;
+        let reference = reference(config, &policy, &data, &schedule, start_step, &settings, on_event)?;
         let models = build_models(&data.loss, &policy, reference, config, device)?;
         on_event(Event::Started {
             start_step,
@@ -104,6 +105,9 @@ impl Run {
     /// One optimizer step: every microbatch's loss and gradient, then clip and AdamW.
     pub fn step(&mut self, step: usize) -> Result<StepMetrics> {
         let started = Instant::now();
+        if let Some(adapter) = &self.policy.config.adapter {
+            adapter.rng.start_step(self.config.seed, step); // LoRA dropout: masks fixed by (seed, step)
+        }
         let microbatches = self.schedule.microbatches(step);
         let step_tokens: usize = microbatches
             .iter()
@@ -244,7 +248,12 @@ impl Run {
         if let Some(bytes) = &self.changed_tokenizer {
             extra.push(("tokenizer.json", bytes));
         }
-        self.policy.save_hf(&final_dir, &extra)?;
+        if self.policy.lora.is_some() {
+            let base = std::fs::canonicalize(&self.config.model).unwrap_or_else(|_| self.config.model.clone());
+            self.policy.save_adapter(&final_dir, &base.to_string_lossy(), &extra)?;
+        } else {
+            self.policy.save_hf(&final_dir, &extra)?;
+        }
         Ok(final_dir)
     }
 }
@@ -262,7 +271,20 @@ fn load_policy(
         Family::Token(_) => Head::Value,
         _ => Head::Lm,
     };
-    let (mut policy, unused, initialised) = Policy::load_with_head(&config.model, device, head, config.seed)?;
+    let lora = config.lora.as_ref().map(|table| LoraStart { table, seed: config.seed });
+    let (mut policy, unused, initialised) = Policy::load_for_training(&config.model, device, head, config.seed, lora)?;
+    if let Some(settings) = &policy.lora {
+        let frozen: usize = policy.frozen.values().map(|t| t.elem_count()).sum();
+        let trainable = policy.params.num_elements();
+        on_event(Event::Notice(format!(
+            "LoRA r={} alpha={} on {:?}: {trainable} trainable parameters, {:.3}% of {}",
+            settings.r,
+            settings.alpha,
+            settings.target_modules,
+            100.0 * trainable as f64 / (trainable + frozen) as f64,
+            trainable + frozen
+        )));
+    }
     policy.pad_token_id = Some(tok.pad_token_id);
     if !unused.is_empty() {
         on_event(Event::Notice(format!("checkpoint tensors the model does not use, left out of training: {unused:?}")));
@@ -320,6 +342,7 @@ fn resume(
 /// log-probs over every remaining microbatch, after which the model is dropped.
 fn reference(
     config: &TrainConfig,
+    policy: &Policy,
     data: &RunData,
     schedule: &Schedule,
     start_step: usize,
@@ -329,7 +352,7 @@ fn reference(
     if !data.loss.needs_reference() || matches!(data.loss.family(), Family::Token(_)) {
         return Ok(None);
     }
-    let model = load_frozen(config.reference.as_deref().unwrap_or(&config.model), &settings.device)?;
+    let model = reference_model(config, policy, &settings.device)?;
     if !config.precompute_ref_logps {
         return Ok(Some(Reference::Model(model)));
     }
@@ -343,6 +366,18 @@ fn reference(
         started.elapsed().as_secs_f64()
     )));
     Ok(Some(Reference::Cached(cache))) // `model` drops here: training holds only the policy.
+}
+
+/// The reference model: `reference` when the config names one (a model or an adapter folder), else the
+/// policy as it starts; with LoRA that costs no second copy of the base ([`Policy::lora_reference`]).
+fn reference_model(config: &TrainConfig, policy: &Policy, device: &Device) -> Result<Llama> {
+    if let Some(dir) = &config.reference {
+        return load_frozen(dir, device);
+    }
+    match policy.lora_reference(device)? {
+        Some(model) => Ok(model),
+        None => load_frozen(&config.model, device),
+    }
 }
 
 /// The models of the loss's family, on the policy's weights.
@@ -359,7 +394,7 @@ fn build_models(
             policy: policy.model(device)?,
             frozen: policy.frozen_model(device)?,
             value_head: policy.value_head(device)?,
-            reference: load_frozen(config.reference.as_deref().unwrap_or(&config.model), device)?,
+            reference: reference_model(config, policy, device)?,
             scorer: token.reward_model().map(|dir| load_frozen_reward(dir, device)).transpose()?,
         }),
         _ => Models::Lm(LmModels { policy: policy.model(device)?, frozen: policy.frozen_model(device)?, reference }),

@@ -1,0 +1,623 @@
+//! LoRA (Hu et al. 2021) as PEFT 0.21 defines it, and its adapter folder.
+//!
+//! A targeted linear layer `y = x Wᵀ + b` becomes
+//!
+//! ```text
+//! y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ        A: [r, in], B: [out, r]
+//! s = alpha / r     (alpha / √r with rslora)
+//! ```
+//!
+//! `W` and `b` are frozen: they go through [`frozen_matmul`], whose backward pass computes the input's
+//! gradient and nothing for the weight (candle's matmul backward would also form `∂L/∂W`, a weight-sized
+//! tensor per layer, and throw it away). A fresh adapter is initialised as PEFT does by default: A is
+//! `kaiming_uniform_(a = √5)`, i.e. U(−1/√in, 1/√in), from a seeded generator; B is zero, so the
+//! adapted model starts equal to the base.
+//!
+//! Names: inside Prospect an adapter tensor is named after its layer, `model.layers.0.self_attn.q_proj.
+//! lora_A.weight`; PEFT's `adapter_model.safetensors` prefixes `base_model.model.` (see [`peft_name`]).
+//! A reward model's `score` head is trained whole and saved as PEFT's `modules_to_save`
+//! (`base_model.model.score.weight`).
+//!
+//! Not responsible for: which tensors train (`model::Policy`), or the reference (`train::run`).
+//!
+//! Shapes: `r` rank, `in`/`out` the layer's sizes, `m` rows of the input.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Shape, Storage, Tensor};
+use candle_nn::VarBuilder;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::config::LlamaConfig;
+use crate::error::{Error, Result};
+
+/// The linear layers of a Llama-family decoder layer, as PEFT's `target_modules` name them.
+pub const LINEAR_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// Tensors trained whole beside the adapters, saved as PEFT's `modules_to_save`: a reward model's head,
+/// and the embedding (and untied LM head) when the run added tokens. (name, PEFT module name)
+pub const MODULES_TO_SAVE: [(&str, &str); 3] =
+    [("score.weight", "score"), ("model.embed_tokens.weight", "embed_tokens"), ("lm_head.weight", "lm_head")];
+
+/// Files of a PEFT adapter folder.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+
+/// PEFT's prefix of every tensor in `adapter_model.safetensors` (the `PeftModel` → `LoraModel` path).
+const PEFT_PREFIX: &str = "base_model.model.";
+
+/// What the adapted model needs to know at run time: the scale and the dropout of every adapter.
+#[derive(Debug, Clone)]
+pub struct AdapterSpec {
+    /// `alpha / r`, or `alpha / √r` with rslora.
+    pub scale: f64,
+    /// Dropout on the adapter's input, applied only in passes that carry a gradient.
+    pub dropout: f32,
+    pub rng: Arc<DropoutRng>,
+}
+
+impl PartialEq for AdapterSpec {
+    fn eq(&self, other: &Self) -> bool {
+        self.scale == other.scale && self.dropout == other.dropout
+    }
+}
+
+/// A counter-based generator for dropout masks: mask element `i` of call `c` in the step seeded with
+/// `key` is a hash of `(key, c, i)`. The masks of a step depend only on the seed and the step, so a
+/// resumed run draws the same masks as an uninterrupted one.
+#[derive(Debug, Default)]
+pub struct DropoutRng {
+    key: AtomicU64,
+    calls: AtomicU64,
+}
+
+impl DropoutRng {
+    /// Start the masks of optimizer step `step` of a run seeded with `seed`.
+    pub fn start_step(&self, seed: u64, step: usize) {
+        self.key.store(splitmix64(seed ^ splitmix64(step as u64 + 1)), Ordering::SeqCst);
+        self.calls.store(0, Ordering::SeqCst);
+    }
+
+    /// A keep-mask scaled by `1/(1−p)` (inverted dropout, as `nn.Dropout` in training): `n` values.
+    fn mask(&self, n: usize, p: f32) -> Vec<f32> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        let key = splitmix64(self.key.load(Ordering::SeqCst) ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let keep = 1.0 / (1.0 - p);
+        (0..n as u64)
+            .map(|i| {
+                let u = (splitmix64(key ^ i) >> 40) as f32 / (1u64 << 24) as f32; // U[0, 1)
+                if u < p {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect()
+    }
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The LoRA hyper-parameters of a run (the `[lora]` table once resolved).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSettings {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Module names from [`LINEAR_MODULES`], in that order.
+    pub target_modules: Vec<String>,
+    pub rslora: bool,
+}
+
+impl LoraSettings {
+    /// PEFT's `scaling`: `lora_alpha / r`, or `lora_alpha / √r` with `use_rslora`.
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    pub fn spec(&self) -> AdapterSpec {
+        AdapterSpec { scale: self.scale(), dropout: self.dropout as f32, rng: Arc::new(DropoutRng::default()) }
+    }
+}
+
+/// `target_modules` as the user wrote it → the module names, in [`LINEAR_MODULES`] order. `"all-linear"`
+/// is every linear layer of the decoder (PEFT's meaning: all but the output layer). Anything else must
+/// name one of them.
+pub fn resolve_targets(names: &[String]) -> std::result::Result<Vec<String>, String> {
+    if names.iter().any(|n| n == "all-linear") {
+        if names.len() > 1 {
+            return Err("\"all-linear\" stands alone: it already names every linear layer".into());
+        }
+        return Ok(LINEAR_MODULES.iter().map(|s| s.to_string()).collect());
+    }
+    if names.is_empty() {
+        return Err(format!("is empty; expected some of the model's linear layers: {LINEAR_MODULES:?}"));
+    }
+    if let Some(bad) = names.iter().find(|n| !LINEAR_MODULES.contains(&n.as_str())) {
+        return Err(format!(
+            "`{bad}` is not a linear layer of this model; its linear layers are {LINEAR_MODULES:?} \
+             (or \"all-linear\" for all of them; the LM head is not adapted)"
+        ));
+    }
+    Ok(LINEAR_MODULES.iter().filter(|m| names.iter().any(|n| n == *m)).map(|s| s.to_string()).collect())
+}
+
+/// The Hugging Face name of each targeted layer's weight with its `[out, in]` shape, layer by layer.
+pub fn targeted_layers(config: &LlamaConfig, targets: &[String]) -> Vec<(String, usize, usize)> {
+    let (d, f, e) = (config.hidden_size, config.intermediate_size, config.head_dim());
+    let (h, g) = (config.num_attention_heads, config.num_kv_heads());
+    let mut out = Vec::new();
+    for i in 0..config.num_hidden_layers {
+        for m in targets {
+            let (block, out_dim, in_dim) = match m.as_str() {
+                "q_proj" => ("self_attn", h * e, d),
+                "k_proj" | "v_proj" => ("self_attn", g * e, d),
+                "o_proj" => ("self_attn", d, h * e),
+                "gate_proj" | "up_proj" => ("mlp", f, d),
+                _ => ("mlp", d, f), // down_proj
+            };
+            out.push((format!("model.layers.{i}.{block}.{m}"), out_dim, in_dim));
+        }
+    }
+    out
+}
+
+/// A fresh adapter, as PEFT initialises it: for each targeted layer, `lora_A.weight` `[r, in]` from
+/// U(−1/√in, 1/√in) (`kaiming_uniform_(a=√5)`: gain √(2/(1+5)), bound gain·√(3/in)) and `lora_B.weight`
+/// `[out, r]` zero. Seeded: the same seed gives the same adapter (the draws differ from PyTorch's).
+pub fn fresh_adapter(
+    config: &LlamaConfig,
+    settings: &LoraSettings,
+    seed: u64,
+    device: &Device,
+) -> Result<BTreeMap<String, Tensor>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x4C6F_5241); // "LoRA"
+    let mut tensors = BTreeMap::new();
+    for (layer, out_dim, in_dim) in targeted_layers(config, &settings.target_modules) {
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let a: Vec<f32> = (0..settings.r * in_dim).map(|_| rng.gen_range(-bound..bound) as f32).collect();
+        tensors.insert(format!("{layer}.lora_A.weight"), Tensor::from_vec(a, (settings.r, in_dim), device)?);
+        tensors.insert(
+            format!("{layer}.lora_B.weight"),
+            Tensor::zeros((out_dim, settings.r), super::TRAIN_DTYPE, device)?,
+        );
+    }
+    Ok(tensors)
+}
+
+/// PEFT's name for a tensor Prospect trains with LoRA.
+pub fn peft_name(name: &str) -> String {
+    format!("{PEFT_PREFIX}{name}")
+}
+
+/// `adapter_config.json`: the fields PEFT 0.21 writes for a LoRA adapter that Prospect reads or writes.
+/// Unknown fields are kept as they are when read (PEFT writes many, mostly defaults).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    pub peft_type: String,
+    #[serde(default)]
+    pub task_type: Option<String>,
+    pub r: usize,
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    pub target_modules: TargetModules,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default = "bias_none")]
+    pub bias: String,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(flatten)]
+    pub rest: serde_json::Map<String, serde_json::Value>,
+}
+
+fn bias_none() -> String {
+    "none".into()
+}
+
+/// PEFT writes `target_modules` as a list, or as one string (a regex, or `"all-linear"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    List(Vec<String>),
+    One(String),
+}
+
+impl AdapterConfig {
+    /// The settings it describes; an adapter Prospect cannot apply exactly is an error naming the field.
+    pub fn settings(&self, path: &Path) -> Result<LoraSettings> {
+        let bad = |field: &str, msg: String| Error::model(path, format!("field `{field}`: {msg}"));
+        if self.peft_type != "LORA" {
+            return Err(bad("peft_type", format!("is {:?}; expected \"LORA\"", self.peft_type)));
+        }
+        if self.bias != "none" {
+            return Err(bad("bias", format!("is {:?}; only \"none\" is supported", self.bias)));
+        }
+        if self.fan_in_fan_out {
+            return Err(bad("fan_in_fan_out", "is true; expected false (Llama's layers are not Conv1D)".into()));
+        }
+        for key in ["use_dora", "layer_replication", "rank_pattern", "alpha_pattern"] {
+            let value = self.rest.get(key).filter(|v| !v.is_null() && *v != &serde_json::json!({}));
+            if value.is_some_and(|v| v != &serde_json::json!(false)) {
+                return Err(bad(
+                    key,
+                    format!("is {}; Prospect applies plain LoRA only", value.unwrap_or(&serde_json::Value::Null)),
+                ));
+            }
+        }
+        let names = match &self.target_modules {
+            TargetModules::List(v) => v.clone(),
+            TargetModules::One(s) => vec![s.clone()],
+        };
+        let target_modules = resolve_targets(&names).map_err(|m| bad("target_modules", m))?;
+        Ok(LoraSettings {
+            r: self.r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            target_modules,
+            rslora: self.use_rslora,
+        })
+    }
+
+    /// The config Prospect writes for `settings` (PEFT's keys; `task_type` `CAUSAL_LM`, or `SEQ_CLS` for a
+    /// reward model, whose `score` is in `modules_to_save`).
+    pub fn new(settings: &LoraSettings, base: &str, reward_model: bool, modules_to_save: Vec<String>) -> Self {
+        Self {
+            peft_type: "LORA".into(),
+            task_type: Some(if reward_model { "SEQ_CLS" } else { "CAUSAL_LM" }.into()),
+            r: settings.r,
+            lora_alpha: settings.alpha,
+            lora_dropout: settings.dropout,
+            target_modules: TargetModules::List(settings.target_modules.clone()),
+            use_rslora: settings.rslora,
+            base_model_name_or_path: Some(base.to_string()),
+            bias: "none".into(),
+            modules_to_save: (!modules_to_save.is_empty()).then_some(modules_to_save),
+            fan_in_fan_out: false,
+            rest: [
+                ("inference_mode".to_string(), serde_json::json!(true)),
+                ("init_lora_weights".to_string(), serde_json::json!(true)),
+                ("use_dora".to_string(), serde_json::json!(false)),
+            ]
+            .into_iter()
+            .collect(),
+        }
+    }
+}
+
+/// A PEFT adapter folder as read: its config, settings and tensors under Prospect's names.
+pub struct Adapter {
+    pub config: AdapterConfig,
+    pub settings: LoraSettings,
+    /// `…lora_A.weight` / `…lora_B.weight` per layer, plus whole tensors from `modules_to_save`.
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+/// Whether `dir` is a PEFT adapter folder (it has `adapter_config.json`).
+pub fn is_adapter_dir(dir: &Path) -> bool {
+    dir.join(ADAPTER_CONFIG).is_file()
+}
+
+impl Adapter {
+    /// Read `dir` and check every tensor against the model it will adapt (`config`).
+    pub fn read(dir: &Path, config: &LlamaConfig, device: &Device) -> Result<Self> {
+        super::check_model_dir(dir)?;
+        let cfg_path = dir.join(ADAPTER_CONFIG);
+        let bytes = super::read_bounded(&cfg_path, 16 << 20)?;
+        let adapter_config: AdapterConfig = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::model(&cfg_path, format!("not a PEFT adapter config: {e}")))?;
+        let settings = adapter_config.settings(&cfg_path)?;
+        let file = dir.join(ADAPTER_WEIGHTS);
+        if !file.is_file() {
+            return Err(Error::model(dir, format!("no {ADAPTER_WEIGHTS} in this adapter folder")));
+        }
+        let loaded = candle_core::safetensors::load(&file, device)
+            .map_err(|e| Error::model(&file, format!("cannot read safetensors: {e}")))?;
+        let mut tensors = BTreeMap::new();
+        for (name, t) in loaded {
+            // PEFT drops the adapter name when saving; older files may still carry `.default`.
+            let name = name.replace(".default.", ".");
+            let Some(inner) = name.strip_prefix(PEFT_PREFIX) else {
+                return Err(Error::model(&file, format!("tensor `{name}` does not start with `{PEFT_PREFIX}`")));
+            };
+            tensors.insert(inner.to_string(), t.to_dtype(super::TRAIN_DTYPE)?);
+        }
+        let expected = expected_shapes(config, &settings);
+        for (name, shape) in &expected {
+            let Some(t) = tensors.get(name) else {
+                return Err(Error::model(
+                    &file,
+                    format!("missing tensor `{}` (adapter_config.json targets it)", peft_name(name)),
+                ));
+            };
+            if t.dims() != shape.as_slice() {
+                return Err(Error::model(
+                    &file,
+                    format!(
+                        "tensor `{}` has shape {:?}; the base model and r = {} imply {shape:?}",
+                        peft_name(name),
+                        t.dims(),
+                        settings.r
+                    ),
+                ));
+            }
+        }
+        let whole = |k: &str| MODULES_TO_SAVE.iter().any(|(name, _)| *name == k);
+        let extra: Vec<&String> = tensors.keys().filter(|k| !expected.contains_key(*k) && !whole(k)).collect();
+        if let Some(name) = extra.first() {
+            return Err(Error::model(
+                &file,
+                format!("tensor `{}` is not a LoRA tensor Prospect can apply", peft_name(name)),
+            ));
+        }
+        Ok(Self { config: adapter_config, settings, tensors })
+    }
+
+    /// The base folder the adapter names: `base_model_name_or_path`, relative to the adapter folder
+    /// when it is a relative path that exists there.
+    pub fn base_dir(&self, adapter_dir: &Path) -> Option<std::path::PathBuf> {
+        let base = self.config.base_model_name_or_path.as_deref()?;
+        let local = adapter_dir.join(base);
+        Some(if Path::new(base).is_relative() && local.is_dir() { local } else { base.into() })
+    }
+}
+
+/// Every LoRA tensor the settings imply for `config`, with its shape.
+fn expected_shapes(config: &LlamaConfig, settings: &LoraSettings) -> BTreeMap<String, Vec<usize>> {
+    let mut out = BTreeMap::new();
+    for (layer, o, i) in targeted_layers(config, &settings.target_modules) {
+        out.insert(format!("{layer}.lora_A.weight"), vec![settings.r, i]);
+        out.insert(format!("{layer}.lora_B.weight"), vec![o, settings.r]);
+    }
+    out
+}
+
+/// Write `adapter_config.json` and `adapter_model.safetensors` (PEFT's names) into `dir`.
+pub fn write_adapter(dir: &Path, config: &AdapterConfig, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    let json = serde_json::to_vec_pretty(config).map_err(|e| Error::output(dir, e))?;
+    crate::fsio::write_atomic(&dir.join(ADAPTER_CONFIG), &json)?;
+    let named: BTreeMap<String, Tensor> = tensors.iter().map(|(k, t)| (peft_name(k), t.clone())).collect();
+    super::save_tensors(&named, &dir.join(ADAPTER_WEIGHTS))
+}
+
+/// The base weights with the adapter folded in: `W ← W + s·B·A` for every adapted layer (PEFT's
+/// `merge_and_unload`), and the `modules_to_save` tensors the adapter carries replacing the base's.
+pub fn merge(base: &mut BTreeMap<String, Tensor>, adapter: &Adapter) -> Result<()> {
+    let scale = adapter.settings.scale();
+    for (name, a) in &adapter.tensors {
+        let Some(layer) = name.strip_suffix(".lora_A.weight") else { continue };
+        let b = &adapter.tensors[&format!("{layer}.lora_B.weight")]; // [out, r]; present: checked by `read`
+        let key = format!("{layer}.weight");
+        let w = base.get(&key).ok_or_else(|| Error::Compute(format!("the base has no `{key}` to merge into")))?;
+        let delta = (b.matmul(a)? * scale)?; // [out, in]
+        base.insert(key, (w + delta.to_dtype(w.dtype())?)?);
+    }
+    for (name, _) in MODULES_TO_SAVE {
+        if let Some(t) = adapter.tensors.get(name) {
+            base.insert(name.to_string(), t.clone());
+        }
+    }
+    Ok(())
+}
+
+/// A linear layer `y = x Wᵀ + b`, with an optional LoRA adapter. Built from a `VarBuilder`: when the
+/// tensors hold `<layer>.lora_A.weight` the adapter is on, when they do not it is off (the base model).
+pub struct Proj {
+    inner: candle_nn::Linear,
+    lora: Option<LoraLayer>,
+}
+
+struct LoraLayer {
+    a: Tensor, // [r, in]
+    b: Tensor, // [out, r]
+    spec: AdapterSpec,
+}
+
+impl Proj {
+    pub fn new(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        adapter: Option<&AdapterSpec>,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        let lora = match adapter {
+            Some(spec) if vb.contains_tensor("lora_A.weight") => {
+                let a = vb.get_unchecked("lora_A.weight")?;
+                let r = a.dim(0)?;
+                Some(LoraLayer {
+                    a: vb.get((r, in_dim), "lora_A.weight")?,
+                    b: vb.get((out_dim, r), "lora_B.weight")?,
+                    spec: spec.clone(),
+                })
+            }
+            _ => None,
+        };
+        Ok(Self { inner: candle_nn::Linear::new(weight, bias), lora })
+    }
+
+    /// `x` `[..., in]` → `[..., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.inner.weight();
+        let y = if w.is_variable() {
+            self.inner.forward(x)?
+        } else {
+            let y = frozen_matmul(x, w)?;
+            match self.inner.bias() {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
+        };
+        let Some(lora) = &self.lora else { return Ok(y) };
+        // Dropout only in a pass that trains the adapter (its tensors are `Var`s).
+        let h = match lora.spec.dropout {
+            p if p > 0.0 && lora.a.is_variable() => {
+                let mask = lora.spec.rng.mask(x.elem_count(), p);
+                (x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?
+            }
+            _ => x.clone(),
+        };
+        let down = h.broadcast_matmul(&lora.a.t()?)?; // [..., r]
+        let up = down.broadcast_matmul(&lora.b.t()?)?; // [..., out]
+        Ok((y + (up * lora.spec.scale)?)?)
+    }
+}
+
+/// `x Wᵀ` for a weight that does not train: the backward pass gives `x` its gradient `∂L/∂y · W` and
+/// forms nothing for `W`. `x` is `[m, in]` or `[b, t, in]`, `w` `[out, in]`. Same product, same kernel and
+/// same operand layout as candle's `Linear`, so the values are bit for bit those of the trainable path.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.apply_op1(FrozenMatmul { w: w.detach() })?)
+}
+
+struct FrozenMatmul {
+    /// `[out, in]`, contiguous.
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, k) = self.w.dims2()?;
+        let dims = l.dims();
+        let (batch, m) = match *dims {
+            [m, kk] if kk == k => (1, m),
+            [b, m, kk] if kk == k => (b, m),
+            _ => candle_core::bail!("frozen-matmul: input {dims:?} does not end in the weight's {k} columns"),
+        };
+        let (storage, wl) = self.w.storage_and_layout();
+        let Storage::Cpu(w) = &*storage else { candle_core::bail!("frozen-matmul: the weight is not on the CPU") };
+        // Wᵀ as candle's Linear presents it: `[batch, in, out]` with a zero batch stride.
+        let wt = Layout::new(Shape::from((batch, k, n)), vec![0, 1, k], wl.start_offset());
+        if !wl.is_contiguous() {
+            candle_core::bail!("frozen-matmul: the weight must be contiguous");
+        }
+        let out = s.matmul(w, (batch, m, n, k), l, &wt)?;
+        let shape = if dims.len() == 2 { Shape::from((m, n)) } else { Shape::from((batch, m, n)) };
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(dy.broadcast_matmul(&self.w)?)) // [..., out] x [out, in] -> [..., in]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Var};
+
+    fn uniform(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn frozen_matmul_equals_linear_bit_for_bit_and_gives_only_the_input_a_gradient() {
+        let w = uniform(&[5, 7], 1);
+        for shape in [vec![3, 7], vec![2, 4, 7]] {
+            let x = Var::from_tensor(&uniform(&shape, 2)).unwrap();
+            let frozen = frozen_matmul(x.as_tensor(), &w).unwrap();
+            let plain = candle_nn::Linear::new(w.clone(), None).forward(x.as_tensor()).unwrap();
+            let diff = (&frozen - &plain).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{shape:?}");
+            // ∂ Σ y² / ∂x = 2 y W on both paths.
+            let g1 = frozen.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = plain.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let (d1, d2) = (g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
+            let diff = (d1 - d2).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+            // candle's matmul forms a gradient for the weight; the frozen one does not.
+            assert!(g2.get(&w).is_some());
+            assert!(g1.get(&w).is_none());
+        }
+    }
+
+    #[test]
+    fn fresh_adapter_is_kaiming_uniform_a_and_zero_b() {
+        let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "model_type": "llama", "vocab_size": 16, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2
+        }))
+        .unwrap();
+        let settings = LoraSettings {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            target_modules: resolve_targets(&["all-linear".into()]).unwrap(),
+            rslora: false,
+        };
+        let a = fresh_adapter(&cfg, &settings, 3, &Device::Cpu).unwrap();
+        assert_eq!(a.len(), 2 * 7 * 2);
+        assert_eq!(a["model.layers.1.self_attn.k_proj.lora_B.weight"].dims(), [32, 8]); // g·e = 2·16
+        let down: Vec<f32> = a["model.layers.0.mlp.down_proj.lora_A.weight"].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(down.len(), 8 * 96);
+        // U(−b, b) with b = 1/√96: max |x| < b, variance b²/3.
+        let bound = 1.0 / 96f32.sqrt();
+        assert!(down.iter().all(|x| x.abs() < bound));
+        let var = down.iter().map(|x| x * x).sum::<f32>() / down.len() as f32;
+        assert!((var / (bound * bound / 3.0) - 1.0).abs() < 0.15, "{var}");
+        let b = a["model.layers.0.mlp.down_proj.lora_B.weight"].abs().unwrap().sum_all().unwrap();
+        assert_eq!(b.to_scalar::<f32>().unwrap(), 0.0);
+        let again = fresh_adapter(&cfg, &settings, 3, &Device::Cpu).unwrap();
+        assert_eq!(
+            again["model.layers.0.mlp.down_proj.lora_A.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            down
+        );
+        assert_eq!(a["model.layers.0.mlp.down_proj.lora_A.weight"].dtype(), DType::F32);
+    }
+
+    #[test]
+    fn scale_is_alpha_over_r_or_over_root_r() {
+        let mut s = LoraSettings { r: 16, alpha: 32.0, dropout: 0.0, target_modules: vec![], rslora: false };
+        assert_eq!(s.scale(), 2.0);
+        s.rslora = true;
+        assert_eq!(s.scale(), 8.0); // 32 / √16
+    }
+
+    #[test]
+    fn unknown_target_names_list_the_linear_layers() {
+        let err = resolve_targets(&["q_proj".into(), "qkv".into()]).unwrap_err();
+        assert!(err.contains("`qkv`") && err.contains("down_proj"), "{err}");
+        assert_eq!(resolve_targets(&["v_proj".into(), "q_proj".into()]).unwrap(), ["q_proj", "v_proj"]);
+    }
+
+    #[test]
+    fn dropout_masks_are_a_function_of_seed_step_and_call() {
+        let rng = DropoutRng::default();
+        rng.start_step(7, 3);
+        let (m1, m2) = (rng.mask(10_000, 0.25), rng.mask(10_000, 0.25));
+        assert_ne!(m1, m2);
+        let kept = m1.iter().filter(|&&x| x > 0.0).count() as f64 / 1e4;
+        assert!((kept - 0.75).abs() < 0.02, "{kept}");
+        assert!(m1.iter().all(|&x| x == 0.0 || (x - 1.0 / 0.75).abs() < 1e-6));
+        rng.start_step(7, 3);
+        assert_eq!(rng.mask(10_000, 0.25), m1);
+    }
+}
