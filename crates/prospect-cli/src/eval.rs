@@ -18,9 +18,12 @@ use crate::flags;
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Hugging Face model folder.
+    /// Hugging Face model folder, or a PEFT adapter folder (applied to the base it names).
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT adapter folder to sample through, unmerged, on `--model` as its base.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// JSONL of {"prompt": str | [messages], ...}; other fields are carried through.
     #[arg(long)]
     prompts: PathBuf,
@@ -72,7 +75,8 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         b
     });
     let mut tokens = 0usize;
-    let out = generate_rows(&a.model, &a.prompts, &rows, a.num_samples, &cfg, &candle_core::Device::Cpu, &mut |n| {
+    let source = prospect::model::ModelSource::resolve(&a.model, a.adapter.as_deref())?;
+    let out = generate_rows(&source, &a.prompts, &rows, a.num_samples, &cfg, &candle_core::Device::Cpu, &mut |n| {
         tokens += n;
         if let Some(b) = &bar {
             b.set_message(format!(

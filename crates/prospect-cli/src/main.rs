@@ -60,6 +60,18 @@ enum Command {
     /// Convert a model from another format into a Hugging Face folder.
     #[command(subcommand)]
     Import(import::ImportCommand),
+    /// Fold a PEFT LoRA adapter into its base: a full Hugging Face model folder that `transformers` loads.
+    Merge {
+        /// The base model folder the adapter was trained on.
+        #[arg(long)]
+        base: PathBuf,
+        /// The adapter folder (adapter_config.json, adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Where the merged model goes (replaced atomically).
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// Look at a data file, or convert it to canonical JSONL.
     Data {
         #[command(subcommand)]
@@ -118,6 +130,12 @@ enum DataCommand {
     },
 }
 
+fn run_merge(base: &std::path::Path, adapter: &std::path::Path, output: &std::path::Path) -> Result<()> {
+    prospect::model::merge_adapter(base, adapter, output, &candle_core::Device::Cpu)?;
+    println!("merged {} into {}: {}", adapter.display(), base.display(), output.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -126,6 +144,7 @@ fn main() -> ExitCode {
         }
         Command::Demo { output, quick, seed } => run_demo(&output, quick, seed),
         Command::Import(command) => import::run(command),
+        Command::Merge { base, adapter, output } => run_merge(&base, &adapter, &output),
         Command::Generate(args) => eval::run_generate(args),
         Command::Eval(args) => eval::run_eval(args),
         Command::Data { command: DataCommand::Inspect { file, model, max_length, chat_template, read } } => {

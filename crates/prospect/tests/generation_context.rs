@@ -39,9 +39,17 @@ fn a_prompt_that_fills_the_context_is_an_error_naming_its_line() {
     std::fs::write(&file, format!("{{\"prompt\": \"short\"}}\n{{\"prompt\": \"{long}\"}}\n")).unwrap();
     let rows = read_rows(&file, false).unwrap();
     let model = fixtures().join("tiny-llama");
-    let err = generate_rows(&model, &file, &rows, 1, &GenerateConfig::default(), &Device::Cpu, &mut |_| {})
-        .unwrap_err()
-        .to_string();
+    let err = generate_rows(
+        &prospect::model::ModelSource::resolve(&model, None).unwrap(),
+        &file,
+        &rows,
+        1,
+        &GenerateConfig::default(),
+        &Device::Cpu,
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
     let want = format!("{}:2: `prompt` is ", file.display());
     assert!(err.starts_with(&want), "{err}");
     assert!(err.contains("the model's context is 256 tokens (max_position_embeddings in "), "{err}");

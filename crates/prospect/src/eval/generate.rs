@@ -177,11 +177,11 @@ fn last_logits(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
 }
 
 /// Generate `num_samples` completions for every row of the prompt file `prompts_file` (read into `rows`)
-/// with the model in `model_dir`. Each output row is the input row plus `completion`, `completion_ids`,
+/// with `model` (a model folder, or a PEFT adapter applied unmerged to its base). Each output row is the input row plus `completion`, `completion_ids`,
 /// `finish`, `model` and, when there are several samples, `sample`. A prompt that leaves no room in the
 /// model's context (`max_position_embeddings`) is an error naming its line.
 pub fn generate_rows(
-    model_dir: &std::path::Path,
+    model: &crate::model::ModelSource,
     prompts_file: &std::path::Path,
     rows: &[Row],
     num_samples: usize,
@@ -189,9 +189,9 @@ pub fn generate_rows(
     device: &Device,
     on_tokens: &mut dyn FnMut(usize),
 ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
-    let tok = HfTokenizer::load(model_dir)?;
-    let (policy, _) = crate::model::Policy::load(model_dir, device)?;
-    let model = policy.frozen_model(device)?;
+    let source = model;
+    let tok = HfTokenizer::load(source.tokenizer_dir())?;
+    let model = crate::model::load_frozen_source(source, device)?;
     let context = model.config().max_position_embeddings;
     let mut prompts = Vec::with_capacity(rows.len() * num_samples);
     for row in rows {
@@ -207,7 +207,7 @@ pub fn generate_rows(
                 message: format!(
                     "`prompt` is {n} tokens, which leaves no room to generate: the model's context is {context} \
                      tokens (max_position_embeddings in {})",
-                    model_dir.join("config.json").display()
+                    source.base.join("config.json").display()
                 ),
             });
         }
@@ -220,7 +220,8 @@ pub fn generate_rows(
         fields.insert("completion".into(), g.completion.into());
         fields.insert("completion_ids".into(), serde_json::json!(g.completion_ids));
         fields.insert("finish".into(), serde_json::json!(g.finish));
-        fields.insert("model".into(), model_dir.display().to_string().into());
+        let name = source.adapter.as_ref().unwrap_or(&source.base);
+        fields.insert("model".into(), name.display().to_string().into());
         if num_samples > 1 {
             fields.insert("sample".into(), (k % num_samples).into());
         }

@@ -264,10 +264,15 @@ impl AdapterConfig {
                 ));
             }
         }
-        let names = match &self.target_modules {
-            TargetModules::List(v) => v.clone(),
+        // PEFT writes short names (`q_proj`) or, for "all-linear", full module paths
+        // (`model.layers.0.self_attn.q_proj`): the module is the last component. Which layers carry an
+        // adapter is what the weights file holds (`Adapter::read` checks each tensor).
+        let mut names: Vec<String> = match &self.target_modules {
+            TargetModules::List(v) => v.iter().map(|n| n.rsplit('.').next().unwrap_or(n).to_string()).collect(),
             TargetModules::One(s) => vec![s.clone()],
         };
+        names.sort();
+        names.dedup();
         let target_modules = resolve_targets(&names).map_err(|m| bad("target_modules", m))?;
         Ok(LoraSettings {
             r: self.r,
@@ -341,34 +346,7 @@ impl Adapter {
             };
             tensors.insert(inner.to_string(), t.to_dtype(super::TRAIN_DTYPE)?);
         }
-        let expected = expected_shapes(config, &settings);
-        for (name, shape) in &expected {
-            let Some(t) = tensors.get(name) else {
-                return Err(Error::model(
-                    &file,
-                    format!("missing tensor `{}` (adapter_config.json targets it)", peft_name(name)),
-                ));
-            };
-            if t.dims() != shape.as_slice() {
-                return Err(Error::model(
-                    &file,
-                    format!(
-                        "tensor `{}` has shape {:?}; the base model and r = {} imply {shape:?}",
-                        peft_name(name),
-                        t.dims(),
-                        settings.r
-                    ),
-                ));
-            }
-        }
-        let whole = |k: &str| MODULES_TO_SAVE.iter().any(|(name, _)| *name == k);
-        let extra: Vec<&String> = tensors.keys().filter(|k| !expected.contains_key(*k) && !whole(k)).collect();
-        if let Some(name) = extra.first() {
-            return Err(Error::model(
-                &file,
-                format!("tensor `{}` is not a LoRA tensor Prospect can apply", peft_name(name)),
-            ));
-        }
+        check_tensors(&file, config, &settings, &tensors)?;
         Ok(Self { config: adapter_config, settings, tensors })
     }
 
@@ -381,14 +359,49 @@ impl Adapter {
     }
 }
 
-/// Every LoRA tensor the settings imply for `config`, with its shape.
-fn expected_shapes(config: &LlamaConfig, settings: &LoraSettings) -> BTreeMap<String, Vec<usize>> {
-    let mut out = BTreeMap::new();
-    for (layer, o, i) in targeted_layers(config, &settings.target_modules) {
-        out.insert(format!("{layer}.lora_A.weight"), vec![settings.r, i]);
-        out.insert(format!("{layer}.lora_B.weight"), vec![o, settings.r]);
+/// Every tensor of an adapter file must be a LoRA matrix of one of the model's linear layers, with the
+/// shape the model and `r` imply and its A/B partner present, or a whole `modules_to_save` tensor.
+fn check_tensors(
+    file: &Path,
+    config: &LlamaConfig,
+    settings: &LoraSettings,
+    tensors: &BTreeMap<String, Tensor>,
+) -> Result<()> {
+    let mut shapes = BTreeMap::new();
+    for (layer, o, i) in targeted_layers(config, &LINEAR_MODULES.map(String::from)) {
+        shapes.insert(format!("{layer}.lora_A.weight"), vec![settings.r, i]);
+        shapes.insert(format!("{layer}.lora_B.weight"), vec![o, settings.r]);
     }
-    out
+    for (name, t) in tensors {
+        if MODULES_TO_SAVE.iter().any(|(whole, _)| whole == name) {
+            continue;
+        }
+        let Some(shape) = shapes.get(name) else {
+            let msg = format!("tensor `{}` is not a LoRA matrix of this model's linear layers", peft_name(name));
+            return Err(Error::model(file, msg));
+        };
+        if t.dims() != shape.as_slice() {
+            let msg = format!(
+                "tensor `{}` has shape {:?}; the base model and r = {} imply {shape:?}",
+                peft_name(name),
+                t.dims(),
+                settings.r
+            );
+            return Err(Error::model(file, msg));
+        }
+        let partner = match name.strip_suffix("lora_A.weight") {
+            Some(layer) => format!("{layer}lora_B.weight"),
+            None => name.replace("lora_B.weight", "lora_A.weight"),
+        };
+        if !tensors.contains_key(&partner) {
+            let msg = format!("tensor `{}` has no partner `{}`", peft_name(name), peft_name(&partner));
+            return Err(Error::model(file, msg));
+        }
+    }
+    if !tensors.keys().any(|k| k.ends_with("lora_A.weight")) {
+        return Err(Error::model(file, "holds no LoRA matrices"));
+    }
+    Ok(())
 }
 
 /// Write `adapter_config.json` and `adapter_model.safetensors` (PEFT's names) into `dir`.
@@ -511,8 +524,12 @@ impl CustomOp1 for FrozenMatmul {
         };
         let (storage, wl) = self.w.storage_and_layout();
         let Storage::Cpu(w) = &*storage else { candle_core::bail!("frozen-matmul: the weight is not on the CPU") };
-        // Wᵀ as candle's Linear presents it: `[batch, in, out]` with a zero batch stride.
-        let wt = Layout::new(Shape::from((batch, k, n)), vec![0, 1, k], wl.start_offset());
+        // Wᵀ as candle's Linear presents it: `[in, out]`, or `[batch, in, out]` with a zero batch stride
+        // (candle's CPU matmul reads both operands' strides at the lhs's rank).
+        let wt = match dims.len() {
+            2 => Layout::new(Shape::from((k, n)), vec![1, k], wl.start_offset()),
+            _ => Layout::new(Shape::from((batch, k, n)), vec![0, 1, k], wl.start_offset()),
+        };
         if !wl.is_contiguous() {
             candle_core::bail!("frozen-matmul: the weight must be contiguous");
         }
@@ -553,9 +570,13 @@ mod tests {
             let (d1, d2) = (g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
             let diff = (d1 - d2).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
             assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
-            // candle's matmul forms a gradient for the weight; the frozen one does not.
-            assert!(g2.get(&w).is_some());
-            assert!(g1.get(&w).is_none());
+            // candle's matmul also forms a weight-sized gradient (for its `Wᵀ` view, then thrown away); the
+            // frozen one forms none.
+            let sizes = |g: &candle_core::backprop::GradStore| -> usize {
+                g.get_ids().map(|id| g.get_id(*id).map_or(0, |t| t.elem_count())).sum()
+            };
+            assert!(sizes(&g1) <= x.elem_count() + frozen.elem_count(), "{}", sizes(&g1));
+            assert!(sizes(&g2) >= sizes(&g1) + w.elem_count(), "{} vs {}", sizes(&g2), sizes(&g1));
         }
     }
 
