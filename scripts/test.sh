@@ -18,8 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=${PROSPECT_VENV:-.venv-ref}
-if ! "$venv/bin/python" -c "import torch, transformers" >/dev/null 2>&1; then
-  echo "== setting up the reference Python environment in $venv (torch, transformers; a few minutes once)"
+if ! "$venv/bin/python" -c "import torch, transformers, peft" >/dev/null 2>&1; then
+  echo "== setting up the reference Python environment in $venv (torch, transformers, peft; a few minutes once)"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check -r scripts/requirements-test.txt
 fi

@@ -164,3 +164,68 @@ fn generate_appends_a_control_token_to_every_prompt() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("<|good|>"), "{}", stderr(&o));
 }
+
+#[test]
+fn lora_train_then_generate_through_the_adapter_then_merge() {
+    // The README's LoRA walk-through: train an adapter, sample through it unmerged, merge it; the merged
+    // model samples the same greedy tokens as the adapter on its base.
+    let dir = scratch("cli-lora");
+    let lora = "[lora]\nr = 4\nalpha = 8\ntarget_modules = \"all-linear\"\n";
+    let config = write_config(&dir, &fixtures().join("data/unpaired.jsonl"), "");
+    let text = std::fs::read_to_string(&config).unwrap() + lora;
+    std::fs::write(&config, text).unwrap();
+    let out = prospect(&["train", "--config", config.to_str().unwrap(), "--set", "learning_rate=5e-2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("LoRA r=4"), "{}", stderr(&out));
+    let adapter = dir.join("out/final");
+    assert!(adapter.join("adapter_config.json").exists() && adapter.join("adapter_model.safetensors").exists());
+    let base = fixtures().join("tiny-llama");
+    let prompts = dir.join("prompts.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"The sky is\"}\n{\"prompt\": \"Once upon\"}\n").unwrap();
+    let gen = |model: &Path, extra: &[&str], out: &Path| {
+        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap()];
+        args.extend_from_slice(&["--output", out.to_str().unwrap(), "--max-new-tokens", "8"]);
+        args.extend_from_slice(extra);
+        let o = prospect(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::fs::read_to_string(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["completion_ids"].clone())
+            .collect::<Vec<_>>()
+    };
+    let through_adapter = gen(&base, &["--adapter", adapter.to_str().unwrap()], &dir.join("a.jsonl"));
+    let adapter_alone = gen(&adapter, &[], &dir.join("b.jsonl")); // its adapter_config.json names the base
+    let plain_base = gen(&base, &[], &dir.join("c.jsonl"));
+    assert_eq!(through_adapter, adapter_alone);
+    assert_ne!(through_adapter, plain_base, "the adapter changed no greedy token");
+    let merged = dir.join("merged");
+    let m = prospect(&[
+        "merge",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--output",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(m.status.success(), "{}", stderr(&m));
+    assert!(merged.join("model.safetensors").exists() && merged.join("config.json").exists());
+    assert_eq!(gen(&merged, &[], &dir.join("d.jsonl")), through_adapter);
+    // An adapter folder that is not one: a clear error naming the file.
+    std::fs::write(dir.join("bad_adapter_config.json"), "{\"peft_type\": \"IA3\"}").unwrap();
+    let bad = dir.join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::copy(dir.join("bad_adapter_config.json"), bad.join("adapter_config.json")).unwrap();
+    let m = prospect(&[
+        "merge",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        bad.to_str().unwrap(),
+        "--output",
+        merged.to_str().unwrap(),
+    ]);
+    assert_eq!(m.status.code(), Some(1));
+    assert!(stderr(&m).contains("adapter_config.json"), "{}", stderr(&m));
+}
