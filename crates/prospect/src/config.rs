@@ -141,6 +141,34 @@ pub struct LoraTable {
     /// A PEFT adapter folder to start from and keep training; the reference is a frozen copy of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_adapter: Option<PathBuf>,
+    /// The frozen base's storage: f32 (default), or bf16 / f16 to halve it. Each product casts its weight
+    /// to f32 for the moment it runs; activations, adapters, optimizer and losses stay f32.
+    #[serde(default, skip_serializing_if = "BaseDtype::is_f32")]
+    pub base_dtype: BaseDtype,
+}
+
+/// How a LoRA run stores its frozen base.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseDtype {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl BaseDtype {
+    fn is_f32(&self) -> bool {
+        *self == BaseDtype::F32
+    }
+
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            BaseDtype::F32 => candle_core::DType::F32,
+            BaseDtype::Bf16 => candle_core::DType::BF16,
+            BaseDtype::F16 => candle_core::DType::F16,
+        }
+    }
 }
 
 impl LoraTable {

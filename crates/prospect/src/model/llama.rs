@@ -361,7 +361,8 @@ impl Llama {
         mut caches: Option<&mut Vec<LayerCache>>,
     ) -> Result<Tensor> {
         let cfg = &self.config;
-        let mut x = self.embed_tokens.forward(input_ids)?; // [b, t, d]
+        // A LoRA base kept in 16 bits (`base_dtype`) is looked up in 16 bits; activations are f32.
+        let mut x = self.embed_tokens.forward(input_ids)?.to_dtype(super::TRAIN_DTYPE)?; // [b, t, d]
         let mask = mask.map(|m| m.to_dtype(x.dtype())).transpose()?;
         for (i, layer) in self.layers.iter().enumerate() {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);

@@ -522,7 +522,9 @@ impl CustomOp1 for FrozenMatmul {
             [b, m, kk] if kk == k => (b, m),
             _ => candle_core::bail!("frozen-matmul: input {dims:?} does not end in the weight's {k} columns"),
         };
-        let (storage, wl) = self.w.storage_and_layout();
+        // A 16-bit frozen weight (`base_dtype`) is cast for this product only; the op keeps the 16-bit one.
+        let w = if self.w.dtype() == s.dtype() { self.w.clone() } else { self.w.to_dtype(s.dtype())? };
+        let (storage, wl) = w.storage_and_layout();
         let Storage::Cpu(w) = &*storage else { candle_core::bail!("frozen-matmul: the weight is not on the CPU") };
         // Wᵀ as candle's Linear presents it: `[in, out]`, or `[batch, in, out]` with a zero batch stride
         // (candle's CPU matmul reads both operands' strides at the lhs's rank).
@@ -539,7 +541,8 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(dy.broadcast_matmul(&self.w)?)) // [..., out] x [out, in] -> [..., in]
+        let w = self.w.to_dtype(dy.dtype())?; // a no-op unless the base is kept in 16 bits
+        Ok(Some(dy.broadcast_matmul(&w)?)) // [..., out] x [out, in] -> [..., in]
     }
 }
 

@@ -164,7 +164,7 @@ impl Policy {
         });
         trainable.extend(adapter_tensors);
         policy.params = Params::from_tensors(&trainable)?;
-        policy.frozen = tensors;
+        policy.frozen = store_base(tensors, start.table.base_dtype.dtype())?;
         policy.config = config;
         policy.lora = Some(settings);
         Ok((policy, unused, initialised))
@@ -224,8 +224,8 @@ impl Policy {
         for name in ["model.embed_tokens.weight", "lm_head.weight"] {
             // With LoRA the grown matrices train whole, as PEFT's `modules_to_save` (the new rows must learn).
             let w = match (self.params.get(name), self.frozen.remove(name)) {
-                (Some(var), _) => var.as_tensor().detach(), // [v, d]
-                (None, Some(t)) => t,
+                (Some(var), _) => var.as_tensor().detach(),  // [v, d]
+                (None, Some(t)) => t.to_dtype(TRAIN_DTYPE)?, // a 16-bit base (`base_dtype`) trains in f32
                 (None, None) => continue,
             };
             let mean = w.mean_keepdim(0)?; // [1, d]
@@ -379,6 +379,21 @@ fn add_head(
         }
     }
     Ok(initialised)
+}
+
+/// The frozen base in `dtype`: every matrix (linear layers, embedding, LM head); the norm weights stay f32
+/// (they are a few kilobytes, and the fused RMSNorm kernel reads f32).
+fn store_base(tensors: BTreeMap<String, Tensor>, dtype: DType) -> Result<BTreeMap<String, Tensor>> {
+    if dtype == TRAIN_DTYPE {
+        return Ok(tensors);
+    }
+    tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let t = if t.rank() == 2 { t.to_dtype(dtype)? } else { t };
+            Ok((name, t))
+        })
+        .collect()
 }
 
 /// Tensors of a scalar head (`score.*`, `v_head.*`): trained whole, with or without LoRA.

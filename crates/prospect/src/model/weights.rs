@@ -82,7 +82,10 @@ impl SimpleBackend for TrackedTensors {
         if let Ok(mut used) = self.used.lock() {
             used.insert(name.to_string());
         }
-        t.to_dtype(dtype)?.to_device(dev)
+        // Handed out in the dtype they are held in: a LoRA base kept in 16 bits must not be copied back
+        // to f32 here (the layers cast per product). Every other caller holds f32 already.
+        let _ = dtype;
+        t.to_device(dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
