@@ -479,6 +479,50 @@ impl CustomOp3 for SwiGluBackward {
     }
 }
 
+/// `swiglu(g, u) Wᵀ` for a frozen down projection `w` `[d, f]`: the `[.., f]` product `swiglu(g, u)` is made
+/// in the forward pass and dropped, not kept for the backward pass, which needs only `g`, `u` and `W`
+/// (`dh = dy W`, then [`SwiGluBackward`]). With LoRA on the attention only, this spares one `[b, t, f]`
+/// activation per layer.
+struct SwiGluDown {
+    w: Tensor,
+}
+
+impl CustomOp2 for SwiGluDown {
+    fn name(&self) -> &'static str {
+        "swiglu-down"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (h, _) = SwiGlu.cpu_fwd(s1, l1, s2, l2)?;
+        super::lora::matmul_wt(&h, &Layout::contiguous(l1.shape()), &self.w)
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dh = dy.broadcast_matmul(&self.w.to_dtype(dy.dtype())?)?; // [.., f]
+        SwiGlu.bwd(g, u, _res, &dh)
+    }
+}
+
+/// `swiglu(gate, up) · wᵀ` with `w` frozen (f32 activations, `w` in any dtype); see [`SwiGluDown`].
+pub fn swiglu_down_frozen(gate: &Tensor, up: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if gate.dims() != up.dims() || gate.dtype() != DType::F32 || up.dtype() != DType::F32 {
+        candle_core::bail!("swiglu-down: gate {:?} and up {:?} must be f32 of one shape", gate.dims(), up.dims());
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGluDown { w: w.detach() })
+}
+
 /// Fused `silu(gate) · up` (f32, same shapes); see [`SwiGlu`].
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     if gate.dims() != up.dims() {
@@ -571,6 +615,25 @@ mod tests {
                 let e = rel(gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
                 assert!(e < 1e-5, "case {case}: d{name} differs by {e}");
             }
+        }
+    }
+
+    #[test]
+    fn swiglu_down_frozen_equals_swiglu_then_the_product() {
+        let (g, u) = (
+            Var::from_tensor(&uniform(&[2, 3, 8], 1, 2.0)).unwrap(),
+            Var::from_tensor(&uniform(&[2, 3, 8], 2, 2.0)).unwrap(),
+        );
+        let w = uniform(&[5, 8], 3, 1.0);
+        let fused = swiglu_down_frozen(g.as_tensor(), u.as_tensor(), &w).unwrap();
+        let plain = swiglu(g.as_tensor(), u.as_tensor()).unwrap().broadcast_matmul(&w.t().unwrap()).unwrap();
+        assert_eq!(rel(&fused, &plain), 0.0);
+        let (gf, gp) = (
+            fused.sqr().unwrap().sum_all().unwrap().backward().unwrap(),
+            plain.sqr().unwrap().sum_all().unwrap().backward().unwrap(),
+        );
+        for v in [&g, &u] {
+            assert!(rel(gf.get(v.as_tensor()).unwrap(), gp.get(v.as_tensor()).unwrap()) < 1e-5);
         }
     }
 

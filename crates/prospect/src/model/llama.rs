@@ -162,6 +162,9 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?; // [b, t, f]
         let up = self.up_proj.forward(x)?; // [b, t, f]
+        if let Some(w) = self.down_proj.frozen_weight() {
+            return Ok(kernels::swiglu_down_frozen(&gate, &up, w)?); // [b, t, d], keeps no [b, t, f] product
+        }
         Ok(self.down_proj.forward(&swiglu(&gate, &up)?)?) // [b, t, d]
     }
 }

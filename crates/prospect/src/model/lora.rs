@@ -470,6 +470,13 @@ impl Proj {
         Ok(Self { inner: candle_nn::Linear::new(weight, bias), lora })
     }
 
+    /// The weight when this layer is a plain frozen product (not a `Var`, no adapter): the layers around it
+    /// may then fuse it (`kernels::swiglu_down_frozen`).
+    pub fn frozen_weight(&self) -> Option<&Tensor> {
+        let w = self.inner.weight();
+        (!w.is_variable() && self.lora.is_none() && self.inner.bias().is_none()).then_some(w)
+    }
+
     /// `x` `[..., in]` → `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.inner.weight();
@@ -504,6 +511,34 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.apply_op1(FrozenMatmul { w: w.detach() })?)
 }
 
+/// `x Wᵀ` on storage: `x` `[m, in]` or `[b, t, in]` (contiguous rows), `w` `[out, in]` contiguous, in any
+/// dtype (a 16-bit frozen weight is cast for this product only). The kernel and operand layouts are those of
+/// candle's `Linear`, so the result is bit for bit its result.
+pub(crate) fn matmul_wt(s: &CpuStorage, l: &Layout, w: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (n, k) = w.dims2()?;
+    let dims = l.dims();
+    let (batch, m) = match *dims {
+        [m, kk] if kk == k => (1, m),
+        [b, m, kk] if kk == k => (b, m),
+        _ => candle_core::bail!("frozen-matmul: input {dims:?} does not end in the weight's {k} columns"),
+    };
+    let w = if w.dtype() == s.dtype() { w.clone() } else { w.to_dtype(s.dtype())? };
+    let (storage, wl) = w.storage_and_layout();
+    let Storage::Cpu(w) = &*storage else { candle_core::bail!("frozen-matmul: the weight is not on the CPU") };
+    if !wl.is_contiguous() {
+        candle_core::bail!("frozen-matmul: the weight must be contiguous");
+    }
+    // Wᵀ as candle's Linear presents it: `[in, out]`, or `[batch, in, out]` with a zero batch stride
+    // (candle's CPU matmul reads both operands' strides at the lhs's rank).
+    let wt = match dims.len() {
+        2 => Layout::new(Shape::from((k, n)), vec![1, k], wl.start_offset()),
+        _ => Layout::new(Shape::from((batch, k, n)), vec![0, 1, k], wl.start_offset()),
+    };
+    let out = s.matmul(w, (batch, m, n, k), l, &wt)?;
+    let shape = if dims.len() == 2 { Shape::from((m, n)) } else { Shape::from((batch, m, n)) };
+    Ok((out, shape))
+}
+
 struct FrozenMatmul {
     /// `[out, in]`, contiguous.
     w: Tensor,
@@ -515,29 +550,7 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, k) = self.w.dims2()?;
-        let dims = l.dims();
-        let (batch, m) = match *dims {
-            [m, kk] if kk == k => (1, m),
-            [b, m, kk] if kk == k => (b, m),
-            _ => candle_core::bail!("frozen-matmul: input {dims:?} does not end in the weight's {k} columns"),
-        };
-        // A 16-bit frozen weight (`base_dtype`) is cast for this product only; the op keeps the 16-bit one.
-        let w = if self.w.dtype() == s.dtype() { self.w.clone() } else { self.w.to_dtype(s.dtype())? };
-        let (storage, wl) = w.storage_and_layout();
-        let Storage::Cpu(w) = &*storage else { candle_core::bail!("frozen-matmul: the weight is not on the CPU") };
-        // Wᵀ as candle's Linear presents it: `[in, out]`, or `[batch, in, out]` with a zero batch stride
-        // (candle's CPU matmul reads both operands' strides at the lhs's rank).
-        let wt = match dims.len() {
-            2 => Layout::new(Shape::from((k, n)), vec![1, k], wl.start_offset()),
-            _ => Layout::new(Shape::from((batch, k, n)), vec![0, 1, k], wl.start_offset()),
-        };
-        if !wl.is_contiguous() {
-            candle_core::bail!("frozen-matmul: the weight must be contiguous");
-        }
-        let out = s.matmul(w, (batch, m, n, k), l, &wt)?;
-        let shape = if dims.len() == 2 { Shape::from((m, n)) } else { Shape::from((batch, m, n)) };
-        Ok((out, shape))
+        matmul_wt(s, l, &self.w)
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
