@@ -275,3 +275,23 @@ fn a_16_bit_base_trains_like_the_f32_base_to_its_rounding() {
         }
     }
 }
+
+#[test]
+fn a_reward_adapter_judges_as_its_merged_model_does() {
+    use prospect::eval::judge::RewardJudge;
+    use prospect::loss::RewardConfig;
+    let out = scratch("lora-reward-judge");
+    let c = config("paired.jsonl", LossConfig::Reward(RewardConfig::default()), &out, table(&["all-linear"], 0.0));
+    run(&c, RunOptions::default());
+    let adapter = out.join("final");
+    let merged = scratch("lora-reward-merged").join("m");
+    merge_adapter(&fixtures().join("tiny-llama"), &adapter, &merged, &Device::Cpu).unwrap();
+    let (a, m) =
+        (RewardJudge::load(&adapter, 64, &Device::Cpu).unwrap(), RewardJudge::load(&merged, 64, &Device::Cpu).unwrap());
+    let prompt = serde_json::json!("How do I sort a list?");
+    for completion in ["Use sorted(list).", "No."] {
+        let (sa, sm) = (a.score(&prompt, completion).unwrap(), m.score(&prompt, completion).unwrap());
+        assert!((sa - sm).abs() < 1e-4 * sm.abs().max(1.0), "{completion}: adapter {sa} vs merged {sm}");
+    }
+    assert_ne!(a.score(&prompt, "Use sorted(list).").unwrap(), a.score(&prompt, "No.").unwrap());
+}

@@ -174,8 +174,10 @@ pub struct RewardJudge {
 }
 
 impl RewardJudge {
+    /// `dir` is a reward model's folder, or a PEFT adapter of one (its base named in adapter_config.json).
     pub fn load(dir: &std::path::Path, max_length: usize, device: &candle_core::Device) -> Result<Self> {
-        let tok = crate::model::HfTokenizer::load(dir)?;
+        let source = crate::model::ModelSource::resolve(dir, None)?;
+        let tok = crate::model::HfTokenizer::load(source.tokenizer_dir())?;
         let template = match &tok.chat_template {
             Some(_) => Some(ChatTemplate::for_tokenizer(&tok, None)?),
             None => None,
