@@ -104,7 +104,7 @@ impl Attention {
             }
         };
         let out = out.transpose(1, 2)?.reshape((b, t, h * e))?; // [b, t, h*e]
-        Ok(self.o_proj.forward(&out)?) // [b, t, d]
+        self.o_proj.forward(&out) // [b, t, d]
     }
 }
 
@@ -165,7 +165,7 @@ impl Mlp {
         if let Some(w) = self.down_proj.frozen_weight() {
             return Ok(kernels::swiglu_down_frozen(&gate, &up, w)?); // [b, t, d], keeps no [b, t, f] product
         }
-        Ok(self.down_proj.forward(&swiglu(&gate, &up)?)?) // [b, t, d]
+        self.down_proj.forward(&swiglu(&gate, &up)?) // [b, t, d]
     }
 }
 
