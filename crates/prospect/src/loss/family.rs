@@ -102,6 +102,33 @@ impl Metrics {
     }
 }
 
+/// Metrics travel between the ranks of a data-parallel run as `[[name, value], ...]`.
+impl serde::Serialize for Metrics {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Metrics {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let pairs: Vec<(String, f64)> = serde::Deserialize::deserialize(d)?;
+        Ok(Self(pairs.into_iter().map(|(name, value)| (intern(&name), value)).collect()))
+    }
+}
+
+/// The `'static` name for a metric received from another rank. Metric names are a small fixed set
+/// (TRL's keys), so the table stays a few dozen entries however long the run.
+fn intern(name: &str) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&known) = names.iter().find(|&&n| n == name) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(name.to_string().into_boxed_str());
+    names.push(leaked);
+    leaked
+}
+
 /// A microbatch of pairs: rows 0..b of each tensor are the same b prompts.
 pub struct PairedInputs<'a> {
     /// `[b]` Σ log π_θ(y_c | x)

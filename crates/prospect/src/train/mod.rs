@@ -71,7 +71,19 @@ pub fn train(
     options: RunOptions,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Vec<StepMetrics>> {
-    let mut run = Run::setup(config, device, options, on_event)?;
+    train_with(config, device, options, crate::dist::local(), on_event)
+}
+
+/// [`train`] as one rank of a data-parallel run over `comm` (every rank calls it with the same config).
+/// Only rank 0 writes `metrics.jsonl`, checkpoints and `final/`; every rank returns the same metrics.
+pub fn train_with(
+    config: &TrainConfig,
+    device: &Device,
+    options: RunOptions,
+    comm: crate::dist::Comm,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Vec<StepMetrics>> {
+    let mut run = Run::setup(config, device, options, comm, on_event)?;
     let mut history = Vec::new();
     for step in run.steps() {
         let metrics = run.step(step).map_err(|e| e.in_step(step + 1, run.loss_name()))?;

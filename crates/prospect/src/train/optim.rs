@@ -237,7 +237,8 @@ impl InplaceOp3 for ParamUpdate {
     }
 }
 
-/// `acc += g`, in place (gradient accumulation without a third parameter-sized tensor).
+/// `acc += g`, in place (gradient accumulation without a third parameter-sized tensor). `acc` is f32, or
+/// f64 for an exact sum of f32 gradients (see `train::run`: the sum then does not depend on its order).
 pub fn accumulate(acc: &Tensor, g: &Tensor) -> Result<()> {
     Ok(acc.inplace_op2(&g.contiguous()?, &AddInPlace)?)
 }
@@ -253,9 +254,12 @@ impl InplaceOp2 for AddInPlace {
         let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
             candle_core::bail!("add-in-place: tensors must be contiguous")
         };
-        let CpuStorage::F32(acc) = s1 else { candle_core::bail!("add-in-place: f32 only") };
         let g = &s2.as_slice::<f32>()?[b0..b1];
-        acc[a0..a1].par_iter_mut().zip(g.par_iter()).for_each(|(a, &g)| *a += g);
+        match s1 {
+            CpuStorage::F32(acc) => acc[a0..a1].par_iter_mut().zip(g.par_iter()).for_each(|(a, &g)| *a += g),
+            CpuStorage::F64(acc) => acc[a0..a1].par_iter_mut().zip(g.par_iter()).for_each(|(a, &g)| *a += f64::from(g)),
+            _ => candle_core::bail!("add-in-place: the accumulator must be f32 or f64"),
+        }
         Ok(())
     }
 }

@@ -56,6 +56,57 @@ impl ReferenceLogps {
         Ok(Self { values })
     }
 
+    /// The table as bytes, to send to the other ranks: per sequence a tag byte, two u64 indices and the
+    /// f32 value, little-endian.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.values.len() * 21);
+        for (key, value) in &self.values {
+            let (tag, a, b) = match *key {
+                SeqKey::Own(i) => (0u8, i, 0),
+                SeqKey::Rejected(i) => (1, i, 0),
+                SeqKey::Kl { prompt, completion } => (2, prompt, completion),
+            };
+            out.push(tag);
+            out.extend((a as u64).to_le_bytes());
+            out.extend((b as u64).to_le_bytes());
+            out.extend(value.to_le_bytes());
+        }
+        out
+    }
+
+    /// The inverse of [`ReferenceLogps::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        if !bytes.len().is_multiple_of(21) {
+            return Err(Error::Compute(format!("reference log-probs: {} bytes is not whole entries", bytes.len())));
+        }
+        let mut values = HashMap::new();
+        for e in bytes.chunks_exact(21) {
+            let u64_at = |o: usize| -> usize {
+                u64::from_le_bytes(e[o..o + 8].try_into().unwrap_or([0; 8])) as usize
+            };
+            let (a, b) = (u64_at(1), u64_at(9));
+            let key = match e[0] {
+                0 => SeqKey::Own(a),
+                1 => SeqKey::Rejected(a),
+                2 => SeqKey::Kl { prompt: a, completion: b },
+                t => return Err(Error::Compute(format!("reference log-probs: unknown sequence tag {t}"))),
+            };
+            values.insert(key, f32::from_le_bytes([e[17], e[18], e[19], e[20]]));
+        }
+        Ok(Self { values })
+    }
+
+    /// The ranks' tables, in rank order, as one: a sequence present in several keeps the first value.
+    pub fn merge(parts: impl IntoIterator<Item = Result<Self>>) -> Result<Self> {
+        let mut values = HashMap::new();
+        for part in parts {
+            for (key, value) in part?.values {
+                values.entry(key).or_insert(value);
+            }
+        }
+        Ok(Self { values })
+    }
+
     /// Sequences cached.
     pub fn len(&self) -> usize {
         self.values.len()

@@ -19,6 +19,7 @@ use super::plan::BatchSettings;
 use super::reference::ReferenceLogps;
 use super::schedule::{learning_rate, Schedule};
 use super::{Event, RunOptions};
+use crate::dist::{self, Comm};
 use crate::config::TrainConfig;
 use crate::data::Examples;
 use crate::error::{Error, Result};
@@ -39,20 +40,26 @@ pub struct Run {
     opt: AdamW,
     start_step: usize,
     fingerprint: Fingerprint,
-    log: MetricsLog,
+    /// `metrics.jsonl`, written by rank 0 only.
+    log: Option<MetricsLog>,
+    /// The ranks of a data-parallel run (`dist::Local` for one process).
+    comm: Comm,
     /// The tokenizer to save with the model when the run changed it (CSFT's control tokens).
     changed_tokenizer: Option<Vec<u8>>,
 }
 
 impl Run {
-    /// Load the policy and the data, resume from a checkpoint if asked, and set up the reference.
+    /// Load the policy and the data, resume from a checkpoint if asked, and set up the reference. Every
+    /// rank of `comm` does the same; the ranks first check that they run the same config and data.
     pub fn setup(
         config: &TrainConfig,
         device: &Device,
         options: RunOptions,
+        comm: Comm,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Run> {
         config.validate()?;
+        check_world(config, comm.world_size())?;
         let (tok, policy, changed_tokenizer) = load_policy(config, device, on_event)?;
         if let Some(reference) = config.reference.as_deref().filter(|_| config.loss.needs_reference()) {
             // the reference scores the policy's token ids
@@ -61,13 +68,14 @@ impl Run {
         let data = data::load(config, &tok, on_event)?;
         let schedule = Schedule::new(config, data.train.len());
         let fingerprint = Fingerprint::of(config)?;
+        check_same_run(&comm, &fingerprint)?;
         let (opt, resumed) = resume(config, &policy, options, &fingerprint, device, on_event)?;
         let start_step = resumed.as_ref().map_or(0, |s| s.step);
         let loss_state = resumed.map(|s| s.loss_state).unwrap_or_default();
-        let log = MetricsLog::open(&config.output_dir, start_step)?;
+        let log = (comm.rank() == 0).then(|| MetricsLog::open(&config.output_dir, start_step)).transpose()?;
         let settings =
             BatchSettings { max_length: config.max_length, pad_id: tok.pad_token_id, device: device.clone() };
-        let reference = reference(config, &policy, &data, &schedule, start_step, &settings, on_event)?;
+        let reference = reference(config, &policy, &data, &schedule, start_step, &settings, &comm, on_event)?;
         let models = build_models(&data.loss, &policy, reference, config, device)?;
         on_event(Event::Started {
             start_step,
@@ -89,6 +97,7 @@ impl Run {
             start_step,
             fingerprint,
             log,
+            comm,
             changed_tokenizer,
         })
     }
@@ -102,9 +111,12 @@ impl Run {
         self.loss.name()
     }
 
-    /// One optimizer step: every microbatch's loss and gradient, then clip and AdamW.
+    /// One optimizer step: every microbatch's loss and gradient, then clip and AdamW. With several ranks,
+    /// each runs its share of the microbatches ([`dist::deal`]); gradients are summed across the ranks and
+    /// the microbatches' losses and metrics gathered, so every rank takes the step one process would.
     pub fn step(&mut self, step: usize) -> Result<StepMetrics> {
         let started = Instant::now();
+        dist::fail_point(self.comm.rank(), step + 1)?;
         if let Some(adapter) = &self.policy.config.adapter {
             adapter.rng.start_step(self.config.seed, step); // LoRA dropout: masks fixed by (seed, step)
         }
@@ -115,13 +127,13 @@ impl Run {
             .map(|&i| completion_tokens(&self.data.train, i, self.config.max_length))
             .sum();
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
-        let (mut loss, mut num_tokens, mut objective) = (0f64, 0usize, ObjectiveAccumulator::default());
-        for rows in &microbatches {
+        let mut mine = Vec::new();
+        for index in dist::deal(microbatches.len(), self.comm.rank(), self.comm.world_size()) {
             let out = microbatch::run(
                 &self.loss,
                 &self.models,
                 &self.data.train,
-                rows,
+                &microbatches[index],
                 &self.settings,
                 &self.loss_state,
                 Mode::Train,
@@ -132,10 +144,19 @@ impl Run {
             if !value.is_finite() {
                 return Err(Error::Numerics(format!("non-finite loss {value}")));
             }
-            (loss, num_tokens) = (loss + value, num_tokens + out.num_tokens);
-            objective.add(&out.metrics);
-            self.loss.spec().observe(&mut self.loss_state, &out.metrics);
-            self.add_gradients(&mut grads, &scaled)?;
+            mine.push(MicrobatchRecord { loss: value, num_tokens: out.num_tokens, metrics: out.metrics });
+            self.add_gradients(&mut grads, &scaled, microbatches.len() > 1)?;
+        }
+        // Every microbatch's record, in microbatch order, on every rank (one process: its own).
+        let (mut loss, mut num_tokens, mut objective) = (0f64, 0usize, ObjectiveAccumulator::default());
+        for record in gather_records(&self.comm, mine)? {
+            (loss, num_tokens) = (loss + record.loss, num_tokens + record.num_tokens);
+            objective.add(&record.metrics);
+            self.loss.spec().observe(&mut self.loss_state, &record.metrics);
+        }
+        self.all_reduce(&mut grads)?;
+        for g in grads.values_mut() {
+            *g = g.to_dtype(DType::F32)?; // the exact sum, rounded once
         }
         let grad_norm = global_grad_norm(&grads)?;
         if !grad_norm.is_finite() {
@@ -160,15 +181,52 @@ impl Run {
         })
     }
 
-    /// Backpropagate a microbatch's weighted loss and sum its gradients into the step's, in place,
-    /// freeing each as it is added: the step's peak memory is here.
-    fn add_gradients(&self, grads: &mut BTreeMap<String, Tensor>, loss: &Tensor) -> Result<()> {
+    /// Sum the step's gradients across the ranks, in place, in f64. Every rank sends every parameter (zeros for
+    /// one it has no gradient for) and a flag per parameter, so that a parameter no rank touched stays
+    /// without a gradient, as in one process (AdamW then leaves it alone).
+    fn all_reduce(&self, grads: &mut BTreeMap<String, Tensor>) -> Result<()> {
+        if self.comm.world_size() == 1 {
+            return Ok(());
+        }
+        let params: Vec<(&String, &candle_core::Var)> = self.policy.params.iter().collect();
+        let total: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+        // f64: the ranks' partial sums are exact (see `add_gradients`), and so is their sum.
+        let mut buf: Vec<f64> = Vec::with_capacity(total + params.len());
+        for (name, var) in &params {
+            match grads.get(*name) {
+                Some(g) => buf.extend(g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?),
+                None => buf.resize(buf.len() + var.elem_count(), 0.0),
+            }
+        }
+        buf.extend(params.iter().map(|(name, _)| if grads.contains_key(*name) { 1f64 } else { 0.0 }));
+        self.comm.all_reduce_sum_f64(&mut buf)?;
+        grads.clear();
+        let (values, flags) = buf.split_at(total);
+        let mut offset = 0;
+        for ((name, var), &flag) in params.iter().zip(flags) {
+            let n = var.elem_count();
+            if flag > 0.0 {
+                let g = Tensor::from_slice(&values[offset..offset + n], var.shape(), var.device())?;
+                grads.insert((*name).clone(), g);
+            }
+            offset += n;
+        }
+        Ok(())
+    }
+
+    /// Backpropagate a microbatch's weighted loss and add its gradients into the step's, in place, freeing
+    /// each as it is added: the step's peak memory is here. With several microbatches (`exact`) the sum is
+    /// kept in f64: f32 gradients then add up exactly, in any order and on any number of ranks, so a
+    /// step's gradient does not depend on how its microbatches were split (or dealt out to ranks) before
+    /// it is rounded to f32, once.
+    fn add_gradients(&self, grads: &mut BTreeMap<String, Tensor>, loss: &Tensor, exact: bool) -> Result<()> {
         let mut store = loss.backward()?;
         for (name, var) in self.policy.params.iter() {
             if let Some(g) = store.remove(var.as_tensor()) {
                 match grads.get(name) {
                     Some(acc) => accumulate(acc, &g)?,
                     // A copy the step owns (and may update in place), detached from the graph.
+                    None if exact => _ = grads.insert(name.clone(), g.detach().to_dtype(DType::F64)?),
                     None => _ = grads.insert(name.clone(), g.detach().copy()?),
                 }
             }
@@ -178,12 +236,16 @@ impl Run {
 
     /// Append a step's metrics to `metrics.jsonl`.
     pub fn log(&mut self, metrics: &StepMetrics) -> Result<()> {
-        self.log.append(metrics)
+        match &mut self.log {
+            Some(log) => log.append(metrics),
+            None => Ok(()),
+        }
     }
 
     pub fn eval_due(&self, step: usize) -> bool {
         let every = self.config.eval_every;
-        self.data.eval.is_some()
+        self.comm.rank() == 0
+            && self.data.eval.is_some()
             && ((every > 0 && (step + 1).is_multiple_of(every)) || step + 1 == self.schedule.total_steps)
     }
 
@@ -215,12 +277,15 @@ impl Run {
         for (k, v) in metrics.iter() {
             line.insert(format!("eval/{k}"), v.into());
         }
-        self.log.append(&line)?;
+        if let Some(log) = &mut self.log {
+            log.append(&line)?;
+        }
         Ok(Event::Eval { step: step + 1, loss, metrics })
     }
 
     pub fn checkpoint_due(&self, step: usize) -> bool {
-        self.config.save_every > 0 && (step + 1).is_multiple_of(self.config.save_every)
+        self.comm.rank() == 0
+            && self.config.save_every > 0 && (step + 1).is_multiple_of(self.config.save_every)
     }
 
     /// Write `output_dir/checkpoint/`: weights, optimizer, step and loss state, resolved config.
@@ -242,6 +307,10 @@ impl Run {
             )));
         }
         let final_dir = self.config.output_dir.join("final");
+        if self.comm.rank() != 0 {
+            self.comm.barrier()?; // rank 0 saves; the others wait for it
+            return Ok(final_dir);
+        }
         checkpoint::ensure_finite(&self.policy.params.detached_tensors(), &final_dir)?;
         let config_toml = self.config.to_toml()?;
         let mut extra: Vec<(&str, &[u8])> = vec![("prospect.toml", config_toml.as_bytes())];
@@ -254,6 +323,7 @@ impl Run {
         } else {
             self.policy.save_hf(&final_dir, &extra)?;
         }
+        self.comm.barrier()?;
         Ok(final_dir)
     }
 }
@@ -347,6 +417,7 @@ fn reference(
     schedule: &Schedule,
     start_step: usize,
     settings: &BatchSettings,
+    comm: &Comm,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Option<Reference>> {
     if !data.loss.needs_reference() || matches!(data.loss.family(), Family::Token(_)) {
@@ -358,8 +429,15 @@ fn reference(
     }
     let started = Instant::now();
     let mbs: Vec<Vec<usize>> = (start_step..schedule.total_steps).flat_map(|s| schedule.microbatches(s)).collect();
-    let cache =
-        ReferenceLogps::compute(data.loss.family(), &data.train, mbs.iter().map(Vec::as_slice), &model, settings)?;
+    // Each rank scores its share of the microbatches; the shares are merged in rank order, so a sequence
+    // met in several microbatches keeps the value of its first one, as in one process.
+    let share = &mbs[dist::deal(mbs.len(), comm.rank(), comm.world_size())];
+    let mine =
+        ReferenceLogps::compute(data.loss.family(), &data.train, share.iter().map(Vec::as_slice), &model, settings)?;
+    let cache = match comm.world_size() {
+        1 => mine,
+        _ => ReferenceLogps::merge(comm.all_gather(&mine.to_bytes())?.iter().map(|b| ReferenceLogps::from_bytes(b)))?,
+    };
     on_event(Event::Notice(format!(
         "reference log-probs of {} sequences precomputed in {:.1} s; reference model freed",
         cache.len(),
@@ -399,6 +477,67 @@ fn build_models(
         }),
         _ => Models::Lm(LmModels { policy: policy.model(device)?, frozen: policy.frozen_model(device)?, reference }),
     })
+}
+
+/// `batch_size` is the global optimizer batch: with N ranks it must split into N equal shares of whole
+/// microbatches.
+fn check_world(config: &TrainConfig, world: usize) -> Result<()> {
+    if world > 1 && !config.batch_size.is_multiple_of(config.microbatch_size * world) {
+        return Err(Error::config(
+            "batch_size",
+            format!(
+                "is the global batch: with {world} ranks it must be microbatch_size × accumulation × {world}, \
+                 a multiple of {} × {world} = {}; got {}",
+                config.microbatch_size,
+                config.microbatch_size * world,
+                config.batch_size
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Every rank must run the same config on the same model and data: compare fingerprints with rank 0's.
+fn check_same_run(comm: &Comm, fingerprint: &Fingerprint) -> Result<()> {
+    if comm.world_size() == 1 {
+        return Ok(());
+    }
+    let mine = serde_json::to_vec(fingerprint).map_err(|e| Error::Compute(e.to_string()))?;
+    let all = comm.all_gather(&mine)?;
+    for (rank, bytes) in all.iter().enumerate().skip(1) {
+        let theirs: Fingerprint = serde_json::from_slice(bytes).map_err(|e| Error::Compute(e.to_string()))?;
+        let diff = serde_json::from_slice::<Fingerprint>(&all[0]).map(|r0| r0.differences(&theirs)).unwrap_or_default();
+        if !diff.is_empty() {
+            return Err(Error::Compute(format!(
+                "rank {rank} runs a different config or data than rank 0: {}",
+                diff.join("; ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What a microbatch contributes to a step's log: its weighted loss, tokens and metrics.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MicrobatchRecord {
+    loss: f64,
+    num_tokens: usize,
+    metrics: crate::loss::Metrics,
+}
+
+/// Every rank's records, in rank order: with contiguous shares, that is microbatch order.
+fn gather_records(comm: &Comm, mine: Vec<MicrobatchRecord>) -> Result<Vec<MicrobatchRecord>> {
+    if comm.world_size() == 1 {
+        return Ok(mine);
+    }
+    let bytes = serde_json::to_vec(&mine).map_err(|e| Error::Compute(e.to_string()))?;
+    let mut all = Vec::new();
+    for part in comm.all_gather(&bytes)? {
+        let records: Vec<MicrobatchRecord> =
+            serde_json::from_slice(&part).map_err(|e| Error::Compute(format!("gathered metrics: {e}")))?;
+        all.extend(records);
+    }
+    Ok(all)
 }
 
 /// Completion tokens example `i` keeps after truncation at `max_length` (a pair counts both sides):

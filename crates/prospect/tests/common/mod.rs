@@ -201,3 +201,31 @@ pub fn hf_scores(dir: &Path, ids: &[Vec<u32>]) -> (String, u64, Vec<f64>) {
     let scores = serde_json::from_value(json["scores"].clone()).unwrap();
     (json["class"].as_str().unwrap().to_string(), json["num_labels"].as_u64().unwrap(), scores)
 }
+
+/// Run `config` on `world` thread ranks; returns each rank's result. A rank that fails aborts the job,
+/// as the binary does.
+pub fn run_ranks(
+    config: &TrainConfig,
+    world: usize,
+    options: prospect::train::RunOptions,
+) -> Vec<prospect::Result<Vec<prospect::train::StepMetrics>>> {
+    use prospect::dist::{threads, Comm};
+    let handles: Vec<_> = threads::group(world)
+        .into_iter()
+        .map(|rank| {
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let comm: Comm = std::rc::Rc::new(rank);
+                let result = prospect::train::train_with(&config, &candle_core::Device::Cpu, options, comm.clone(), &mut |_| {});
+                if result.is_err() && comm.world_size() > 1 {
+                    let message = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+                    // Abort like the binary (here: the other ranks' next collective call fails).
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| comm.abort(1)));
+                    return Err(prospect::Error::Compute(message));
+                }
+                result
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
+}
