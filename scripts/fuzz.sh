@@ -22,7 +22,9 @@ extra=("$@")
 
 start=$(date +%s)
 profile="${FUZZ_PROFILE:-dev}"
-cargo build --profile "$profile" -q -p prospect-fuzz
+# FUZZ_FEATURES: build with the test build's features (CI: prospect/mpi), so that the dependencies it
+# already compiled are reused instead of rebuilt with another feature set.
+cargo build --profile "$profile" -q -p prospect-fuzz ${FUZZ_FEATURES:+--features "$FUZZ_FEATURES"}
 echo "build ($profile): $(( $(date +%s) - start )) s"
 bin_dir=debug; [[ "$profile" != dev ]] && bin_dir="$profile"
 
