@@ -50,7 +50,7 @@ fn two_ranks_give_the_numbers_of_one_process() {
         let results = run_ranks(&trl_config(data, loss, &two_dir), 2, RunOptions::default());
         let (r0, r1) = (results[0].as_ref().unwrap(), results[1].as_ref().unwrap());
         assert_same_steps(name, &one, r0);
-        let untimed = |m: &StepMetrics| StepMetrics { step_time_s: 0.0, tokens_per_s: 0.0, ..m.clone() };
+        let untimed = |m: &StepMetrics| StepMetrics { step_time_s: 0.0, tokens_per_s: 0.0, comm_time_s: None, ..m.clone() };
         assert_eq!(r0.iter().map(untimed).collect::<Vec<_>>(), r1.iter().map(untimed).collect::<Vec<_>>(), "{name}");
         assert_same_weights(name, &one_dir.join("final"), &two_dir.join("final"));
         // Rank 0 alone wrote the log: one line per step.

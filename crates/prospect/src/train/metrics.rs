@@ -26,6 +26,10 @@ pub struct StepMetrics {
     pub num_tokens: usize,
     pub step_time_s: f64,
     pub tokens_per_s: f64,
+    /// Seconds this step spent in collective calls (gathering metrics, summing gradients) across the ranks
+    /// of a data-parallel run, waiting included (absent in one process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm_time_s: Option<f64>,
     /// Rows skipped as invalid when `skip_invalid = true` (absent otherwise).
     #[serde(default, rename = "data/skipped_invalid", skip_serializing_if = "Option::is_none")]
     pub skipped_invalid: Option<usize>,

@@ -148,13 +148,16 @@ impl Run {
             self.add_gradients(&mut grads, &scaled, microbatches.len() > 1)?;
         }
         // Every microbatch's record, in microbatch order, on every rank (one process: its own).
+        let comm_started = Instant::now();
+        let records = gather_records(&self.comm, mine)?;
+        self.all_reduce(&mut grads)?;
+        let comm_time_s = (self.comm.world_size() > 1).then(|| comm_started.elapsed().as_secs_f64());
         let (mut loss, mut num_tokens, mut objective) = (0f64, 0usize, ObjectiveAccumulator::default());
-        for record in gather_records(&self.comm, mine)? {
+        for record in records {
             (loss, num_tokens) = (loss + record.loss, num_tokens + record.num_tokens);
             objective.add(&record.metrics);
             self.loss.spec().observe(&mut self.loss_state, &record.metrics);
         }
-        self.all_reduce(&mut grads)?;
         for g in grads.values_mut() {
             *g = g.to_dtype(DType::F32)?; // the exact sum, rounded once
         }
@@ -177,6 +180,7 @@ impl Run {
             num_tokens,
             step_time_s: elapsed,
             tokens_per_s: num_tokens as f64 / elapsed.max(1e-9),
+            comm_time_s,
             skipped_invalid: self.config.skip_invalid.then_some(self.data.skipped_invalid),
         })
     }
