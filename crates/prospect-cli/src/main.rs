@@ -14,8 +14,8 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use prospect::data::inspect::{convert, inspect, Inspection, Percentiles};
 use prospect::data::{LabelFrom, ReadOptions};
-use prospect::model::HfTokenizer;
 use prospect::dist::Comm;
+use prospect::model::HfTokenizer;
 use prospect::train::{train_with, Event, RunOptions};
 use prospect::TrainConfig;
 
@@ -218,7 +218,11 @@ fn train_ranks(path: &std::path::Path, set: &[String], options: RunOptions, comm
     }
     let mut printer = Printer { loss: config.loss.name(), interactive: std::io::stderr().is_terminal(), bar: None };
     // Rank 0 speaks for the job; the others stay quiet unless they fail.
-    train_with(&config, &device, options, comm, &mut |event| if rank == 0 { printer.show(event) })?;
+    train_with(&config, &device, options, comm, &mut |event| {
+        if rank == 0 {
+            printer.show(event)
+        }
+    })?;
     Ok(())
 }
 

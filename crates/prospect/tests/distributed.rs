@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use common::{compare_steps, fixture_json, max_abs_diff, run_ranks, scratch, trl_config, weights};
+use common::{compare_steps, fixture_json, max_abs_diff, run_ranks, run_ranks_each, scratch, trl_config, weights};
 use prospect::loss::{DpoConfig, KtoConfig, LossConfig, SftConfig};
 use prospect::train::{train, RunOptions, StepMetrics};
 use prospect::TrainConfig;
@@ -44,13 +44,14 @@ fn two_ranks_give_the_numbers_of_one_process() {
         ("sft", "sft.jsonl", LossConfig::Sft(SftConfig::default()), "trl_sft.json"),
     ] {
         let one_dir = scratch(&format!("dist-one-{name}"));
-        let one = train(&trl_config(data, loss.clone(), &one_dir), &Device::Cpu, RunOptions::default(), &mut |_| {})
-            .unwrap();
+        let one =
+            train(&trl_config(data, loss.clone(), &one_dir), &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
         let two_dir = scratch(&format!("dist-two-{name}"));
         let results = run_ranks(&trl_config(data, loss, &two_dir), 2, RunOptions::default());
         let (r0, r1) = (results[0].as_ref().unwrap(), results[1].as_ref().unwrap());
         assert_same_steps(name, &one, r0);
-        let untimed = |m: &StepMetrics| StepMetrics { step_time_s: 0.0, tokens_per_s: 0.0, comm_time_s: None, ..m.clone() };
+        let untimed =
+            |m: &StepMetrics| StepMetrics { step_time_s: 0.0, tokens_per_s: 0.0, comm_time_s: None, ..m.clone() };
         assert_eq!(r0.iter().map(untimed).collect::<Vec<_>>(), r1.iter().map(untimed).collect::<Vec<_>>(), "{name}");
         assert_same_weights(name, &one_dir.join("final"), &two_dir.join("final"));
         // Rank 0 alone wrote the log: one line per step.
@@ -119,11 +120,40 @@ fn a_rank_with_one_kto_class_trains_without_a_hang() {
     config.train_data = dir.join("skewed.jsonl");
     config.max_steps = Some(2);
     let one_dir = dir.join("one");
-    let one = train(&TrainConfig { output_dir: one_dir, ..config.clone() }, &Device::Cpu, RunOptions::default(), &mut |_| {})
-        .unwrap();
+    let one =
+        train(&TrainConfig { output_dir: one_dir, ..config.clone() }, &Device::Cpu, RunOptions::default(), &mut |_| {})
+            .unwrap();
     let started = Instant::now();
     let results = run_ranks(&config, 2, RunOptions::default());
     assert!(started.elapsed() < Duration::from_secs(60));
     assert_same_steps("one class per rank", &one, results[0].as_ref().unwrap());
     assert!(one[0].objective.get("rewards/chosen").is_some() && one[0].objective.get("rewards/rejected").is_some());
+}
+
+#[test]
+fn the_reference_cache_is_computed_in_shares_and_gives_the_same_run() {
+    for loss in [LossConfig::Kto(KtoConfig::default()), LossConfig::Dpo(DpoConfig::default())] {
+        let data = if matches!(loss, LossConfig::Kto(_)) { "unpaired.jsonl" } else { "paired.jsonl" };
+        let one_dir = scratch(&format!("dist-precompute-one-{}", loss.name()));
+        let mut config = trl_config(data, loss.clone(), &one_dir);
+        config.precompute_ref_logps = true;
+        let one = train(&config, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
+        let two_dir = scratch(&format!("dist-precompute-two-{}", loss.name()));
+        let results = run_ranks(&TrainConfig { output_dir: two_dir.clone(), ..config }, 2, RunOptions::default());
+        assert_same_steps(loss.name(), &one, results[0].as_ref().unwrap());
+        assert_same_weights(loss.name(), &one_dir.join("final"), &two_dir.join("final"));
+    }
+}
+
+#[test]
+fn ranks_that_disagree_on_the_run_stop_with_an_error_naming_the_difference() {
+    let out = scratch("dist-disagree");
+    let config = trl_config("unpaired.jsonl", LossConfig::Kto(KtoConfig::default()), &out);
+    let mut other = config.clone();
+    other.learning_rate = 2e-2;
+    let results = run_ranks_each(vec![config, other], RunOptions::default());
+    for r in &results {
+        let err = r.as_ref().unwrap_err().to_string();
+        assert!(err.contains("rank 1") && err.contains("learning_rate"), "{err}");
+    }
 }

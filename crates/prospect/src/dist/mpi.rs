@@ -27,7 +27,9 @@ impl Mpi {
     /// Whether this process was started by an MPI launcher (`mpirun`, `mpiexec`, Slurm's `srun`), from the
     /// variables they set. A plain `prospect train` is not, and runs as one process without MPI.
     pub fn launched() -> bool {
-        ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"].iter().any(|v| std::env::var_os(v).is_some())
+        ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some())
     }
 }
 

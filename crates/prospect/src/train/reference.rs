@@ -81,9 +81,7 @@ impl ReferenceLogps {
         }
         let mut values = HashMap::new();
         for e in bytes.chunks_exact(21) {
-            let u64_at = |o: usize| -> usize {
-                u64::from_le_bytes(e[o..o + 8].try_into().unwrap_or([0; 8])) as usize
-            };
+            let u64_at = |o: usize| -> usize { u64::from_le_bytes(e[o..o + 8].try_into().unwrap_or([0; 8])) as usize };
             let (a, b) = (u64_at(1), u64_at(9));
             let key = match e[0] {
                 0 => SeqKey::Own(a),

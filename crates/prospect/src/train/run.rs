@@ -19,9 +19,9 @@ use super::plan::BatchSettings;
 use super::reference::ReferenceLogps;
 use super::schedule::{learning_rate, Schedule};
 use super::{Event, RunOptions};
-use crate::dist::{self, Comm};
 use crate::config::TrainConfig;
 use crate::data::Examples;
+use crate::dist::{self, Comm};
 use crate::error::{Error, Result};
 use crate::loss::{Family, LossConfig, LossState};
 use crate::model::{load_frozen, load_frozen_reward, Head, HfTokenizer, Llama, LoraStart, Policy};
@@ -288,8 +288,7 @@ impl Run {
     }
 
     pub fn checkpoint_due(&self, step: usize) -> bool {
-        self.comm.rank() == 0
-            && self.config.save_every > 0 && (step + 1).is_multiple_of(self.config.save_every)
+        self.comm.rank() == 0 && self.config.save_every > 0 && (step + 1).is_multiple_of(self.config.save_every)
     }
 
     /// Write `output_dir/checkpoint/`: weights, optimizer, step and loss state, resolved config.

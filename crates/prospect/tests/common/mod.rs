@@ -209,14 +209,23 @@ pub fn run_ranks(
     world: usize,
     options: prospect::train::RunOptions,
 ) -> Vec<prospect::Result<Vec<prospect::train::StepMetrics>>> {
+    run_ranks_each(vec![config.clone(); world], options)
+}
+
+/// [`run_ranks`] with one config per rank (they should agree; the ranks check that they do).
+pub fn run_ranks_each(
+    configs: Vec<TrainConfig>,
+    options: prospect::train::RunOptions,
+) -> Vec<prospect::Result<Vec<prospect::train::StepMetrics>>> {
     use prospect::dist::{threads, Comm};
-    let handles: Vec<_> = threads::group(world)
+    let handles: Vec<_> = threads::group(configs.len())
         .into_iter()
-        .map(|rank| {
-            let config = config.clone();
+        .zip(configs)
+        .map(|(rank, config)| {
             std::thread::spawn(move || {
                 let comm: Comm = std::rc::Rc::new(rank);
-                let result = prospect::train::train_with(&config, &candle_core::Device::Cpu, options, comm.clone(), &mut |_| {});
+                let result =
+                    prospect::train::train_with(&config, &candle_core::Device::Cpu, options, comm.clone(), &mut |_| {});
                 if result.is_err() && comm.world_size() > 1 {
                     let message = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
                     // Abort like the binary (here: the other ranks' next collective call fails).
