@@ -75,7 +75,9 @@ impl Run {
         let log = (comm.rank() == 0).then(|| MetricsLog::open(&config.output_dir, start_step)).transpose()?;
         let settings =
             BatchSettings { max_length: config.max_length, pad_id: tok.pad_token_id, device: device.clone() };
-        let reference = reference(config, &policy, &data, &schedule, start_step, &settings, &comm, on_event)?;
+        let remaining: Vec<Vec<usize>> =
+            (start_step..schedule.total_steps).flat_map(|s| schedule.microbatches(s)).collect();
+        let reference = reference(config, &policy, &data, &remaining, &settings, &comm, on_event)?;
         let models = build_models(&data.loss, &policy, reference, config, device)?;
         on_event(Event::Started {
             start_step,
@@ -417,8 +419,7 @@ fn reference(
     config: &TrainConfig,
     policy: &Policy,
     data: &RunData,
-    schedule: &Schedule,
-    start_step: usize,
+    remaining: &[Vec<usize>],
     settings: &BatchSettings,
     comm: &Comm,
     on_event: &mut dyn FnMut(Event),
@@ -431,7 +432,7 @@ fn reference(
         return Ok(Some(Reference::Model(model)));
     }
     let started = Instant::now();
-    let mbs: Vec<Vec<usize>> = (start_step..schedule.total_steps).flat_map(|s| schedule.microbatches(s)).collect();
+    let mbs = remaining;
     // Each rank scores its share of the microbatches; the shares are merged in rank order, so a sequence
     // met in several microbatches keeps the value of its first one, as in one process.
     let share = &mbs[dist::deal(mbs.len(), comm.rank(), comm.world_size())];
