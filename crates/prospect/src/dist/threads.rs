@@ -62,7 +62,9 @@ impl ThreadRank {
         while state.generation == generation && state.aborted.is_none() {
             state = self.shared.ready.wait(state).map_err(poisoned)?;
         }
-        if let Some((rank, code)) = state.aborted {
+        if state.generation == generation {
+            // Released by an abort, not by the exchange completing.
+            let (rank, code) = state.aborted.unwrap_or((usize::MAX, 0));
             return Err(Error::Compute(format!("rank {rank} aborted the job (code {code})")));
         }
         Ok(state.result.clone())
