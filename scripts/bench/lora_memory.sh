@@ -3,7 +3,7 @@
 #
 #   scripts/bench/lora_memory.sh smollm2      # SmolLM2-135M KTO job: full fine-tuning vs LoRA (r 16, attention)
 #   scripts/bench/lora_memory.sh 1.7b         # SmolLM2-1.7B's shape, random weights: LoRA KTO, batch 8 x 256,
-#                                             # base in f32 and in bf16
+#                                             # base in f32, bf16 and q8_0 (1.7b-q8: q8_0 only)
 #
 # Needs: target/release/prospect (cargo build --release -p prospect-cli), target/smollm2/reference-f32
 # (scripts/fetch_smollm2.sh), target/llamafactory/data/kto_en_demo.json (scripts/fetch_llamafactory_data.sh),
@@ -36,11 +36,17 @@ case "${1:-smollm2}" in
     job smollm2-full "${common[@]}"
     job smollm2-lora "${common[@]}" "${LORA_ATTN[@]}"
     job smollm2-lora-bf16 "${common[@]}" "${LORA_ATTN[@]}" --set lora.base_dtype=bf16
+    job smollm2-lora-q8 "${common[@]}" "${LORA_ATTN[@]}" --set lora.base_dtype=q8_0
     ;;
   1.7b)
     common=(--set model="$OUT/smollm2-1.7b-random" --set max_steps=2 --set max_length=256 --set microbatch_size=4)
     job 1.7b-lora-f32 "${common[@]}" "${LORA_ATTN[@]}"
     job 1.7b-lora-bf16 "${common[@]}" "${LORA_ATTN[@]}" --set lora.base_dtype=bf16
+    job 1.7b-lora-q8 "${common[@]}" "${LORA_ATTN[@]}" --set lora.base_dtype=q8_0
     ;;
-  *) echo "usage: $0 smollm2|1.7b"; exit 2 ;;
+  1.7b-q8)
+    common=(--set model="$OUT/smollm2-1.7b-random" --set max_steps=2 --set max_length=256 --set microbatch_size=4)
+    job 1.7b-lora-q8 "${common[@]}" "${LORA_ATTN[@]}" --set lora.base_dtype=q8_0
+    ;;
+  *) echo "usage: $0 smollm2|1.7b|1.7b-q8"; exit 2 ;;
 esac

@@ -141,8 +141,9 @@ pub struct LoraTable {
     /// A PEFT adapter folder to start from and keep training; the reference is a frozen copy of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_adapter: Option<PathBuf>,
-    /// The frozen base's storage: f32 (default), or bf16 / f16 to halve it. Each product casts its weight
-    /// to f32 for the moment it runs; activations, adapters, optimizer and losses stay f32.
+    /// The frozen base's storage: f32 (default), bf16 / f16 to halve it, or q8_0 (linear layers in 8-bit
+    /// blocks) to quarter it. Each product casts or dequantizes its weight to f32 for the moment it runs;
+    /// activations, adapters, optimizer and losses stay f32.
     #[serde(default, skip_serializing_if = "BaseDtype::is_f32")]
     pub base_dtype: BaseDtype,
 }
@@ -155,6 +156,10 @@ pub enum BaseDtype {
     F32,
     Bf16,
     F16,
+    /// The linear layers in GGML's Q8_0 (8-bit blocks of 32 with an f16 scale, 1.06 bytes per weight),
+    /// the embedding in bf16: QLoRA's idea on the CPU.
+    #[serde(rename = "q8_0")]
+    Q8_0,
 }
 
 impl BaseDtype {
@@ -167,6 +172,7 @@ impl BaseDtype {
             BaseDtype::F32 => candle_core::DType::F32,
             BaseDtype::Bf16 => candle_core::DType::BF16,
             BaseDtype::F16 => candle_core::DType::F16,
+            BaseDtype::Q8_0 => candle_core::DType::U8,
         }
     }
 }

@@ -244,7 +244,7 @@ fn precomputed_reference_logps_give_the_live_lora_run() {
 }
 
 #[test]
-fn a_16_bit_base_trains_like_the_f32_base_to_its_rounding() {
+fn a_16_or_8_bit_base_trains_like_the_f32_base_to_its_rounding() {
     // bf16 keeps 8 bits of mantissa: a weight moves by up to 2^-9 relative when stored, so the logits of
     // tiny-llama move by ~1e-2 and the first steps' losses by well under 1e-2. f16 (11 bits) is 8× closer.
     use prospect::config::BaseDtype;
@@ -260,7 +260,8 @@ fn a_16_bit_base_trains_like_the_f32_base_to_its_rounding() {
         (run(&c, RunOptions::default()), out.join("final"))
     };
     let (f32_run, f32_dir) = run_with(BaseDtype::F32);
-    for (dtype, tol) in [(BaseDtype::Bf16, 2e-2), (BaseDtype::F16, 3e-3)] {
+    // Q8_0 keeps ~8 bits per block of 32 (step max|x|/127), between the two.
+    for (dtype, tol) in [(BaseDtype::Bf16, 2e-2), (BaseDtype::F16, 3e-3), (BaseDtype::Q8_0, 2e-2)] {
         let (run16, dir16) = run_with(dtype);
         for (a, b) in run16.iter().zip(&f32_run) {
             assert!(a.loss.is_finite() && a.grad_norm.is_finite());

@@ -510,7 +510,7 @@ impl CustomOp2 for SwiGluDown {
         _res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dh = dy.broadcast_matmul(&self.w.to_dtype(dy.dtype())?)?; // [.., f]
+        let dh = dy.broadcast_matmul(&super::lora::dense_weight(&self.w, dy.dtype())?)?; // [.., f]
         SwiGlu.bwd(g, u, _res, &dh)
     }
 }

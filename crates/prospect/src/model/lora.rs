@@ -453,7 +453,17 @@ impl Proj {
         adapter: Option<&AdapterSpec>,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let weight = if vb.contains_tensor("weight_q8_0") {
+            // A frozen LoRA base kept in Q8_0 (`base_dtype = "q8_0"`): dequantized per product.
+            let q = vb.get_unchecked("weight_q8_0")?;
+            if q.dims() != [out_dim, in_dim / Q8_BLOCK * Q8_BYTES] {
+                let msg = format!("a Q8_0 weight of shape {:?} for a {out_dim}×{in_dim} layer", q.dims());
+                return Err(Error::Compute(msg));
+            }
+            q
+        } else {
+            vb.get((out_dim, in_dim), "weight")?
+        };
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
         let lora = match adapter {
             Some(spec) if vb.contains_tensor("lora_A.weight") => {
@@ -515,6 +525,7 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// dtype (a 16-bit frozen weight is cast for this product only). The kernel and operand layouts are those of
 /// candle's `Linear`, so the result is bit for bit its result.
 pub(crate) fn matmul_wt(s: &CpuStorage, l: &Layout, w: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
+    let w = dense_weight(w, s.dtype())?;
     let (n, k) = w.dims2()?;
     let dims = l.dims();
     let (batch, m) = match *dims {
@@ -522,7 +533,6 @@ pub(crate) fn matmul_wt(s: &CpuStorage, l: &Layout, w: &Tensor) -> candle_core::
         [b, m, kk] if kk == k => (b, m),
         _ => candle_core::bail!("frozen-matmul: input {dims:?} does not end in the weight's {k} columns"),
     };
-    let w = if w.dtype() == s.dtype() { w.clone() } else { w.to_dtype(s.dtype())? };
     let (storage, wl) = w.storage_and_layout();
     let Storage::Cpu(w) = &*storage else { candle_core::bail!("frozen-matmul: the weight is not on the CPU") };
     if !wl.is_contiguous() {
@@ -537,6 +547,55 @@ pub(crate) fn matmul_wt(s: &CpuStorage, l: &Layout, w: &Tensor) -> candle_core::
     let out = s.matmul(w, (batch, m, n, k), l, &wt)?;
     let shape = if dims.len() == 2 { Shape::from((m, n)) } else { Shape::from((batch, m, n)) };
     Ok((out, shape))
+}
+
+/// A frozen weight as the product needs it: `[out, in]` in `dtype`. A 16-bit weight is cast; a Q8_0 one
+/// (a u8 tensor of blocks, see [`quantize_q8_0`]) is dequantized. The copy lives for one product.
+pub(crate) fn dense_weight(w: &Tensor, dtype: candle_core::DType) -> candle_core::Result<Tensor> {
+    match w.dtype() {
+        candle_core::DType::U8 => dequantize_q8_0(w)?.to_dtype(dtype),
+        d if d == dtype => Ok(w.clone()),
+        _ => w.to_dtype(dtype),
+    }
+}
+
+/// Values per Q8_0 block, and bytes per block (an f16 scale, then 32 signed bytes), as in GGML.
+const Q8_BLOCK: usize = 32;
+const Q8_BYTES: usize = 34;
+
+/// GGML's Q8_0 of a `[rows, cols]` matrix (`cols` a multiple of 32): per block of 32 values,
+/// `d = max|x| / 127` (stored as f16) and `q = round(x / d)` (i8). Returned as a `[rows, cols/32·34]` u8
+/// tensor: 1.0625 bytes per weight instead of 4.
+pub fn quantize_q8_0(w: &Tensor) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    if !cols.is_multiple_of(Q8_BLOCK) {
+        return Err(Error::Compute(format!("Q8_0 needs a multiple of 32 columns, got {cols}")));
+    }
+    let values: Vec<f32> = w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut out = Vec::with_capacity(values.len() / Q8_BLOCK * Q8_BYTES);
+    for block in values.chunks_exact(Q8_BLOCK) {
+        let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let d = half::f16::from_f32(amax / 127.0);
+        let inv = if d.to_f32() > 0.0 { 1.0 / d.to_f32() } else { 0.0 };
+        out.extend(d.to_le_bytes());
+        out.extend(block.iter().map(|x| (x * inv).round().clamp(-127.0, 127.0) as i8 as u8));
+    }
+    Ok(Tensor::from_vec(out, (rows, cols / Q8_BLOCK * Q8_BYTES), w.device())?)
+}
+
+/// The inverse of [`quantize_q8_0`]: `x = d · q`, as f32 `[rows, cols]`.
+pub fn dequantize_q8_0(q: &Tensor) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let (rows, packed) = q.dims2()?;
+    let bytes: Vec<u8> = q.flatten_all()?.to_vec1()?;
+    let mut out = vec![0f32; bytes.len() / Q8_BYTES * Q8_BLOCK];
+    out.par_chunks_mut(Q8_BLOCK).zip(bytes.par_chunks_exact(Q8_BYTES)).for_each(|(x, b)| {
+        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        for (x, &q) in x.iter_mut().zip(&b[2..]) {
+            *x = d * f32::from(q as i8);
+        }
+    });
+    Tensor::from_vec(out, (rows, packed / Q8_BYTES * Q8_BLOCK), q.device())
 }
 
 struct FrozenMatmul {
@@ -554,7 +613,7 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let w = self.w.to_dtype(dy.dtype())?; // a no-op unless the base is kept in 16 bits
+        let w = dense_weight(&self.w, dy.dtype())?; // a no-op unless the base is kept in 16 or 8 bits
         Ok(Some(dy.broadcast_matmul(&w)?)) // [..., out] x [out, in] -> [..., in]
     }
 }
@@ -628,6 +687,27 @@ mod tests {
             down
         );
         assert_eq!(a["model.layers.0.mlp.down_proj.lora_A.weight"].dtype(), DType::F32);
+    }
+
+    #[test]
+    fn q8_0_round_trips_within_half_a_step_of_each_block() {
+        let w = uniform(&[3, 64], 5);
+        let q = quantize_q8_0(&w).unwrap();
+        assert_eq!(q.dims(), [3, 68]); // 2 blocks of 34 bytes per row
+        let back = dequantize_q8_0(&q).unwrap();
+        let (w, back): (Vec<f32>, Vec<f32>) =
+            (w.flatten_all().unwrap().to_vec1().unwrap(), back.flatten_all().unwrap().to_vec1().unwrap());
+        for (block, got) in w.chunks(32).zip(back.chunks(32)) {
+            let step = block.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+            for (a, b) in block.iter().zip(got) {
+                assert!((a - b).abs() <= 0.5 * step * 1.01, "{a} vs {b} (step {step})");
+            }
+        }
+        // GGML's layout: block 0 of row 0 starts with its f16 scale, max|x|/127.
+        let bytes: Vec<u8> = q.flatten_all().unwrap().to_vec1().unwrap();
+        let d = half::f16::from_le_bytes([bytes[0], bytes[1]]).to_f32();
+        let amax = w[..32].iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!((d - amax / 127.0).abs() < 1e-3 * d);
     }
 
     #[test]

@@ -383,15 +383,21 @@ fn add_head(
 
 /// The frozen base in `dtype`: every matrix (linear layers, embedding, LM head); the norm weights stay f32
 /// (they are a few kilobytes, and the fused RMSNorm kernel reads f32).
+/// With `DType::U8` (`base_dtype = "q8_0"`), the linear layers are quantized to Q8_0 and stored as
+/// `<layer>.weight_q8_0`; the embedding goes to bf16.
 fn store_base(tensors: BTreeMap<String, Tensor>, dtype: DType) -> Result<BTreeMap<String, Tensor>> {
     if dtype == TRAIN_DTYPE {
         return Ok(tensors);
     }
     tensors
         .into_iter()
-        .map(|(name, t)| {
-            let t = if t.rank() == 2 { t.to_dtype(dtype)? } else { t };
-            Ok((name, t))
+        .map(|(name, t)| match (t.rank(), dtype) {
+            (2, DType::U8) if name.ends_with("_proj.weight") => {
+                Ok((name.replace(".weight", ".weight_q8_0"), lora::quantize_q8_0(&t)?))
+            }
+            (2, DType::U8) => Ok((name, t.to_dtype(DType::BF16)?)),
+            (2, _) => Ok((name, t.to_dtype(dtype)?)),
+            _ => Ok((name, t)),
         })
         .collect()
 }
