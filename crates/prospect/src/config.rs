@@ -77,6 +77,11 @@ pub struct TrainConfig {
     /// Same numbers as `false`: the pass uses the training microbatches. TRL: `precompute_ref_log_probs`.
     #[serde(default)]
     pub precompute_ref_logps: bool,
+    /// Sum a step's microbatch gradients in f64 and round once: the step's gradient then does not depend on
+    /// how its microbatches are split or dealt to ranks (N ranks give one process's numbers bit for bit).
+    /// Costs 4 bytes per trainable parameter during the step; `false` sums in f32, as PyTorch does.
+    #[serde(default = "defaults::yes")]
+    pub exact_accumulation: bool,
 
     // ---- Data (docs/data.md) ----
     /// The layout of the data files (`trl`, `sharegpt`, `hh_rlhf`, ...); detected from the fields if unset.
@@ -287,6 +292,9 @@ mod defaults {
     pub fn one() -> f64 {
         1.0
     }
+    pub fn yes() -> bool {
+        true
+    }
 }
 
 impl TrainConfig {
@@ -324,6 +332,7 @@ impl TrainConfig {
             eval_fraction: 0.0,
             eval_every: 0,
             precompute_ref_logps: false,
+            exact_accumulation: true,
             loss,
             lora: None,
         }

@@ -147,7 +147,7 @@ impl Run {
                 return Err(Error::Numerics(format!("non-finite loss {value}")));
             }
             mine.push(MicrobatchRecord { loss: value, num_tokens: out.num_tokens, metrics: out.metrics });
-            self.add_gradients(&mut grads, &scaled, microbatches.len() > 1)?;
+            self.add_gradients(&mut grads, &scaled, microbatches.len() > 1 && self.config.exact_accumulation)?;
         }
         // Every microbatch's record, in microbatch order, on every rank (one process: its own).
         let comm_started = Instant::now();
