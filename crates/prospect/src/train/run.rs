@@ -69,7 +69,16 @@ impl Run {
         let schedule = Schedule::new(config, data.train.len());
         let fingerprint = Fingerprint::of(config)?;
         check_same_run(&comm, &fingerprint)?;
+        // Rank 0 reads the checkpoint first: reading may complete an interrupted checkpoint swap on disk,
+        // which one process must do alone. The other ranks read it after.
+        let ordered = options.resume && comm.world_size() > 1;
+        if ordered && comm.rank() != 0 {
+            comm.barrier()?;
+        }
         let (opt, resumed) = resume(config, &policy, options, &fingerprint, device, on_event)?;
+        if ordered && comm.rank() == 0 {
+            comm.barrier()?;
+        }
         let start_step = resumed.as_ref().map_or(0, |s| s.step);
         let loss_state = resumed.map(|s| s.loss_state).unwrap_or_default();
         let log = (comm.rank() == 0).then(|| MetricsLog::open(&config.output_dir, start_step)).transpose()?;
