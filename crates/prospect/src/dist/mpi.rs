@@ -33,6 +33,18 @@ impl Mpi {
     }
 }
 
+impl Mpi {
+    /// `MPI_Allreduce(MPI_SUM)` over `buf`, one bucket of [`super::BUCKET`] values at a time, so the send
+    /// copy stays bounded.
+    fn sum_in_buckets<T: Equivalence + Copy>(&self, buf: &mut [T]) -> Result<()> {
+        for chunk in buf.chunks_mut(super::BUCKET) {
+            let send = chunk.to_vec();
+            self.world.all_reduce_into(&send[..], chunk, SystemOperation::sum());
+        }
+        Ok(())
+    }
+}
+
 fn count(n: usize) -> Result<Count> {
     Count::try_from(n).map_err(|_| Error::Compute(format!("MPI: a message of {n} elements is too long")))
 }
@@ -47,19 +59,11 @@ impl Collective for Mpi {
     }
 
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        for chunk in buf.chunks_mut(super::BUCKET) {
-            let send = chunk.to_vec();
-            self.world.all_reduce_into(&send[..], chunk, SystemOperation::sum());
-        }
-        Ok(())
+        self.sum_in_buckets(buf)
     }
 
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        for chunk in buf.chunks_mut(super::BUCKET) {
-            let send = chunk.to_vec();
-            self.world.all_reduce_into(&send[..], chunk, SystemOperation::sum());
-        }
-        Ok(())
+        self.sum_in_buckets(buf)
     }
 
     fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()> {

@@ -81,13 +81,11 @@ impl Collective for ThreadRank {
     }
 
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        let bytes: Vec<u8> = buf.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let all = self.exchange(bytes)?;
-        buf.fill(0.0);
-        for part in all.iter() {
-            for (x, b) in buf.iter_mut().zip(part.chunks_exact(4)) {
-                *x += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
+        // Through the f64 sum: in rank order, then rounded once.
+        let mut wide: Vec<f64> = buf.iter().map(|&x| f64::from(x)).collect();
+        self.all_reduce_sum_f64(&mut wide)?;
+        for (x, w) in buf.iter_mut().zip(wide) {
+            *x = w as f32;
         }
         Ok(())
     }
