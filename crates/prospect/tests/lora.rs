@@ -296,3 +296,26 @@ fn a_reward_adapter_judges_as_its_merged_model_does() {
     }
     assert_ne!(a.score(&prompt, "Use sorted(list).").unwrap(), a.score(&prompt, "No.").unwrap());
 }
+
+#[test]
+fn reading_tensor_by_tensor_gives_what_reading_whole_files_gives() {
+    // `base_dtype` reads the base one tensor at a time (weights::load_tensors_each); tiny-qwen2 is sharded.
+    for model in ["tiny-llama", "tiny-qwen2"] {
+        let dir = fixtures().join(model);
+        let whole = prospect::model::load_tensors(&dir, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let each = prospect::model::weights::load_tensors_each(&dir, &Device::Cpu, |n, t| Ok((n, t))).unwrap();
+        assert_eq!(whole.keys().collect::<Vec<_>>(), each.keys().collect::<Vec<_>>(), "{model}");
+        for (name, t) in &whole {
+            assert_eq!(max_diff(t, &each[name]), 0.0, "{model}: {name}");
+        }
+    }
+    // A truncated file is an error naming it, not a panic.
+    let dir = scratch("lora-truncated");
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(fixtures().join("tiny-llama").join(f), dir.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(fixtures().join("tiny-llama/model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() - 100]).unwrap();
+    let err = prospect::model::weights::load_tensors_each(&dir, &Device::Cpu, |n, t| Ok((n, t))).unwrap_err();
+    assert!(err.to_string().contains("model.safetensors") && err.to_string().contains("outside the file"), "{err}");
+}

@@ -104,7 +104,19 @@ impl Policy {
         lora: Option<LoraStart>,
     ) -> Result<(Self, Vec<String>, Vec<String>)> {
         let mut config = LlamaConfig::load(dir)?;
-        let mut tensors = load_tensors(dir, TRAIN_DTYPE, device)?;
+        // A LoRA base kept in 16 bits or Q8_0 is converted as it is read, one tensor at a time.
+        let base_dtype = lora.as_ref().map_or(TRAIN_DTYPE, |l| l.table.base_dtype.dtype());
+        let mut tensors = if base_dtype == TRAIN_DTYPE {
+            load_tensors(dir, TRAIN_DTYPE, device)?
+        } else {
+            weights::load_tensors_each(dir, device, |name, t| {
+                if is_head_tensor(&name) {
+                    return Ok((name, t)); // heads train whole, in f32
+                }
+                let mut stored = store_base([(name.clone(), t)].into(), base_dtype)?;
+                stored.pop_first().ok_or_else(|| Error::model(dir, format!("`{name}` vanished while converting")))
+            })?
+        };
         check_embedding(dir, &config, &tensors)?;
         let initialised = add_head(dir, &config, &mut tensors, head, seed, device)?;
         let (_, used) = weights::build_with(tensors.clone(), TRAIN_DTYPE, device, |vb| {
@@ -392,6 +404,7 @@ fn store_base(tensors: BTreeMap<String, Tensor>, dtype: DType) -> Result<BTreeMa
     tensors
         .into_iter()
         .map(|(name, t)| match (t.rank(), dtype) {
+            _ if t.dtype() == DType::U8 => Ok((name, t)), // quantized already (converted while loading)
             (2, DType::U8) if name.ends_with("_proj.weight") => {
                 Ok((name.replace(".weight", ".weight_q8_0"), lora::quantize_q8_0(&t)?))
             }

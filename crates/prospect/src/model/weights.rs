@@ -15,6 +15,65 @@ use crate::error::{Error, Result};
 
 /// Read every tensor of a model folder, converted to `dtype` on `device`.
 pub fn load_tensors(dir: &Path, dtype: DType, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    let mut tensors = BTreeMap::new();
+    for file in weight_files(dir)? {
+        let loaded = candle_core::safetensors::load(&file, device)
+            .map_err(|e| Error::model(&file, format!("cannot read safetensors: {e}")))?;
+        for (name, t) in loaded {
+            tensors.insert(name, t.to_dtype(dtype)?);
+        }
+    }
+    Ok(tensors)
+}
+
+/// Read a model folder one tensor at a time, each as f32 handed to `keep`, which returns what to hold
+/// (e.g. the tensor in a LoRA run's 16-bit or Q8_0 base). Peak memory is what is kept plus one tensor,
+/// where [`load_tensors`] holds the whole file and every tensor at once.
+pub fn load_tensors_each(
+    dir: &Path,
+    device: &Device,
+    mut keep: impl FnMut(String, Tensor) -> Result<(String, Tensor)>,
+) -> Result<BTreeMap<String, Tensor>> {
+    use candle_core::safetensors::Load;
+    use std::io::{Read, Seek, SeekFrom};
+    let mut tensors = BTreeMap::new();
+    for path in weight_files(dir)? {
+        let bad = |msg: String| Error::model(&path, format!("cannot read safetensors: {msg}"));
+        let mut file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let size = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).map_err(|e| Error::io(&path, e))?;
+        let header_len = u64::from_le_bytes(len);
+        if header_len > size.saturating_sub(8) || header_len > 100 << 20 {
+            return Err(bad(format!("header of {header_len} bytes in a file of {size}")));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header).map_err(|e| Error::io(&path, e))?;
+        let entries: BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+        let data_start = 8 + header_len;
+        for (name, entry) in entries.into_iter().filter(|(name, _)| name != "__metadata__") {
+            let info: safetensors::tensor::TensorInfo =
+                serde_json::from_value(entry).map_err(|e| bad(format!("`{name}`: {e}")))?;
+            let (start, end) = info.data_offsets;
+            if start > end || data_start + end as u64 > size {
+                return Err(bad(format!("`{name}`: bytes {start}..{end} lie outside the file")));
+            }
+            let mut bytes = vec![0u8; end - start];
+            file.seek(SeekFrom::Start(data_start + start as u64)).map_err(|e| Error::io(&path, e))?;
+            file.read_exact(&mut bytes).map_err(|e| Error::io(&path, e))?;
+            let view = safetensors::tensor::TensorView::new(info.dtype, info.shape, &bytes)
+                .map_err(|e| bad(format!("`{name}`: {e}")))?;
+            let t = view.load(device).map_err(|e| bad(format!("`{name}`: {e}")))?.to_dtype(DType::F32)?;
+            let (name, kept) = keep(name, t)?;
+            tensors.insert(name, kept);
+        }
+    }
+    Ok(tensors)
+}
+
+/// The safetensors files of a model folder: `model.safetensors`, or the shards its index names.
+fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     super::check_model_dir(dir)?;
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
@@ -33,15 +92,7 @@ pub fn load_tensors(dir: &Path, dtype: DType, device: &Device) -> Result<BTreeMa
     } else {
         return Err(Error::model(dir, "no model.safetensors or model.safetensors.index.json in this folder"));
     };
-    let mut tensors = BTreeMap::new();
-    for file in files {
-        let loaded = candle_core::safetensors::load(&file, device)
-            .map_err(|e| Error::model(&file, format!("cannot read safetensors: {e}")))?;
-        for (name, t) in loaded {
-            tensors.insert(name, t.to_dtype(dtype)?);
-        }
-    }
-    Ok(tensors)
+    Ok(files)
 }
 
 /// Write tensors as a safetensors file that `transformers` accepts (metadata `format = pt`),
