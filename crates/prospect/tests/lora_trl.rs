@@ -75,29 +75,25 @@ fn check_final_adapter(fixture: &Value, final_dir: &Path) {
     }
 }
 
-#[test]
-fn kto_from_a_trained_adapter_matches_trl_with_peft() {
-    let fixture = fixture_json("trl_kto_lora.json");
-    let out = scratch("lora-trl-kto");
-    let history =
-        run("unpaired.jsonl", LossConfig::Kto(KtoConfig::default()), &fixtures().join("tiny-llama-lora"), &out, 3);
-    check_steps(
-        &fixture,
-        &history,
-        &["loss", "grad_norm", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins"],
-    );
+/// 3 steps from `tiny-llama-lora` against the TRL + PEFT fixture: per-step `keys`, then every adapter tensor.
+fn from_the_trained_adapter(fixture: &str, data: &str, loss: LossConfig, keys: &[&str]) {
+    let fixture = fixture_json(fixture);
+    let out = scratch(&format!("lora-trl-{}", loss.name()));
+    let history = run(data, loss, &fixtures().join("tiny-llama-lora"), &out, 3);
+    check_steps(&fixture, &history, keys);
     check_final_adapter(&fixture, &out.join("final"));
 }
 
 #[test]
+fn kto_from_a_trained_adapter_matches_trl_with_peft() {
+    let keys = ["loss", "grad_norm", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins"];
+    from_the_trained_adapter("trl_kto_lora.json", "unpaired.jsonl", LossConfig::Kto(KtoConfig::default()), &keys);
+}
+
+#[test]
 fn dpo_from_a_trained_adapter_matches_trl_with_peft() {
-    let fixture = fixture_json("trl_dpo_lora.json");
-    let out = scratch("lora-trl-dpo");
-    let history =
-        run("paired.jsonl", LossConfig::Dpo(DpoConfig::default()), &fixtures().join("tiny-llama-lora"), &out, 3);
     let keys = ["loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"];
-    check_steps(&fixture, &history, &keys);
-    check_final_adapter(&fixture, &out.join("final"));
+    from_the_trained_adapter("trl_dpo_lora.json", "paired.jsonl", LossConfig::Dpo(DpoConfig::default()), &keys);
 }
 
 /// TRL's fresh adapter (its A from torch's generator, B = 0) written as an adapter folder, so that

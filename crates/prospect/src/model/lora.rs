@@ -24,8 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Shape, Storage, Tensor};
@@ -67,45 +66,31 @@ impl PartialEq for AdapterSpec {
     }
 }
 
-/// A counter-based generator for dropout masks: mask element `i` of call `c` in the step seeded with
-/// `key` is a hash of `(key, c, i)`. The masks of a step depend only on the seed and the step, so a
-/// resumed run draws the same masks as an uninterrupted one.
-#[derive(Debug, Default)]
-pub struct DropoutRng {
-    key: AtomicU64,
-    calls: AtomicU64,
+/// The generator of dropout masks: reseeded from (seed, step) at the start of every optimizer step, then
+/// drawn in the forward passes' fixed order. The masks of a step depend only on the seed and the step, so a
+/// resumed run draws the masks an uninterrupted one drew.
+#[derive(Debug)]
+pub struct DropoutRng(Mutex<rand::rngs::StdRng>);
+
+impl Default for DropoutRng {
+    fn default() -> Self {
+        Self(Mutex::new(rand::rngs::StdRng::seed_from_u64(0)))
+    }
 }
 
 impl DropoutRng {
     /// Start the masks of optimizer step `step` of a run seeded with `seed`.
     pub fn start_step(&self, seed: u64, step: usize) {
-        self.key.store(splitmix64(seed ^ splitmix64(step as u64 + 1)), Ordering::SeqCst);
-        self.calls.store(0, Ordering::SeqCst);
+        let mut rng = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *rng = rand::rngs::StdRng::seed_from_u64(seed ^ (step as u64).rotate_left(32));
     }
 
     /// A keep-mask scaled by `1/(1−p)` (inverted dropout, as `nn.Dropout` in training): `n` values.
     fn mask(&self, n: usize, p: f32) -> Vec<f32> {
-        let call = self.calls.fetch_add(1, Ordering::SeqCst);
-        let key = splitmix64(self.key.load(Ordering::SeqCst) ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let keep = 1.0 / (1.0 - p);
-        (0..n as u64)
-            .map(|i| {
-                let u = (splitmix64(key ^ i) >> 40) as f32 / (1u64 << 24) as f32; // U[0, 1)
-                if u < p {
-                    0.0
-                } else {
-                    keep
-                }
-            })
-            .collect()
+        (0..n).map(|_| if rng.gen::<f32>() < p { 0.0 } else { keep }).collect()
     }
-}
-
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// The LoRA hyper-parameters of a run (the `[lora]` table once resolved).
@@ -243,6 +228,24 @@ pub enum TargetModules {
 }
 
 impl AdapterConfig {
+    /// `dir/adapter_config.json`; an error names the file when it is not a PEFT config.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(ADAPTER_CONFIG);
+        serde_json::from_slice(&super::read_bounded(&path, 16 << 20)?)
+            .map_err(|e| Error::model(&path, format!("not a PEFT adapter config: {e}")))
+    }
+
+    /// The base folder the adapter in `dir` names (`base_model_name_or_path`): relative to the adapter
+    /// folder when it is a relative path that exists there.
+    pub fn base_dir(&self, dir: &Path) -> Result<std::path::PathBuf> {
+        let base = self.base_model_name_or_path.as_deref().filter(|b| !b.is_empty()).ok_or_else(|| {
+            let msg = "names no base model (`base_model_name_or_path`); give the base explicitly";
+            Error::model(dir.join(ADAPTER_CONFIG), msg)
+        })?;
+        let local = dir.join(base);
+        Ok(if Path::new(base).is_relative() && local.is_dir() { local } else { base.into() })
+    }
+
     /// The settings it describes; an adapter Prospect cannot apply exactly is an error naming the field.
     pub fn settings(&self, path: &Path) -> Result<LoraSettings> {
         let bad = |field: &str, msg: String| Error::model(path, format!("field `{field}`: {msg}"));
@@ -326,11 +329,8 @@ impl Adapter {
     /// Read `dir` and check every tensor against the model it will adapt (`config`).
     pub fn read(dir: &Path, config: &LlamaConfig, device: &Device) -> Result<Self> {
         super::check_model_dir(dir)?;
-        let cfg_path = dir.join(ADAPTER_CONFIG);
-        let bytes = super::read_bounded(&cfg_path, 16 << 20)?;
-        let adapter_config: AdapterConfig = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::model(&cfg_path, format!("not a PEFT adapter config: {e}")))?;
-        let settings = adapter_config.settings(&cfg_path)?;
+        let adapter_config = AdapterConfig::read(dir)?;
+        let settings = adapter_config.settings(&dir.join(ADAPTER_CONFIG))?;
         let file = dir.join(ADAPTER_WEIGHTS);
         if !file.is_file() {
             return Err(Error::model(dir, format!("no {ADAPTER_WEIGHTS} in this adapter folder")));
@@ -348,14 +348,6 @@ impl Adapter {
         }
         check_tensors(&file, config, &settings, &tensors)?;
         Ok(Self { config: adapter_config, settings, tensors })
-    }
-
-    /// The base folder the adapter names: `base_model_name_or_path`, relative to the adapter folder
-    /// when it is a relative path that exists there.
-    pub fn base_dir(&self, adapter_dir: &Path) -> Option<std::path::PathBuf> {
-        let base = self.config.base_model_name_or_path.as_deref()?;
-        let local = adapter_dir.join(base);
-        Some(if Path::new(base).is_relative() && local.is_dir() { local } else { base.into() })
     }
 }
 
@@ -581,6 +573,14 @@ pub fn quantize_q8_0(w: &Tensor) -> Result<Tensor> {
         out.extend(block.iter().map(|x| (x * inv).round().clamp(-127.0, 127.0) as i8 as u8));
     }
     Ok(Tensor::from_vec(out, (rows, cols / Q8_BLOCK * Q8_BYTES), w.device())?)
+}
+
+/// How many weights a frozen tensor stores: its elements, or for Q8_0 blocks (u8) 32 per 34 bytes.
+pub fn stored_weights(t: &Tensor) -> usize {
+    match t.dtype() {
+        candle_core::DType::U8 => t.elem_count() / Q8_BYTES * Q8_BLOCK,
+        _ => t.elem_count(),
+    }
 }
 
 /// The inverse of [`quantize_q8_0`]: `x = d · q`, as f32 `[rows, cols]`.

@@ -109,13 +109,7 @@ impl Policy {
         let mut tensors = if base_dtype == TRAIN_DTYPE {
             load_tensors(dir, TRAIN_DTYPE, device)?
         } else {
-            weights::load_tensors_each(dir, device, |name, t| {
-                if is_head_tensor(&name) {
-                    return Ok((name, t)); // heads train whole, in f32
-                }
-                let mut stored = store_base([(name.clone(), t)].into(), base_dtype)?;
-                stored.pop_first().ok_or_else(|| Error::model(dir, format!("`{name}` vanished while converting")))
-            })?
+            weights::load_tensors_each(dir, device, |name, t| store_base(name, t, base_dtype))?
         };
         check_embedding(dir, &config, &tensors)?;
         let initialised = add_head(dir, &config, &mut tensors, head, seed, device)?;
@@ -162,9 +156,7 @@ impl Policy {
                 tensors.remove(name); // the adapter's copy trains; the base's is not needed
             }
         }
-        if let Some(embed) = adapter_tensors.get("model.embed_tokens.weight") {
-            config.vocab_size = embed.dim(0)?;
-        }
+        vocab_from_embedding(&mut config, &adapter_tensors)?;
         if head != Head::Score && adapter_tensors.contains_key(heads::SCORE_WEIGHT) {
             return Err(Error::model(
                 dir,
@@ -176,7 +168,7 @@ impl Policy {
         });
         trainable.extend(adapter_tensors);
         policy.params = Params::from_tensors(&trainable)?;
-        policy.frozen = store_base(tensors, start.table.base_dtype.dtype())?;
+        policy.frozen = tensors; // already in `base_dtype`: converted as it was read
         policy.config = config;
         policy.lora = Some(settings);
         Ok((policy, unused, initialised))
@@ -195,6 +187,11 @@ impl Policy {
         }
         let (model, _) = weights::build_with(tensors, TRAIN_DTYPE, device, |vb| Llama::new(&self.config, vb))?;
         Ok(Some(model))
+    }
+
+    /// Weights in the frozen base (a LoRA run's), counted as parameters whatever `base_dtype` stores them in.
+    pub fn frozen_parameters(&self) -> usize {
+        self.frozen.values().map(lora::stored_weights).sum()
     }
 
     /// The frozen base and the trainable tensors, under one set of names.
@@ -270,24 +267,8 @@ impl Policy {
     /// The folder appears atomically.
     pub fn save_hf(&self, dest: &Path, extra: &[(&str, &[u8])]) -> Result<()> {
         crate::fsio::replace_dir_atomic(dest, |tmp| {
-            for name in HF_SIDE_FILES {
-                let src = self.source_dir.join(name);
-                if src.exists() {
-                    let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-                    let bytes = if *name == "config.json" { self.rewrite_config(&bytes, &src)? } else { bytes };
-                    crate::fsio::write_atomic(&tmp.join(name), &bytes)?;
-                }
-            }
-            let (value_head, tensors): (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) =
-                self.params.detached_tensors().into_iter().partition(|(k, _)| k.starts_with("v_head."));
-            save_tensors(&tensors, &tmp.join("model.safetensors"))?;
-            if !value_head.is_empty() {
-                save_tensors(&value_head, &tmp.join(VALUE_HEAD_FILE))?;
-            }
-            for (name, bytes) in extra {
-                crate::fsio::write_atomic(&tmp.join(name), bytes)?;
-            }
-            Ok(())
+            let tensors = self.write_beside_weights(tmp, true, extra)?;
+            save_tensors(&tensors, &tmp.join("model.safetensors"))
         })
     }
 }
@@ -305,24 +286,37 @@ impl Policy {
             .collect();
         let config = lora::AdapterConfig::new(settings, base, self.head == Head::Score, saved);
         crate::fsio::replace_dir_atomic(dest, |tmp| {
-            for name in HF_SIDE_FILES.iter().filter(|n| **n != "config.json") {
-                let src = self.source_dir.join(name);
-                if src.exists() {
-                    let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-                    crate::fsio::write_atomic(&tmp.join(name), &bytes)?;
-                }
-            }
-            let (value_head, tensors): (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) =
-                self.params.detached_tensors().into_iter().partition(|(k, _)| k.starts_with("v_head."));
-            lora::write_adapter(tmp, &config, &tensors)?;
-            if !value_head.is_empty() {
-                save_tensors(&value_head, &tmp.join(VALUE_HEAD_FILE))?;
-            }
-            for (name, bytes) in extra {
-                crate::fsio::write_atomic(&tmp.join(name), bytes)?;
-            }
-            Ok(())
+            let tensors = self.write_beside_weights(tmp, false, extra)?;
+            lora::write_adapter(tmp, &config, &tensors)
         })
+    }
+
+    /// What a saved folder holds beside its weights: the source folder's side files (`config.json`
+    /// rewritten, or left out for an adapter folder), PPO's value head, and `extra`. Returns the other
+    /// trainable tensors, for the caller to write as the folder's weights.
+    fn write_beside_weights(
+        &self,
+        tmp: &Path,
+        with_config: bool,
+        extra: &[(&str, &[u8])],
+    ) -> Result<BTreeMap<String, Tensor>> {
+        for name in HF_SIDE_FILES.iter().filter(|n| with_config || **n != "config.json") {
+            let src = self.source_dir.join(name);
+            if src.exists() {
+                let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+                let bytes = if *name == "config.json" { self.rewrite_config(&bytes, &src)? } else { bytes };
+                crate::fsio::write_atomic(&tmp.join(name), &bytes)?;
+            }
+        }
+        let (value_head, tensors): (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) =
+            self.params.detached_tensors().into_iter().partition(|(k, _)| k.starts_with("v_head."));
+        if !value_head.is_empty() {
+            save_tensors(&value_head, &tmp.join(VALUE_HEAD_FILE))?;
+        }
+        for (name, bytes) in extra {
+            crate::fsio::write_atomic(&tmp.join(name), bytes)?;
+        }
+        Ok(tensors)
     }
 
     /// `config.json` for the saved folder: f32 weights, and for a reward model the
@@ -393,26 +387,29 @@ fn add_head(
     Ok(initialised)
 }
 
-/// The frozen base in `dtype`: every matrix (linear layers, embedding, LM head); the norm weights stay f32
-/// (they are a few kilobytes, and the fused RMSNorm kernel reads f32).
-/// With `DType::U8` (`base_dtype = "q8_0"`), the linear layers are quantized to Q8_0 and stored as
-/// `<layer>.weight_q8_0`; the embedding goes to bf16.
-fn store_base(tensors: BTreeMap<String, Tensor>, dtype: DType) -> Result<BTreeMap<String, Tensor>> {
-    if dtype == TRAIN_DTYPE {
-        return Ok(tensors);
+/// One tensor of a LoRA run's frozen base, as it is kept in `dtype`: every matrix (linear layers,
+/// embedding, LM head) in `dtype`; norm weights in f32 (a few kilobytes, and the fused RMSNorm kernel reads
+/// f32); heads in f32 (they train). With `DType::U8` (`base_dtype = "q8_0"`) a linear layer is quantized
+/// to Q8_0 and kept as `<layer>.weight_q8_0`, and the embedding goes to bf16.
+fn store_base(name: String, t: Tensor, dtype: DType) -> Result<(String, Tensor)> {
+    Ok(match (t.rank(), dtype) {
+        _ if is_head_tensor(&name) => (name, t),
+        (2, DType::U8) if name.ends_with("_proj.weight") => {
+            let q = lora::quantize_q8_0(&t)?;
+            (name.replace(".weight", ".weight_q8_0"), q)
+        }
+        (2, DType::U8) => (name, t.to_dtype(DType::BF16)?),
+        (2, _) => (name, t.to_dtype(dtype)?),
+        _ => (name, t),
+    })
+}
+
+/// A vocabulary grown by an adapter (`modules_to_save` `embed_tokens`) sets the config's size.
+fn vocab_from_embedding(config: &mut LlamaConfig, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    if let Some(embed) = tensors.get("model.embed_tokens.weight") {
+        config.vocab_size = embed.dim(0)?;
     }
-    tensors
-        .into_iter()
-        .map(|(name, t)| match (t.rank(), dtype) {
-            _ if t.dtype() == DType::U8 => Ok((name, t)), // quantized already (converted while loading)
-            (2, DType::U8) if name.ends_with("_proj.weight") => {
-                Ok((name.replace(".weight", ".weight_q8_0"), lora::quantize_q8_0(&t)?))
-            }
-            (2, DType::U8) => Ok((name, t.to_dtype(DType::BF16)?)),
-            (2, _) => Ok((name, t.to_dtype(dtype)?)),
-            _ => Ok((name, t)),
-        })
-        .collect()
+    Ok(())
 }
 
 /// Tensors of a scalar head (`score.*`, `v_head.*`): trained whole, with or without LoRA.
@@ -439,14 +436,7 @@ impl ModelSource {
         if !lora::is_adapter_dir(dir) {
             return Ok(Self { base: dir.to_path_buf(), adapter: None });
         }
-        let path = dir.join(lora::ADAPTER_CONFIG);
-        let config: lora::AdapterConfig = serde_json::from_slice(&read_bounded(&path, 16 << 20)?)
-            .map_err(|e| Error::model(&path, format!("not a PEFT adapter config: {e}")))?;
-        let base = config.base_model_name_or_path.as_deref().filter(|b| !b.is_empty()).ok_or_else(|| {
-            Error::model(&path, "names no base model (`base_model_name_or_path`); give the base explicitly")
-        })?;
-        let local = dir.join(base);
-        let base = if Path::new(base).is_relative() && local.is_dir() { local } else { PathBuf::from(base) };
+        let base = lora::AdapterConfig::read(dir)?.base_dir(dir)?;
         Ok(Self { base, adapter: Some(dir.to_path_buf()) })
     }
 
@@ -468,9 +458,7 @@ impl ModelSource {
             let adapter = lora::Adapter::read(dir, &config, device)?;
             config.adapter = Some(adapter.settings.spec());
             tensors.extend(adapter.tensors);
-            if let Some(embed) = tensors.get("model.embed_tokens.weight") {
-                config.vocab_size = embed.dim(0)?; // an adapter that grew the vocabulary (modules_to_save)
-            }
+            vocab_from_embedding(&mut config, &tensors)?;
         }
         Ok((config, tensors))
     }
@@ -513,27 +501,24 @@ pub fn load_frozen_source(source: &ModelSource, device: &Device) -> Result<Llama
 /// `W + s·B·A` (PEFT's `merge_and_unload`), a reward adapter's `score` replaces the base's. The folder
 /// holds the base's `config.json` and tokenizer files and f32 `model.safetensors`; it appears atomically.
 pub fn merge_adapter(base: &Path, adapter_dir: &Path, dest: &Path, device: &Device) -> Result<()> {
-    let config = LlamaConfig::load(base)?;
+    let mut config = LlamaConfig::load(base)?;
     let mut tensors = load_tensors(base, TRAIN_DTYPE, device)?;
     check_embedding(base, &config, &tensors)?;
-    let mut config = config;
     let adapter = lora::Adapter::read(adapter_dir, &config, device)?;
     lora::merge(&mut tensors, &adapter)?;
-    if let Some(embed) = tensors.get("model.embed_tokens.weight") {
-        config.vocab_size = embed.dim(0)?;
-    }
+    vocab_from_embedding(&mut config, &tensors)?;
     let reward = adapter.config.task_type.as_deref() == Some("SEQ_CLS");
-    let mut policy = Policy {
+    let policy = Policy {
         config,
-        params: Params::from_tensors(&BTreeMap::new())?,
-        frozen: tensors,
+        params: Params::from_tensors(&tensors)?,
+        frozen: BTreeMap::new(),
         lora: None,
         initial_adapter: None,
         source_dir: base.to_path_buf(),
         head: if reward { Head::Score } else { Head::Lm },
         pad_token_id: None,
     };
-    policy.params = Params::from_tensors(&std::mem::take(&mut policy.frozen))?;
+    drop(tensors);
     policy.save_hf(dest, &[])
 }
 

@@ -358,7 +358,7 @@ fn load_policy(
     let lora = config.lora.as_ref().map(|table| LoraStart { table, seed: config.seed });
     let (mut policy, unused, initialised) = Policy::load_for_training(&config.model, device, head, config.seed, lora)?;
     if let Some(settings) = &policy.lora {
-        let frozen: usize = policy.frozen.values().map(|t| t.elem_count()).sum();
+        let frozen = policy.frozen_parameters();
         let trainable = policy.params.num_elements();
         on_event(Event::Notice(format!(
             "LoRA r={} alpha={} on {:?}: {trainable} trainable parameters, {:.3}% of {}",
@@ -441,10 +441,9 @@ fn reference(
         return Ok(Some(Reference::Model(model)));
     }
     let started = Instant::now();
-    let mbs = remaining;
     // Each rank scores its share of the microbatches; the shares are merged in rank order, so a sequence
     // met in several microbatches keeps the value of its first one, as in one process.
-    let share = &mbs[dist::deal(mbs.len(), comm.rank(), comm.world_size())];
+    let share = &remaining[dist::deal(remaining.len(), comm.rank(), comm.world_size())];
     let mine =
         ReferenceLogps::compute(data.loss.family(), &data.train, share.iter().map(Vec::as_slice), &model, settings)?;
     let cache = match comm.world_size() {
@@ -516,10 +515,13 @@ fn check_same_run(comm: &Comm, fingerprint: &Fingerprint) -> Result<()> {
         return Ok(());
     }
     let mine = serde_json::to_vec(fingerprint).map_err(|e| Error::Compute(e.to_string()))?;
-    let all = comm.all_gather(&mine)?;
-    for (rank, bytes) in all.iter().enumerate().skip(1) {
-        let theirs: Fingerprint = serde_json::from_slice(bytes).map_err(|e| Error::Compute(e.to_string()))?;
-        let diff = serde_json::from_slice::<Fingerprint>(&all[0]).map(|r0| r0.differences(&theirs)).unwrap_or_default();
+    let all: Vec<Fingerprint> = comm
+        .all_gather(&mine)?
+        .iter()
+        .map(|bytes| serde_json::from_slice(bytes).map_err(|e| Error::Compute(format!("a rank's fingerprint: {e}"))))
+        .collect::<Result<_>>()?;
+    for (rank, theirs) in all.iter().enumerate().skip(1) {
+        let diff = all[0].differences(theirs);
         if !diff.is_empty() {
             return Err(Error::Compute(format!(
                 "rank {rank} runs a different config or data than rank 0: {}",
