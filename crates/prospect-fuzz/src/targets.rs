@@ -7,7 +7,7 @@
 //! | `gguf`        | `import::convert_gguf` (header, tensors, tokenizer)| toy Llamas written with candle      |
 //! | `safetensors` | `model::load_tensors` (header + tensors)           | `tests/fixtures/tiny-*/*.safetensors` |
 //! | `tokenizer`   | `model::HfTokenizer::load` + chat template compile + one encode | `tokenizer.json`, `tokenizer_config.json` |
-//! | `config`      | `model::LlamaConfig::load`                         | `tests/fixtures/tiny-*/config.json` |
+//! | `config`      | `model::ModelConfig::load`                         | `tests/fixtures/tiny-*/config.json` |
 //!
 //! Regression inputs under `tests/fixtures/bad/<target>/` are seeds too, so fixed bugs stay fixed.
 //! Each run gets the mutated bytes; files it needs on disk go to a scratch folder of the worker's own.
@@ -140,7 +140,7 @@ impl Target {
             Target::Tokenizer => run_tokenizer(input, slot, scratch, fixtures)?,
             Target::Config => {
                 std::fs::write(scratch.join(slot), input)?;
-                prospect::model::LlamaConfig::load(scratch)?;
+                prospect::model::ModelConfig::load(scratch)?;
             }
         }
         Ok(())

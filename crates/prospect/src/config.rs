@@ -185,23 +185,27 @@ impl BaseDtype {
 impl LoraTable {
     /// The run's LoRA settings: the table over PEFT's defaults, or over `adapter`'s config when the
     /// run starts from one (where the two disagree, an error names the key).
+    /// `arch`: the model's family once known (`None` while the config alone is checked).
     pub fn settings(
         &self,
         adapter: Option<&crate::model::lora::LoraSettings>,
+        arch: Option<crate::model::config::Arch>,
     ) -> Result<crate::model::lora::LoraSettings> {
-        use crate::model::lora::{resolve_targets, LoraSettings, TargetModules};
+        use crate::model::lora::{default_targets, resolve_targets, LoraSettings, TargetModules};
         let targets = match &self.target_modules {
             None => None,
             Some(TargetModules::List(v)) => Some(v.clone()),
             Some(TargetModules::One(s)) => Some(vec![s.clone()]),
         };
-        let targets =
-            targets.map(|t| resolve_targets(&t)).transpose().map_err(|m| Error::config("lora.target_modules", m))?;
+        let targets = targets
+            .map(|t| resolve_targets(&t, arch))
+            .transpose()
+            .map_err(|m| Error::config("lora.target_modules", m))?;
         let defaults = LoraSettings {
             r: 8,
             alpha: 8.0,
             dropout: 0.0,
-            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            target_modules: default_targets(arch.unwrap_or_default()),
             rslora: false,
         };
         let base = adapter.cloned().unwrap_or(defaults);
@@ -408,7 +412,7 @@ impl TrainConfig {
         self.validate_optimizer()?;
         self.validate_data()?;
         if let Some(lora) = &self.lora {
-            lora.settings(None)?; // ranges; agreement with init_adapter is checked when it is read
+            lora.settings(None, None)?; // ranges; agreement with init_adapter is checked when it is read
         }
         self.validate_loss()
     }

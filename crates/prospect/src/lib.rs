@@ -9,7 +9,7 @@
 //! data::balance::{hold_out, keep_fractions} -> Rows        (eval split, KTO class fractions; seeded)
 //! data::prepare(rows, kind, tokenizer, ..)  -> Examples    (TRL's tokenization; chat template for messages)
 //! data::collate(..)                         -> SequenceBatch  [b, t] ids + completion mask
-//! model::Llama::forward(ids)                -> logits      [b, t, v], differentiable end to end
+//! model::CausalLm::forward(ids)             -> logits      [b, t, v], differentiable end to end
 //! model::sequence_logps(logits, ids, mask)  -> logps       [b], summed over completion tokens
 //! loss::{kto_loss, dpo_loss, ipo_loss, ..} -> loss        pure functions of log-probs, one file per method
 //!   (training calls model::completion_logps(model, ids, mask): the same, with the LM head applied

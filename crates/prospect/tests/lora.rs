@@ -211,7 +211,7 @@ fn lora_table_parses_with_peft_names() {
     let c = TrainConfig::from_toml(text, &[], Path::new("/base")).unwrap();
     let lora = c.lora.as_ref().unwrap();
     assert_eq!(lora.init_adapter.as_deref(), Some(Path::new("/base/adapters/a")));
-    let s = lora.settings(None).unwrap();
+    let s = lora.settings(None, Some(prospect::model::config::Arch::Llama)).unwrap();
     assert_eq!((s.r, s.alpha, s.dropout, s.rslora, s.target_modules.len()), (16, 32.0, 0.05, true, 7));
     assert_eq!(s.scale(), 8.0); // 32 / √16
     assert_eq!(lora.base_dtype, prospect::config::BaseDtype::Bf16);

@@ -51,8 +51,13 @@ fn max_diff(a: &[f64], b: &[f64]) -> f64 {
 }
 
 fn train_lora(loss: LossConfig, data: &str, name: &str) -> std::path::PathBuf {
+    train_lora_on("tiny-llama", loss, data, name)
+}
+
+fn train_lora_on(model: &str, loss: LossConfig, data: &str, name: &str) -> std::path::PathBuf {
     let out = scratch(name);
     let mut config = trl_config(data, loss, &out);
+    config.model = fixtures().join(model);
     config.lora = Some(LoraTable {
         r: Some(4),
         alpha: Some(8.0),
@@ -65,8 +70,20 @@ fn train_lora(loss: LossConfig, data: &str, name: &str) -> std::path::PathBuf {
 
 #[test]
 fn peft_loads_the_saved_adapter_and_computes_prospects_logits() {
-    let final_dir = train_lora(LossConfig::Dpo(DpoConfig::default()), "paired.jsonl", "lora-peft-dpo");
-    let base = fixtures().join("tiny-llama");
+    peft_round_trip("tiny-llama", "LlamaForCausalLM");
+}
+
+#[test]
+fn peft_loads_gpt2_conv1d_and_gpt_neox_adapters_and_computes_prospects_logits() {
+    peft_round_trip("tiny-gpt2", "GPT2LMHeadModel");
+    peft_round_trip("tiny-gpt-neox", "GPTNeoXForCausalLM");
+}
+
+/// A DPO adapter on every linear layer of `model`: PEFT's logits, Prospect's merge and PEFT's merge agree.
+fn peft_round_trip(model: &str, class: &str) {
+    let loss = LossConfig::Dpo(DpoConfig::default());
+    let final_dir = train_lora_on(model, loss, "paired.jsonl", &format!("lora-peft-dpo-{model}"));
+    let base = fixtures().join(model);
     let ids = vec![vec![1u32, 330, 28, 355, 319, 298, 263, 264], vec![5, 6, 7, 8, 9, 10, 11, 12]];
     let dev = Device::Cpu;
     let ours = prospect::model::load_frozen(&final_dir, &dev)
@@ -74,18 +91,18 @@ fn peft_loads_the_saved_adapter_and_computes_prospects_logits() {
         .forward(&Tensor::new(ids.clone(), &dev).unwrap())
         .unwrap();
     let ours: Vec<f64> = ours.flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap().to_vec1().unwrap();
-    let merged_by_peft = scratch("lora-peft-merged").join("m");
+    let merged_by_peft = scratch(&format!("lora-peft-merged-{model}")).join("m");
     let json = peft(&base, &final_dir, &ids, &["--merged-out", merged_by_peft.to_str().unwrap()]);
     assert_eq!(json["class"], "PeftModelForCausalLM");
     let theirs = flat(&json["logits"]);
     let base_logits = flat(&run_reference_script("hf_logits.py", &base, &ids)["logits"]);
-    assert!(max_diff(&theirs, &base_logits) > 1e-2, "the adapter changed nothing");
-    assert!(max_diff(&ours, &theirs) < 1e-4, "PEFT vs Prospect: {:e}", max_diff(&ours, &theirs));
+    assert!(max_diff(&theirs, &base_logits) > 1e-2, "{model}: the adapter changed nothing");
+    assert!(max_diff(&ours, &theirs) < 1e-4, "{model}: PEFT vs Prospect: {:e}", max_diff(&ours, &theirs));
     // Prospect's merge, loaded by transformers as a plain model, and PEFT's own merge.
-    let merged_by_us = scratch("lora-prospect-merged").join("m");
+    let merged_by_us = scratch(&format!("lora-prospect-merged-{model}")).join("m");
     prospect::model::merge_adapter(&base, &final_dir, &merged_by_us, &dev).unwrap();
     let json = run_reference_script("hf_logits.py", &merged_by_us, &ids);
-    assert_eq!(json["class"], "LlamaForCausalLM");
+    assert_eq!(json["class"], class);
     let merged = flat(&json["logits"]);
     assert!(max_diff(&merged, &theirs) < 1e-4, "merged (transformers) vs PEFT: {:e}", max_diff(&merged, &theirs));
     let peft_merged = flat(&run_reference_script("hf_logits.py", &merged_by_peft, &ids)["logits"]);

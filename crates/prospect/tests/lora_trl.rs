@@ -107,6 +107,7 @@ fn fresh_adapter_dir(fixture: &Value, name: &str) -> std::path::PathBuf {
         .filter(|(k, _)| k.contains("lora_B"))
         .all(|(_, t)| { t.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() == 0.0 }));
     let cfg = &fixture["config"]["peft_config"];
+    use prospect::model::config::Arch;
     let settings = prospect::model::LoraSettings {
         r: cfg["r"].as_u64().unwrap() as usize,
         alpha: cfg["lora_alpha"].as_f64().unwrap(),
@@ -118,11 +119,12 @@ fn fresh_adapter_dir(fixture: &Value, name: &str) -> std::path::PathBuf {
                 .iter()
                 .map(|v| v.as_str().unwrap().to_string())
                 .collect::<Vec<_>>(),
+            Some(Arch::Llama),
         )
         .unwrap(),
         rslora: false,
     };
-    let config = prospect::model::lora::AdapterConfig::new(&settings, "tiny-llama", false, vec![]);
+    let config = prospect::model::lora::AdapterConfig::new(&settings, "tiny-llama", Arch::Llama, false, vec![]);
     let inner = initial.into_iter().map(|(k, t)| (k.trim_start_matches("base_model.model.").to_string(), t)).collect();
     prospect::model::lora::write_adapter(&dir, &config, &inner).unwrap();
     dir

@@ -35,7 +35,11 @@ fn start_model(loss: &LossConfig, model: &Path) -> PathBuf {
     if !matches!(loss.family(), Family::Token(_)) {
         return model.to_path_buf();
     }
-    let dir = scratch(&format!("conformance-model-{}", loss.name()));
+    // A folder per call: the tests run in parallel, and each one empties its scratch folder first.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let model_name = model.file_name().unwrap().to_string_lossy();
+    let dir = scratch(&format!("conformance-model-{}-{model_name}-{call}", loss.name()));
     for entry in std::fs::read_dir(model).unwrap() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
@@ -137,8 +141,9 @@ fn every_split_invariant_loss_gives_one_update_for_any_microbatch_split() {
         checked += 1;
     }
     // Left out are the losses that declare themselves split-dependent: today KTO (z0 per microbatch), ORPO
-    // (NLL over each microbatch's chosen tokens) and offline PPO (advantages whitened per microbatch).
-    assert!(checked >= LossConfig::NAMES.len() - 3, "only {checked} losses were checked");
+    // (NLL over each microbatch's chosen tokens), offline PPO (advantages whitened per microbatch) and BCO
+    // (δ updated after every microbatch).
+    assert!(checked >= LossConfig::NAMES.len() - 4, "only {checked} losses were checked");
 }
 
 #[test]
@@ -212,6 +217,72 @@ fn every_loss_trains_with_lora() {
         assert!(b_norm > 0.0, "{name}: some lora_B did not move");
         if matches!(loss.family(), Family::Token(_)) {
             assert!(final_dir.join("value_head.safetensors").exists(), "{name}: no value head");
+        }
+    }
+}
+
+#[test]
+fn every_loss_trains_gpt2_and_gpt_neox() {
+    // The Archangel families: two steps of every loss on tiny GPT-2 and GPT-NeoX models. Every weight must
+    // move (a parameter cut off from the gradient would stay put), and the saved folder must read back as
+    // the family it came from.
+    for family in ["tiny-gpt2", "tiny-gpt-neox"] {
+        let start = weights(&fixtures().join(family));
+        for loss in every_loss() {
+            let name = loss.name();
+            let out = scratch(&format!("family-{family}-{name}"));
+            let mut config = trl_config(data_for(&loss), loss.clone(), &out);
+            config.model = start_model(&loss, &fixtures().join(family));
+            config.max_steps = Some(2);
+            config.learning_rate = 1e-3;
+            let history = run(&config);
+            assert!(history.iter().all(|m| m.loss.is_finite() && m.grad_norm > 0.0), "{family} {name}: {history:?}");
+            let saved = weights(&out.join("final"));
+            for (k, t) in &start {
+                if matches!(loss.family(), Family::Reward(_)) && k == "embed_out.weight" {
+                    continue; // a reward model has a score head instead of the LM head
+                }
+                let w = saved.get(k).unwrap_or_else(|| panic!("{family} {name}: `{k}` was not saved"));
+                if w.dims() != t.dims() {
+                    continue; // CSFT grows the vocabulary
+                }
+                let moved = (w - t).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                assert!(moved > 1e-5, "{family} {name}: `{k}` did not move ({moved:e})");
+            }
+            let config = prospect::model::ModelConfig::load(&out.join("final")).unwrap();
+            let want = if family == "tiny-gpt2" { "gpt2" } else { "gpt_neox" };
+            assert_eq!(config.model_type, want, "{family} {name}");
+        }
+    }
+}
+
+#[test]
+fn gpt2_and_gpt_neox_train_with_lora_on_every_linear_layer() {
+    use prospect::model::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+    // (family, adapted layers per decoder layer, PEFT's fan_in_fan_out)
+    for (family, per_layer, conv1d) in [("tiny-gpt2", 4, true), ("tiny-gpt-neox", 4, false)] {
+        for loss in [LossConfig::default_for("kto").unwrap(), LossConfig::default_for("reward").unwrap()] {
+            let name = loss.name();
+            let out = scratch(&format!("lora-{family}-{name}"));
+            let mut config = trl_config(data_for(&loss), loss.clone(), &out);
+            config.model = fixtures().join(family);
+            config.max_steps = Some(2);
+            config.lora = Some(lora_table());
+            let history = run(&config);
+            assert!(history.iter().all(|m| m.loss.is_finite() && m.grad_norm > 0.0), "{family} {name}: {history:?}");
+            let final_dir = out.join("final");
+            let adapter: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(final_dir.join(ADAPTER_CONFIG)).unwrap()).unwrap();
+            assert_eq!(adapter["fan_in_fan_out"], conv1d, "{family}");
+            let saved = candle_core::safetensors::load(final_dir.join(ADAPTER_WEIGHTS), &Device::Cpu).unwrap();
+            let lora: Vec<&String> = saved.keys().filter(|k| k.contains(".lora_")).collect();
+            assert_eq!(lora.len(), 2 * per_layer * 2, "{family} {name}: {:?}", saved.keys());
+            let least_moved_b = saved
+                .iter()
+                .filter(|(k, _)| k.contains("lora_B"))
+                .map(|(_, t)| t.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+                .fold(f32::INFINITY, f32::min);
+            assert!(least_moved_b > 0.0, "{family} {name}: some lora_B did not move");
         }
     }
 }

@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::Device;
-use prospect::model::{load_frozen, HfTokenizer, LlamaConfig, Policy};
+use prospect::model::{load_frozen, HfTokenizer, ModelConfig, Policy};
 
 /// A copy of `tiny-llama` in a scratch folder, with `edit` applied to its `config.json`.
 fn tiny_llama_with(name: &str, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> PathBuf {
@@ -48,7 +48,7 @@ fn bad_config_fixtures_name_the_field() {
     for (file, text) in expected {
         let dir = common::scratch(&format!("bad-config-{file}"));
         std::fs::copy(common::fixtures().join("bad/config").join(file), dir.join("config.json")).unwrap();
-        let message = error_of(LlamaConfig::load(&dir));
+        let message = error_of(ModelConfig::load(&dir));
         assert!(message.contains(&dir.join("config.json").display().to_string()), "{file}: {message}");
         assert!(message.contains(text), "{file}: {message}");
     }
@@ -67,7 +67,7 @@ fn absurd_sizes_name_the_field() {
         ("num_attention_heads", 0.into(), "`num_attention_heads` is 0: expected a positive size"),
         ("num_key_value_heads", 3.into(), "`num_key_value_heads` (3) must divide num_attention_heads (4)"),
         ("head_dim", 0.into(), "`head_dim` is 0: expected a positive size"),
-        ("head_dim", 7.into(), "head dimension 7 must be even"),
+        ("head_dim", 7.into(), "RoPE rotates 7 head dimensions: expected an even number"),
         ("hidden_size", huge.into(), "parameters; expected at most 1099511627776"),
         ("vocab_size", huge.into(), "describe more than 2^64 parameters"),
         ("rms_norm_eps", (-1.0).into(), "`rms_norm_eps` is -1: expected a finite number >= 0"),
@@ -76,7 +76,7 @@ fn absurd_sizes_name_the_field() {
         let dir = tiny_llama_with(&format!("absurd-{k}-{field}"), |c| {
             c.insert(field.into(), value.clone());
         });
-        let message = error_of(LlamaConfig::load(&dir));
+        let message = error_of(ModelConfig::load(&dir));
         assert!(message.contains(text), "{field} = {value}: {message}");
     }
     // Without head_dim, hidden_size / num_attention_heads must be whole: 30 / 4 is not.
@@ -84,7 +84,7 @@ fn absurd_sizes_name_the_field() {
         c.remove("head_dim");
         c.insert("hidden_size".into(), 30.into());
     });
-    let message = error_of(LlamaConfig::load(&dir));
+    let message = error_of(ModelConfig::load(&dir));
     assert!(message.contains("`hidden_size` (30) must be a multiple of num_attention_heads (4)"), "{message}");
 }
 
@@ -94,7 +94,7 @@ fn a_missing_model_folder_is_named() {
     let shown = dir.display().to_string();
     for message in [
         error_of(HfTokenizer::load(&dir)),
-        error_of(LlamaConfig::load(&dir)),
+        error_of(ModelConfig::load(&dir)),
         error_of(Policy::load(&dir, &Device::Cpu)),
         error_of(load_frozen(&dir, &Device::Cpu)),
     ] {

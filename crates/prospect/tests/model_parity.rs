@@ -1,6 +1,9 @@
 //! The model against `transformers`: logits, completion log-probs and gradients for tiny random Llama
-//! (GQA, tied embeddings) and Qwen2 (q/k/v biases, untied head, sharded checkpoint) models, and the
-//! tokenizer's ids. Fixture: `tests/fixtures/parity.json`, from `scripts/make_fixtures.py`.
+//! (GQA, tied embeddings) and Qwen2 (q/k/v biases, untied head, sharded checkpoint) models, GPT-2 (Conv1D,
+//! learned positions, tied head) and GPT-NeoX (parallel and sequential residual, partial rotary, fused
+//! per-head qkv, untied `embed_out`), greedy generation for the last two, and the tokenizer's ids.
+//! Fixtures: `tests/fixtures/parity.json` (`scripts/make_fixtures.py`) and `parity_families.json`
+//! (`scripts/make_family_fixtures.py`).
 
 mod common;
 
@@ -39,7 +42,7 @@ fn run(name: &str) -> (f64, Vec<f64>, Vec<usize>, BTreeMap<String, Tensor>, Valu
 }
 
 fn run_path(name: &str, path: Path) -> (f64, Vec<f64>, Vec<usize>, BTreeMap<String, Tensor>, Value) {
-    let fixture = fixture_json("parity.json")[name].clone();
+    let fixture = parity_fixture(name);
     let dev = Device::Cpu;
     let (policy, unused) = Policy::load(&fixtures().join(name), &dev).unwrap();
     assert!(unused.is_empty(), "unused tensors: {unused:?}");
@@ -86,6 +89,23 @@ fn run_path(name: &str, path: Path) -> (f64, Vec<f64>, Vec<usize>, BTreeMap<Stri
     (max_diff, logps, out.token_counts, grads, fixture)
 }
 
+/// The GPT-2 / GPT-NeoX models are in their own fixture file.
+const FAMILIES: [&str; 3] = ["tiny-gpt2", "tiny-gpt-neox", "tiny-gpt-neox-seq"];
+
+fn parity_fixture(name: &str) -> Value {
+    let file = if FAMILIES.contains(&name) { "parity_families.json" } else { "parity.json" };
+    fixture_json(file)[name].clone()
+}
+
+/// transformers 5 calls GPT-NeoX's head `lm_head` in memory and `embed_out` in the checkpoint.
+fn checkpoint_name(pname: &str) -> &str {
+    if pname == "lm_head.weight" {
+        "embed_out.weight"
+    } else {
+        pname
+    }
+}
+
 fn check(name: &str) {
     check_path(name, Path::Fused)
 }
@@ -103,6 +123,10 @@ fn check_path(name: &str, path: Path) {
     let want = fixture["grads"].as_object().unwrap();
     assert_eq!(grads.len(), want.len(), "{name}: parameters with a gradient: {:?}", grads.keys().collect::<Vec<_>>());
     for (pname, w) in want {
+        let pname = match FAMILIES.contains(&name) {
+            true => checkpoint_name(pname),
+            false => pname.as_str(),
+        };
         let g = grads.get(pname).unwrap_or_else(|| panic!("{name}: no gradient for {pname}"));
         let l2 = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64;
         let sum = g.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
@@ -133,8 +157,53 @@ fn tiny_qwen2_sharded_matches_transformers() {
 }
 
 #[test]
+fn tiny_gpt2_matches_transformers() {
+    check("tiny-gpt2");
+}
+
+#[test]
+fn tiny_gpt_neox_parallel_residual_matches_transformers() {
+    check("tiny-gpt-neox");
+}
+
+#[test]
+fn tiny_gpt_neox_sequential_residual_matches_transformers() {
+    check("tiny-gpt-neox-seq");
+}
+
+#[test]
+fn greedy_generation_matches_transformers_for_gpt2_and_gpt_neox() {
+    use prospect::eval::{generate, FinishReason, GenerateConfig};
+    for name in FAMILIES {
+        let dir = fixtures().join(name);
+        let (policy, _) = Policy::load(&dir, &Device::Cpu).unwrap();
+        let model = policy.frozen_model(&Device::Cpu).unwrap();
+        let tok = HfTokenizer::load(&dir).unwrap();
+        let cases = parity_fixture(name)["greedy"].as_array().unwrap().clone();
+        let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
+        let config = GenerateConfig { max_new_tokens: 8, ..GenerateConfig::default() }; // greedy by default
+                                                                                        // Both prompts in one left-padded batch: each row's positions start at its first real token.
+        let out = generate(&model, &tok, &prompts, &config, &Device::Cpu, &mut |_| {}).unwrap();
+        for (case, got) in cases.iter().zip(&out) {
+            // transformers' ids include the eos that ended a row; ours stop before it.
+            let mut want = ids(&case["new_ids"]);
+            let ended = want.len() < 8 || want.last() == Some(&0);
+            if ended {
+                assert_eq!(want.pop(), Some(0), "{name}: a short transformers generation ends in eos");
+                assert_eq!(got.finish, FinishReason::Eos);
+            }
+            assert_eq!(got.completion_ids, want, "{name}: greedy ids for {:?}", case["prompt"]);
+        }
+    }
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
 fn completion_only_lm_head_matches_transformers() {
-    for name in ["tiny-llama", "tiny-qwen2"] {
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gpt-neox"] {
         check_path(name, Path::CompletionOnly);
     }
 }
@@ -143,7 +212,7 @@ fn completion_only_lm_head_matches_transformers() {
 fn fast_paths_equal_the_composite_path() {
     // The fused log-softmax kernel and the completion-only LM head against the composite reference,
     // forward (Σ logps) and backward (every parameter's gradient), to 1e-5 relative.
-    for name in ["tiny-llama", "tiny-qwen2"] {
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gpt-neox"] {
         let (_, want_logps, want_counts, want_grads, _) = run_path(name, Path::Composite);
         for path in [Path::Fused, Path::CompletionOnly] {
             let (_, logps, counts, grads, _) = run_path(name, path);
@@ -168,7 +237,7 @@ fn fast_paths_equal_the_composite_path() {
 #[test]
 fn every_trainable_parameter_gets_a_gradient() {
     // The candle 0.11 trap: fused ops without backward silently leave parameters at zero gradient.
-    for name in ["tiny-llama", "tiny-qwen2"] {
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gpt-neox", "tiny-gpt-neox-seq"] {
         let (_, _, _, grads, _) = run(name);
         let (policy, _) = Policy::load(&fixtures().join(name), &Device::Cpu).unwrap();
         assert_eq!(grads.len(), policy.params.len());

@@ -22,7 +22,7 @@ use candle_core::Device;
 use common::{check_final_params, compare_steps, config_from_fixture, fixture_json, fixtures, scratch};
 use prospect::data::{prepare, read_jsonl, Examples};
 use prospect::loss::{DpoConfig, KtoConfig, LossConfig};
-use prospect::model::{HfTokenizer, LlamaConfig};
+use prospect::model::{HfTokenizer, ModelConfig};
 use prospect::train::{train, RunOptions};
 
 /// `loss` and `grad_norm`: TRL to 1e-5 relative at every step (plus `compare_steps`' 1e-6 absolute slack).
@@ -53,7 +53,7 @@ fn chatpad() -> std::path::PathBuf {
 
 #[test]
 fn the_fixture_model_pads_with_im_end_and_im_end_sits_inside_the_rows() {
-    let config = LlamaConfig::load(&chatpad()).unwrap();
+    let config = ModelConfig::load(&chatpad()).unwrap();
     let tok = HfTokenizer::load(&chatpad()).unwrap();
     assert_eq!(config.padding_idx().unwrap(), Some(2));
     assert_eq!(tok.pad_token_id, 2);

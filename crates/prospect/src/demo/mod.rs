@@ -28,7 +28,7 @@ use crate::eval::winrate::{Verdict, WinRate};
 use crate::eval::{generate, plot, GenerateConfig, SamplingConfig};
 use crate::fsio::write_atomic;
 use crate::loss::{DpoConfig, KtoConfig, LossConfig, SftConfig};
-use crate::model::{init::random_weights, save_tensors, HfTokenizer, LlamaConfig, Policy};
+use crate::model::{init::random_weights, save_tensors, HfTokenizer, ModelConfig, Policy};
 use crate::train::{train, Event, RunOptions, StepMetrics};
 use task::Request;
 
@@ -551,6 +551,6 @@ fn write_initial_model(dir: &Path, seed: u64, device: &Device) -> Result<()> {
     crate::fsio::write_json_atomic(&dir.join("tokenizer.json"), &tokenizer)?;
     crate::fsio::write_json_atomic(&dir.join("tokenizer_config.json"), &tokenizer_config)?;
     crate::fsio::write_json_atomic(&dir.join("config.json"), &config)?;
-    let cfg = LlamaConfig::load(dir)?;
+    let cfg = ModelConfig::load(dir)?;
     save_tensors(&random_weights(&cfg, 0.02, seed, device)?, &dir.join("model.safetensors"))
 }

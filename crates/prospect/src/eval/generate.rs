@@ -10,7 +10,7 @@ use super::files::Row;
 use super::sampling::{sample, SamplingConfig};
 use crate::data::{ChatTemplate, Message};
 use crate::error::{Error, Result};
-use crate::model::{HfTokenizer, Llama};
+use crate::model::{CausalLm, HfTokenizer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerateConfig {
@@ -60,7 +60,7 @@ pub struct Generation {
 /// Generate a completion for each prompt (token ids). `on_tokens` is told how many tokens each
 /// decoding step produced, for progress displays.
 pub fn generate(
-    model: &Llama,
+    model: &CausalLm,
     tok: &HfTokenizer,
     prompts: &[Vec<u32>],
     cfg: &GenerateConfig,
@@ -95,7 +95,7 @@ pub fn generate(
 }
 
 fn generate_batch(
-    model: &Llama,
+    model: &CausalLm,
     tok: &HfTokenizer,
     prompts: &[Vec<u32>],
     cfg: &GenerateConfig,

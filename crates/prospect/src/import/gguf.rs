@@ -2,7 +2,7 @@
 //! a Hugging Face folder that [`crate::model::Policy::load`] and `transformers` both read:
 //!
 //! ```text
-//! GGUF metadata  -> config.json            (llama.* keys -> LlamaConfig fields)
+//! GGUF metadata  -> config.json            (llama.* keys -> ModelConfig fields)
 //! GGUF tensors   -> model.safetensors      (dequantized, Q/K un-permuted, renamed, f32 or bf16)
 //! tokenizer.ggml -> tokenizer.json         (bpe.rs)
 //!                -> tokenizer_config.json  (bos, eos, pad, unk, chat template)
@@ -164,7 +164,7 @@ fn check_supported(meta: &Meta) -> Result<()> {
     Ok(())
 }
 
-/// config.json: the fields of `model::LlamaConfig`, named and ordered as transformers writes them.
+/// config.json: the fields of `model::ModelConfig`, named and ordered as transformers writes them.
 fn config_json(
     meta: &Meta,
     hp: &Hyperparameters,
@@ -751,7 +751,7 @@ mod tests {
             assert_eq!(diff, 0.0, "{hf}");
         }
 
-        let config = crate::model::LlamaConfig::load(&dest).unwrap();
+        let config = crate::model::ModelConfig::load(&dest).unwrap();
         assert_eq!((config.num_attention_heads, config.num_kv_heads(), config.head_dim()), (2, 1, 4));
         assert!(config.tie_word_embeddings, "no output.weight: tied");
         assert_eq!((config.rope_theta(), config.rms_norm_eps), (10_000.0, 1e-5f32 as f64));

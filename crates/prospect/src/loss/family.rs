@@ -7,7 +7,7 @@
 //! | family | inputs | losses |
 //! |---|---|---|
 //! | [`PairedLoss`] | chosen/rejected log-probs `[b]`, reference optional, completion lengths | dpo, cdpo, ipo, slic, simpo, orpo |
-//! | [`UnpairedLoss`] | labelled log-probs `[b]`, reference optional, KTO's KL pairs when asked | kto, kto_zero, apo_zero_unpaired |
+//! | [`UnpairedLoss`] | labelled log-probs `[b]`, reference optional, KTO's KL pairs when asked | kto, kto_zero, apo_zero_unpaired, bco |
 //! | [`SftLoss`] | summed log-probs `[b]`, the microbatch's completion tokens | sft, csft (a data transform + SFT) |
 //! | [`RewardLoss`] | chosen/rejected scores `[b]` of a reward model | reward |
 //! | [`TokenLoss`] | per-token log-probs, values, rewards `[b, t]` | ppo_offline |
@@ -49,12 +49,19 @@ pub trait Loss {
     fn set_class_weights(&mut self, _desirable: f64, _undesirable: f64) {}
 
     /// Losses with state across steps (BCO's running mean of rewards) update it here after each
-    /// training microbatch, from that microbatch's metrics. The trainer checkpoints the state in
-    /// `trainer_state.json` and hands it to every forward in [`Inputs::state`] form.
+    /// training microbatch, from that microbatch's metrics, before the next microbatch runs. The trainer
+    /// checkpoints the state in `trainer_state.json` and hands it to every forward (`state` in the inputs).
     fn observe(&self, _state: &mut LossState, _metrics: &Metrics) {}
+
+    /// Whether [`Loss::observe`] keeps a state that each training microbatch reads after the microbatches
+    /// before it updated it (BCO's δ). Data-parallel ranks run a step's microbatches at the same time, so
+    /// such a loss trains in one process only.
+    fn stateful(&self) -> bool {
+        false
+    }
 }
 
-/// A loss's numbers carried across steps, laid out as the loss chooses (BCO: count, mean, M2). Empty
+/// A loss's numbers carried across steps, laid out as the loss chooses (BCO: count, mean, var). Empty
 /// for stateless losses. Saved in every checkpoint, restored on resume.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LossState {
@@ -170,6 +177,9 @@ pub struct UnpairedInputs<'a> {
     /// `true` for desirable rows.
     pub labels: &'a [bool],
     pub state: &'a LossState,
+    /// `true` for a training microbatch, whose metrics then go to [`Loss::observe`]; `false` in
+    /// evaluation, which reads the state without moving it (TRL's BCO reads δ there without updating it).
+    pub training: bool,
 }
 
 impl<'a> UnpairedInputs<'a> {

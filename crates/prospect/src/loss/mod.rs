@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 pub use apo_zero_unpaired::apo_zero_unpaired_loss;
+pub use bco::{bco_loss, BatchMoments, BcoInputs, BcoOutput, RunningMoments};
 pub use cdpo::cdpo_loss;
 pub use dpo::{dpo_loss, DpoInputs};
 pub use family::{
@@ -102,6 +103,7 @@ losses! {
     reward: Reward(RewardConfig) in Reward,
     ppo_offline: PpoOffline(PpoOfflineConfig) in Token,
     hinge: Hinge(HingeConfig) in Paired,
+    bco: Bco(BcoConfig) in Unpaired,
 }
 
 impl LossConfig {

@@ -10,8 +10,8 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 
-use super::config::LlamaConfig;
-use super::llama::Llama;
+use super::causal_lm::CausalLm;
+use super::config::ModelConfig;
 use crate::error::Result;
 
 /// Checkpoint name of the reward model's head, as `LlamaForSequenceClassification` names it.
@@ -22,14 +22,14 @@ pub const VALUE_BIAS: &str = "v_head.summary.bias";
 
 /// A reward model: backbone + `score` (`[1, d]`, no bias), read at each row's last non-pad token.
 pub struct RewardModel {
-    backbone: Llama,
+    backbone: CausalLm,
     /// `[1, d]`
     score: Tensor,
 }
 
 impl RewardModel {
-    pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
-        let backbone = Llama::new_backbone(config, vb.clone())?;
+    pub fn new(config: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let backbone = CausalLm::new_backbone(config, vb.clone())?;
         let score = vb.pp("score").get((1, config.hidden_size), "weight")?;
         Ok(Self { backbone, score })
     }
@@ -66,7 +66,7 @@ pub struct ValueHead {
 }
 
 impl ValueHead {
-    pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(config: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         let vb = vb.pp("v_head").pp("summary");
         Ok(Self { weight: vb.get((1, config.hidden_size), "weight")?, bias: vb.get(1, "bias")? })
     }

@@ -10,8 +10,8 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 
-use super::config::LlamaConfig;
-use super::llama::Llama;
+use super::causal_lm::CausalLm;
+use super::config::ModelConfig;
 use crate::error::Result;
 
 struct RandomInit {
@@ -55,11 +55,11 @@ fn normal(rng: &mut impl Rng) -> f64 {
 }
 
 /// Random weights for `config`, by Hugging Face tensor name.
-pub fn random_weights(config: &LlamaConfig, std: f64, seed: u64, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+pub fn random_weights(config: &ModelConfig, std: f64, seed: u64, device: &Device) -> Result<BTreeMap<String, Tensor>> {
     let made = Arc::new(Mutex::new(BTreeMap::new()));
     let backend = RandomInit { std, rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)), made: made.clone() };
     let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
-    Llama::new(config, vb)?;
+    CausalLm::new(config, vb)?;
     let out = made.lock().map(|m| m.clone()).unwrap_or_default();
     Ok(out)
 }
@@ -70,7 +70,7 @@ mod tests {
 
     #[test]
     fn names_shapes_and_statistics() {
-        let cfg: LlamaConfig = serde_json::from_str(
+        let cfg: ModelConfig = serde_json::from_str(
             r#"{"model_type":"llama","vocab_size":50,"hidden_size":16,"intermediate_size":32,"num_hidden_layers":2,
                 "num_attention_heads":4,"num_key_value_heads":2,"tie_word_embeddings":true}"#,
         )

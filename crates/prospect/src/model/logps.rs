@@ -4,8 +4,8 @@
 
 use candle_core::{DType, Tensor, D};
 
+use super::causal_lm::CausalLm;
 use super::kernels;
-use super::llama::Llama;
 use super::ops::log_softmax_last_dim;
 use crate::error::{Error, Result};
 
@@ -66,7 +66,7 @@ pub fn token_logps(logits: &Tensor, input_ids: &Tensor, completion_mask: &Tensor
 /// Same value as `sequence_logps(&model.forward(input_ids)?, input_ids, completion_mask)` up to float
 /// rounding (the per-row sums run in another order); `tests/model_parity.rs` checks both against
 /// `transformers`.
-pub fn completion_logps(model: &Llama, input_ids: &Tensor, completion_mask: &Tensor) -> Result<SequenceLogps> {
+pub fn completion_logps(model: &CausalLm, input_ids: &Tensor, completion_mask: &Tensor) -> Result<SequenceLogps> {
     let (b, t) = input_ids.dims2()?;
     if completion_mask.dims() != [b, t] {
         return Err(Error::Shape {

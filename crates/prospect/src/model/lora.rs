@@ -32,16 +32,45 @@ use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::config::LlamaConfig;
+use super::config::{Arch, ModelConfig};
 use crate::error::{Error, Result};
 
 /// The linear layers of a Llama-family decoder layer, as PEFT's `target_modules` name them.
 pub const LINEAR_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+/// GPT-NeoX's linear layers.
+pub const NEOX_MODULES: [&str; 4] = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"];
+/// GPT-2's `Conv1D` layers (`c_proj` names both the attention's and the MLP's output layer, as in PEFT).
+pub const GPT2_MODULES: [&str; 3] = ["c_attn", "c_proj", "c_fc"];
+
+/// A family's adaptable layers, in the order settings list them.
+pub fn linear_modules(arch: Arch) -> &'static [&'static str] {
+    match arch {
+        Arch::Llama => &LINEAR_MODULES,
+        Arch::GptNeoX => &NEOX_MODULES,
+        Arch::Gpt2 => &GPT2_MODULES,
+    }
+}
+
+/// PEFT's default `target_modules` for the family (its `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
+pub fn default_targets(arch: Arch) -> Vec<String> {
+    let names: &[&str] = match arch {
+        Arch::Llama => &["q_proj", "v_proj"],
+        Arch::GptNeoX => &["query_key_value"],
+        Arch::Gpt2 => &["c_attn"],
+    };
+    names.iter().map(|s| s.to_string()).collect()
+}
 
 /// Tensors trained whole beside the adapters, saved as PEFT's `modules_to_save`: a reward model's head,
 /// and the embedding (and untied LM head) when the run added tokens. (name, PEFT module name)
-pub const MODULES_TO_SAVE: [(&str, &str); 3] =
-    [("score.weight", "score"), ("model.embed_tokens.weight", "embed_tokens"), ("lm_head.weight", "lm_head")];
+pub const MODULES_TO_SAVE: [(&str, &str); 6] = [
+    ("score.weight", "score"),
+    ("model.embed_tokens.weight", "embed_tokens"),
+    ("lm_head.weight", "lm_head"),
+    ("gpt_neox.embed_in.weight", "embed_in"),
+    ("embed_out.weight", "embed_out"),
+    ("transformer.wte.weight", "wte"),
+];
 
 /// Files of a PEFT adapter folder.
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -119,43 +148,66 @@ impl LoraSettings {
     }
 }
 
-/// `target_modules` as the user wrote it → the module names, in [`LINEAR_MODULES`] order. `"all-linear"`
-/// is every linear layer of the decoder (PEFT's meaning: all but the output layer). Anything else must
-/// name one of them.
-pub fn resolve_targets(names: &[String]) -> std::result::Result<Vec<String>, String> {
+/// `target_modules` as the user wrote it → the module names, in the family's order ([`linear_modules`]).
+/// `"all-linear"` is every linear layer of the decoder (PEFT's meaning: all but the output layer). Anything
+/// else must name one of them. Without a family (a config checked before its model is read), any family's
+/// names pass, and `"all-linear"` is kept as it is.
+pub fn resolve_targets(names: &[String], arch: Option<Arch>) -> std::result::Result<Vec<String>, String> {
+    let modules: Vec<&str> = match arch {
+        Some(arch) => linear_modules(arch).to_vec(),
+        None => [&LINEAR_MODULES[..], &NEOX_MODULES[..], &GPT2_MODULES[..]].concat(),
+    };
     if names.iter().any(|n| n == "all-linear") {
         if names.len() > 1 {
             return Err("\"all-linear\" stands alone: it already names every linear layer".into());
         }
-        return Ok(LINEAR_MODULES.iter().map(|s| s.to_string()).collect());
+        return Ok(match arch {
+            Some(_) => modules.iter().map(|s| s.to_string()).collect(),
+            None => vec!["all-linear".into()],
+        });
     }
     if names.is_empty() {
-        return Err(format!("is empty; expected some of the model's linear layers: {LINEAR_MODULES:?}"));
+        return Err(format!("is empty; expected some of the model's linear layers: {modules:?}"));
     }
-    if let Some(bad) = names.iter().find(|n| !LINEAR_MODULES.contains(&n.as_str())) {
+    if let Some(bad) = names.iter().find(|n| !modules.contains(&n.as_str())) {
         return Err(format!(
-            "`{bad}` is not a linear layer of this model; its linear layers are {LINEAR_MODULES:?} \
+            "`{bad}` is not a linear layer of this model; its linear layers are {modules:?} \
              (or \"all-linear\" for all of them; the LM head is not adapted)"
         ));
     }
-    Ok(LINEAR_MODULES.iter().filter(|m| names.iter().any(|n| n == *m)).map(|s| s.to_string()).collect())
+    Ok(modules.iter().filter(|m| names.iter().any(|n| n == *m)).map(|s| s.to_string()).collect())
 }
 
 /// The Hugging Face name of each targeted layer's weight with its `[out, in]` shape, layer by layer.
-pub fn targeted_layers(config: &LlamaConfig, targets: &[String]) -> Vec<(String, usize, usize)> {
+pub fn targeted_layers(config: &ModelConfig, targets: &[String]) -> Vec<(String, usize, usize)> {
     let (d, f, e) = (config.hidden_size, config.intermediate_size, config.head_dim());
     let (h, g) = (config.num_attention_heads, config.num_kv_heads());
     let mut out = Vec::new();
     for i in 0..config.num_hidden_layers {
         for m in targets {
-            let (block, out_dim, in_dim) = match m.as_str() {
-                "q_proj" => ("self_attn", h * e, d),
-                "k_proj" | "v_proj" => ("self_attn", g * e, d),
-                "o_proj" => ("self_attn", d, h * e),
-                "gate_proj" | "up_proj" => ("mlp", f, d),
-                _ => ("mlp", d, f), // down_proj
+            // (module path, out, in)
+            let layers: &[(&str, usize, usize)] = match (config.arch, m.as_str()) {
+                (Arch::Llama, "q_proj") => &[("self_attn.q_proj", h * e, d)],
+                (Arch::Llama, "k_proj") => &[("self_attn.k_proj", g * e, d)],
+                (Arch::Llama, "v_proj") => &[("self_attn.v_proj", g * e, d)],
+                (Arch::Llama, "o_proj") => &[("self_attn.o_proj", d, h * e)],
+                (Arch::Llama, "gate_proj") => &[("mlp.gate_proj", f, d)],
+                (Arch::Llama, "up_proj") => &[("mlp.up_proj", f, d)],
+                (Arch::Llama, _) => &[("mlp.down_proj", d, f)],
+                (Arch::GptNeoX, "query_key_value") => &[("attention.query_key_value", 3 * d, d)],
+                (Arch::GptNeoX, "dense") => &[("attention.dense", d, d)],
+                (Arch::GptNeoX, "dense_h_to_4h") => &[("mlp.dense_h_to_4h", f, d)],
+                (Arch::GptNeoX, _) => &[("mlp.dense_4h_to_h", d, f)],
+                (Arch::Gpt2, "c_attn") => &[("attn.c_attn", 3 * d, d)],
+                (Arch::Gpt2, "c_proj") => &[("attn.c_proj", d, d), ("mlp.c_proj", d, f)],
+                (Arch::Gpt2, _) => &[("mlp.c_fc", f, d)],
             };
-            out.push((format!("model.layers.{i}.{block}.{m}"), out_dim, in_dim));
+            let prefix = match config.arch {
+                Arch::Llama => "model.layers",
+                Arch::GptNeoX => "gpt_neox.layers",
+                Arch::Gpt2 => "transformer.h",
+            };
+            out.extend(layers.iter().map(|&(path, o, i_)| (format!("{prefix}.{i}.{path}"), o, i_)));
         }
     }
     out
@@ -165,7 +217,7 @@ pub fn targeted_layers(config: &LlamaConfig, targets: &[String]) -> Vec<(String,
 /// U(−1/√in, 1/√in) (`kaiming_uniform_(a=√5)`: gain √(2/(1+5)), bound gain·√(3/in)) and `lora_B.weight`
 /// `[out, r]` zero. Seeded: the same seed gives the same adapter (the draws differ from PyTorch's).
 pub fn fresh_adapter(
-    config: &LlamaConfig,
+    config: &ModelConfig,
     settings: &LoraSettings,
     seed: u64,
     device: &Device,
@@ -246,8 +298,9 @@ impl AdapterConfig {
         Ok(if Path::new(base).is_relative() && local.is_dir() { local } else { base.into() })
     }
 
-    /// The settings it describes; an adapter Prospect cannot apply exactly is an error naming the field.
-    pub fn settings(&self, path: &Path) -> Result<LoraSettings> {
+    /// The settings it describes for a model of family `arch`; an adapter Prospect cannot apply exactly is
+    /// an error naming the field.
+    pub fn settings(&self, path: &Path, arch: Arch) -> Result<LoraSettings> {
         let bad = |field: &str, msg: String| Error::model(path, format!("field `{field}`: {msg}"));
         if self.peft_type != "LORA" {
             return Err(bad("peft_type", format!("is {:?}; expected \"LORA\"", self.peft_type)));
@@ -255,8 +308,13 @@ impl AdapterConfig {
         if self.bias != "none" {
             return Err(bad("bias", format!("is {:?}; only \"none\" is supported", self.bias)));
         }
-        if self.fan_in_fan_out {
-            return Err(bad("fan_in_fan_out", "is true; expected false (Llama's layers are not Conv1D)".into()));
+        let conv1d = arch == Arch::Gpt2;
+        if self.fan_in_fan_out != conv1d {
+            let msg = match conv1d {
+                true => "is false; expected true (GPT-2's layers are Conv1D, weights stored [in, out])",
+                false => "is true; expected false (this model's layers are not Conv1D)",
+            };
+            return Err(bad("fan_in_fan_out", msg.into()));
         }
         for key in ["use_dora", "layer_replication", "rank_pattern", "alpha_pattern"] {
             let value = self.rest.get(key).filter(|v| !v.is_null() && *v != &serde_json::json!({}));
@@ -276,7 +334,7 @@ impl AdapterConfig {
         };
         names.sort();
         names.dedup();
-        let target_modules = resolve_targets(&names).map_err(|m| bad("target_modules", m))?;
+        let target_modules = resolve_targets(&names, Some(arch)).map_err(|m| bad("target_modules", m))?;
         Ok(LoraSettings {
             r: self.r,
             alpha: self.lora_alpha,
@@ -288,7 +346,13 @@ impl AdapterConfig {
 
     /// The config Prospect writes for `settings` (PEFT's keys; `task_type` `CAUSAL_LM`, or `SEQ_CLS` for a
     /// reward model, whose `score` is in `modules_to_save`).
-    pub fn new(settings: &LoraSettings, base: &str, reward_model: bool, modules_to_save: Vec<String>) -> Self {
+    pub fn new(
+        settings: &LoraSettings,
+        base: &str,
+        arch: Arch,
+        reward_model: bool,
+        modules_to_save: Vec<String>,
+    ) -> Self {
         Self {
             peft_type: "LORA".into(),
             task_type: Some(if reward_model { "SEQ_CLS" } else { "CAUSAL_LM" }.into()),
@@ -300,7 +364,7 @@ impl AdapterConfig {
             base_model_name_or_path: Some(base.to_string()),
             bias: "none".into(),
             modules_to_save: (!modules_to_save.is_empty()).then_some(modules_to_save),
-            fan_in_fan_out: false,
+            fan_in_fan_out: arch == Arch::Gpt2,
             rest: [
                 ("inference_mode".to_string(), serde_json::json!(true)),
                 ("init_lora_weights".to_string(), serde_json::json!(true)),
@@ -327,10 +391,10 @@ pub fn is_adapter_dir(dir: &Path) -> bool {
 
 impl Adapter {
     /// Read `dir` and check every tensor against the model it will adapt (`config`).
-    pub fn read(dir: &Path, config: &LlamaConfig, device: &Device) -> Result<Self> {
+    pub fn read(dir: &Path, config: &ModelConfig, device: &Device) -> Result<Self> {
         super::check_model_dir(dir)?;
         let adapter_config = AdapterConfig::read(dir)?;
-        let settings = adapter_config.settings(&dir.join(ADAPTER_CONFIG))?;
+        let settings = adapter_config.settings(&dir.join(ADAPTER_CONFIG), config.arch)?;
         let file = dir.join(ADAPTER_WEIGHTS);
         if !file.is_file() {
             return Err(Error::model(dir, format!("no {ADAPTER_WEIGHTS} in this adapter folder")));
@@ -355,12 +419,13 @@ impl Adapter {
 /// shape the model and `r` imply and its A/B partner present, or a whole `modules_to_save` tensor.
 fn check_tensors(
     file: &Path,
-    config: &LlamaConfig,
+    config: &ModelConfig,
     settings: &LoraSettings,
     tensors: &BTreeMap<String, Tensor>,
 ) -> Result<()> {
     let mut shapes = BTreeMap::new();
-    for (layer, o, i) in targeted_layers(config, &LINEAR_MODULES.map(String::from)) {
+    let every: Vec<String> = linear_modules(config.arch).iter().map(|s| s.to_string()).collect();
+    for (layer, o, i) in targeted_layers(config, &every) {
         shapes.insert(format!("{layer}.lora_A.weight"), vec![settings.r, i]);
         shapes.insert(format!("{layer}.lora_B.weight"), vec![o, settings.r]);
     }
@@ -414,6 +479,8 @@ pub fn merge(base: &mut BTreeMap<String, Tensor>, adapter: &Adapter) -> Result<(
         let key = format!("{layer}.weight");
         let w = base.get(&key).ok_or_else(|| Error::Compute(format!("the base has no `{key}` to merge into")))?;
         let delta = (b.matmul(a)? * scale)?; // [out, in]
+                                             // GPT-2's Conv1D stores `[in, out]` (`fan_in_fan_out`).
+        let delta = if adapter.config.fan_in_fan_out { delta.t()?.contiguous()? } else { delta };
         base.insert(key, (w + delta.to_dtype(w.dtype())?)?);
     }
     for (name, _) in MODULES_TO_SAVE {
@@ -429,6 +496,9 @@ pub fn merge(base: &mut BTreeMap<String, Tensor>, adapter: &Adapter) -> Result<(
 pub struct Proj {
     inner: candle_nn::Linear,
     lora: Option<LoraLayer>,
+    /// Whether the stored weight is a `Var` (read before any view: a transposed view of a `Var` is not
+    /// itself one, and would take the frozen path and silently get no gradient).
+    trainable: bool,
 }
 
 struct LoraLayer {
@@ -457,7 +527,32 @@ impl Proj {
             vb.get((out_dim, in_dim), "weight")?
         };
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        let lora = match adapter {
+        let lora = Self::adapter(in_dim, out_dim, adapter, &vb)?;
+        let trainable = weight.is_variable();
+        Ok(Self { inner: candle_nn::Linear::new(weight, bias), lora, trainable })
+    }
+
+    /// GPT-2's `Conv1D`: `y = x W + b` with the weight stored `[in, out]` (PEFT's `fan_in_fan_out`). The
+    /// layer holds a transposed view, `[out, in]`, so the product and the adapter are those of a linear
+    /// layer; gradients reach the stored `[in, out]` tensor.
+    pub fn conv1d(in_dim: usize, out_dim: usize, adapter: Option<&AdapterSpec>, vb: VarBuilder) -> Result<Self> {
+        if vb.contains_tensor("weight_q8_0") {
+            return Err(Error::Compute("a Q8_0 base is not supported for GPT-2's Conv1D layers".into()));
+        }
+        let stored = vb.get((in_dim, out_dim), "weight")?; // [in, out]
+        let trainable = stored.is_variable();
+        let bias = Some(vb.get(out_dim, "bias")?);
+        let lora = Self::adapter(in_dim, out_dim, adapter, &vb)?;
+        Ok(Self { inner: candle_nn::Linear::new(stored.t()?, bias), lora, trainable })
+    }
+
+    fn adapter(
+        in_dim: usize,
+        out_dim: usize,
+        adapter: Option<&AdapterSpec>,
+        vb: &VarBuilder,
+    ) -> Result<Option<LoraLayer>> {
+        Ok(match adapter {
             Some(spec) if vb.contains_tensor("lora_A.weight") => {
                 let a = vb.get_unchecked("lora_A.weight")?;
                 let r = a.dim(0)?;
@@ -468,21 +563,20 @@ impl Proj {
                 })
             }
             _ => None,
-        };
-        Ok(Self { inner: candle_nn::Linear::new(weight, bias), lora })
+        })
     }
 
     /// The weight when this layer is a plain frozen product (not a `Var`, no adapter): the layers around it
     /// may then fuse it (`kernels::swiglu_down_frozen`).
     pub fn frozen_weight(&self) -> Option<&Tensor> {
         let w = self.inner.weight();
-        (!w.is_variable() && self.lora.is_none() && self.inner.bias().is_none()).then_some(w)
+        (!self.trainable && self.lora.is_none() && self.inner.bias().is_none()).then_some(w)
     }
 
     /// `x` `[..., in]` → `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.inner.weight();
-        let y = if w.is_variable() {
+        let y = if self.trainable {
             self.inner.forward(x)?
         } else {
             let y = frozen_matmul(x, w)?;
@@ -527,14 +621,19 @@ pub(crate) fn matmul_wt(s: &CpuStorage, l: &Layout, w: &Tensor) -> candle_core::
     };
     let (storage, wl) = w.storage_and_layout();
     let Storage::Cpu(w) = &*storage else { candle_core::bail!("frozen-matmul: the weight is not on the CPU") };
-    if !wl.is_contiguous() {
-        candle_core::bail!("frozen-matmul: the weight must be contiguous");
-    }
     // Wᵀ as candle's Linear presents it: `[in, out]`, or `[batch, in, out]` with a zero batch stride
-    // (candle's CPU matmul reads both operands' strides at the lhs's rank).
+    // (candle's CPU matmul reads both operands' strides at the lhs's rank). A weight stored `[in, out]`
+    // (GPT-2's Conv1D, held as a transposed view) is Wᵀ already, row-major.
+    let strides = if wl.is_contiguous() {
+        [1, k]
+    } else if wl.stride() == [1, n] {
+        [n, 1]
+    } else {
+        candle_core::bail!("frozen-matmul: the weight must be contiguous, or the transpose of a contiguous matrix");
+    };
     let wt = match dims.len() {
-        2 => Layout::new(Shape::from((k, n)), vec![1, k], wl.start_offset()),
-        _ => Layout::new(Shape::from((batch, k, n)), vec![0, 1, k], wl.start_offset()),
+        2 => Layout::new(Shape::from((k, n)), strides.to_vec(), wl.start_offset()),
+        _ => Layout::new(Shape::from((batch, k, n)), vec![0, strides[0], strides[1]], wl.start_offset()),
     };
     let out = s.matmul(w, (batch, m, n, k), l, &wt)?;
     let shape = if dims.len() == 2 { Shape::from((m, n)) } else { Shape::from((batch, m, n)) };
@@ -657,7 +756,7 @@ mod tests {
 
     #[test]
     fn fresh_adapter_is_kaiming_uniform_a_and_zero_b() {
-        let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
+        let cfg: ModelConfig = serde_json::from_value(serde_json::json!({
             "model_type": "llama", "vocab_size": 16, "hidden_size": 64, "intermediate_size": 96,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2
         }))
@@ -666,7 +765,7 @@ mod tests {
             r: 8,
             alpha: 16.0,
             dropout: 0.0,
-            target_modules: resolve_targets(&["all-linear".into()]).unwrap(),
+            target_modules: resolve_targets(&["all-linear".into()], Some(Arch::Llama)).unwrap(),
             rslora: false,
         };
         let a = fresh_adapter(&cfg, &settings, 3, &Device::Cpu).unwrap();
@@ -720,9 +819,15 @@ mod tests {
 
     #[test]
     fn unknown_target_names_list_the_linear_layers() {
-        let err = resolve_targets(&["q_proj".into(), "qkv".into()]).unwrap_err();
+        let err = resolve_targets(&["q_proj".into(), "qkv".into()], Some(Arch::Llama)).unwrap_err();
         assert!(err.contains("`qkv`") && err.contains("down_proj"), "{err}");
-        assert_eq!(resolve_targets(&["v_proj".into(), "q_proj".into()]).unwrap(), ["q_proj", "v_proj"]);
+        assert_eq!(
+            resolve_targets(&["v_proj".into(), "q_proj".into()], Some(Arch::Llama)).unwrap(),
+            ["q_proj", "v_proj"]
+        );
+        assert_eq!(resolve_targets(&["all-linear".into()], Some(Arch::Gpt2)).unwrap(), ["c_attn", "c_proj", "c_fc"]);
+        let err = resolve_targets(&["q_proj".into()], Some(Arch::GptNeoX)).unwrap_err();
+        assert!(err.contains("query_key_value"), "{err}");
     }
 
     #[test]

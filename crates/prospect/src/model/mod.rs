@@ -1,12 +1,12 @@
-//! Models: the Llama family for training, its weights in Hugging Face layout, the tokenizer, and
+//! Models: the Llama family, GPT-NeoX and GPT-2 for training, its weights in Hugging Face layout, the tokenizer, and
 //! `sequence_logps`, where logits become log-probs.
 
+pub mod causal_lm;
 pub mod config;
 pub mod embedding;
 pub mod heads;
 pub mod init;
 pub mod kernels;
-pub mod llama;
 pub mod logps;
 pub mod lora;
 pub mod ops;
@@ -18,9 +18,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-pub use config::LlamaConfig;
+pub use causal_lm::CausalLm;
+pub use config::ModelConfig;
 pub use heads::{RewardModel, ValueHead};
-pub use llama::Llama;
 pub use logps::{completion_logps, sequence_logps, sequence_logps_composite, token_logps, SequenceLogps};
 pub use lora::LoraSettings;
 pub use tokenizer::HfTokenizer;
@@ -54,7 +54,7 @@ pub const VALUE_HEAD_FILE: &str = "value_head.safetensors";
 /// adapters (and a reward model's `score` or PPO's value head), `frozen` the base weights as plain
 /// tensors: no gradient, no optimizer state.
 pub struct Policy {
-    pub config: LlamaConfig,
+    pub config: ModelConfig,
     pub params: Params,
     pub frozen: BTreeMap<String, Tensor>,
     /// LoRA's settings, when the run trains adapters.
@@ -103,21 +103,23 @@ impl Policy {
         seed: u64,
         lora: Option<LoraStart>,
     ) -> Result<(Self, Vec<String>, Vec<String>)> {
-        let mut config = LlamaConfig::load(dir)?;
+        let mut config = ModelConfig::load(dir)?;
         // A LoRA base kept in 16 bits or Q8_0 is converted as it is read, one tensor at a time.
         let base_dtype = lora.as_ref().map_or(TRAIN_DTYPE, |l| l.table.base_dtype.dtype());
         let mut tensors = if base_dtype == TRAIN_DTYPE {
             load_tensors(dir, TRAIN_DTYPE, device)?
         } else {
-            weights::load_tensors_each(dir, device, |name, t| store_base(name, t, base_dtype))?
+            let conv1d = config.arch == config::Arch::Gpt2;
+            weights::load_tensors_each(dir, device, |name, t| store_base(name, t, base_dtype, conv1d))?
         };
+        canonical_names(&config, &mut tensors);
         check_embedding(dir, &config, &tensors)?;
         let initialised = add_head(dir, &config, &mut tensors, head, seed, device)?;
         let (_, used) = weights::build_with(tensors.clone(), TRAIN_DTYPE, device, |vb| {
             let built = match head {
-                Head::Lm => Llama::new(&config, vb).map(|_| ()),
+                Head::Lm => CausalLm::new(&config, vb).map(|_| ()),
                 Head::Score => RewardModel::new(&config, vb).map(|_| ()),
-                Head::Value => Llama::new(&config, vb.clone()).and_then(|_| ValueHead::new(&config, vb)).map(|_| ()),
+                Head::Value => CausalLm::new(&config, vb.clone()).and_then(|_| ValueHead::new(&config, vb)).map(|_| ()),
             };
             built.map_err(|e| annotate(dir, e))
         })?;
@@ -141,7 +143,7 @@ impl Policy {
             Some(path) => Some(lora::Adapter::read(path, &config, device)?),
             None => None,
         };
-        let settings = start.table.settings(adapter.as_ref().map(|a| &a.settings))?;
+        let settings = start.table.settings(adapter.as_ref().map(|a| &a.settings), Some(config.arch))?;
         config.adapter = Some(settings.spec());
         // Heads train whole (PEFT's `modules_to_save`); an adapter's saved `score` replaces the base's.
         let mut trainable: BTreeMap<String, Tensor> =
@@ -177,7 +179,7 @@ impl Policy {
     /// The model as training starts, frozen, without a second copy of the base: the base with the
     /// adapter off, or (with `init_adapter`) with a frozen copy of the initial adapter. `None` without
     /// LoRA (the reference is then a model folder of its own).
-    pub fn lora_reference(&self, device: &Device) -> Result<Option<Llama>> {
+    pub fn lora_reference(&self, device: &Device) -> Result<Option<CausalLm>> {
         if self.lora.is_none() {
             return Ok(None);
         }
@@ -185,7 +187,7 @@ impl Policy {
         if let Some(initial) = &self.initial_adapter {
             tensors.extend(initial.iter().map(|(k, t)| (k.clone(), t.detach())));
         }
-        let (model, _) = weights::build_with(tensors, TRAIN_DTYPE, device, |vb| Llama::new(&self.config, vb))?;
+        let (model, _) = weights::build_with(tensors, TRAIN_DTYPE, device, |vb| CausalLm::new(&self.config, vb))?;
         Ok(Some(model))
     }
 
@@ -201,23 +203,23 @@ impl Policy {
         all
     }
 
-    fn build_llama(&self, tensors: BTreeMap<String, Tensor>, device: &Device) -> Result<Llama> {
+    fn build_llama(&self, tensors: BTreeMap<String, Tensor>, device: &Device) -> Result<CausalLm> {
         let head = self.head;
         Ok(weights::build_with(tensors, TRAIN_DTYPE, device, |vb| match head {
-            Head::Score => Llama::new_backbone(&self.config, vb),
-            Head::Lm | Head::Value => Llama::new(&self.config, vb),
+            Head::Score => CausalLm::new_backbone(&self.config, vb),
+            Head::Lm | Head::Value => CausalLm::new(&self.config, vb),
         })?
         .0)
     }
 
     /// The model on the trainable weights: gradients flow into `params`. (For a reward model, the
     /// backbone without an LM head.)
-    pub fn model(&self, device: &Device) -> Result<Llama> {
+    pub fn model(&self, device: &Device) -> Result<CausalLm> {
         self.build_llama(self.with_frozen(self.params.tensors()), device)
     }
 
     /// The model on the current weights with gradient tracking off (shares storage, copies nothing).
-    pub fn frozen_model(&self, device: &Device) -> Result<Llama> {
+    pub fn frozen_model(&self, device: &Device) -> Result<CausalLm> {
         self.build_llama(self.with_frozen(self.params.detached_tensors()), device)
     }
 
@@ -230,7 +232,7 @@ impl Policy {
         if vocab_size <= old {
             return Ok(0);
         }
-        for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        for name in [self.config.embed_name(), self.config.lm_head_name()] {
             // With LoRA the grown matrices train whole, as PEFT's `modules_to_save` (the new rows must learn).
             let w = match (self.params.get(name), self.frozen.remove(name)) {
                 (Some(var), _) => var.as_tensor().detach(),  // [v, d]
@@ -284,7 +286,7 @@ impl Policy {
             .filter(|(name, _)| self.params.get(name).is_some())
             .map(|(_, module)| module.to_string())
             .collect();
-        let config = lora::AdapterConfig::new(settings, base, self.head == Head::Score, saved);
+        let config = lora::AdapterConfig::new(settings, base, self.config.arch, self.head == Head::Score, saved);
         crate::fsio::replace_dir_atomic(dest, |tmp| {
             let tensors = self.write_beside_weights(tmp, false, extra)?;
             lora::write_adapter(tmp, &config, &tensors)
@@ -334,6 +336,8 @@ impl Policy {
         let family = match self.config.model_type.as_str() {
             "mistral" => "Mistral",
             "qwen2" => "Qwen2",
+            "gpt_neox" => "GPTNeoX",
+            "gpt2" => "GPT2",
             _ => "Llama",
         };
         if let Some(obj) = json.as_object_mut() {
@@ -352,7 +356,7 @@ impl Policy {
 /// Put the head `head` needs into `tensors` when the folder lacks it; returns the names initialised.
 fn add_head(
     dir: &Path,
-    config: &LlamaConfig,
+    config: &ModelConfig,
     tensors: &mut BTreeMap<String, Tensor>,
     head: Head,
     seed: u64,
@@ -391,10 +395,14 @@ fn add_head(
 /// embedding, LM head) in `dtype`; norm weights in f32 (a few kilobytes, and the fused RMSNorm kernel reads
 /// f32); heads in f32 (they train). With `DType::U8` (`base_dtype = "q8_0"`) a linear layer is quantized
 /// to Q8_0 and kept as `<layer>.weight_q8_0`, and the embedding goes to bf16.
-fn store_base(name: String, t: Tensor, dtype: DType) -> Result<(String, Tensor)> {
+fn store_base(name: String, t: Tensor, dtype: DType, conv1d: bool) -> Result<(String, Tensor)> {
+    let linear = [".q_proj.", ".k_proj.", ".v_proj.", ".o_proj.", "_proj.weight", ".query_key_value.", ".dense"]
+        .iter()
+        .any(|p| name.contains(p));
     Ok(match (t.rank(), dtype) {
         _ if is_head_tensor(&name) => (name, t),
-        (2, DType::U8) if name.ends_with("_proj.weight") => {
+        // GPT-2's Conv1D layers stay 16-bit: Q8_0 blocks run along a linear layer's input rows.
+        (2, DType::U8) if linear && !conv1d && name.ends_with(".weight") => {
             let q = lora::quantize_q8_0(&t)?;
             (name.replace(".weight", ".weight_q8_0"), q)
         }
@@ -404,9 +412,33 @@ fn store_base(name: String, t: Tensor, dtype: DType) -> Result<(String, Tensor)>
     })
 }
 
+/// Checkpoints of one family spell some names two ways; training uses one. GPT-2 checkpoints saved from
+/// `GPT2Model` (the original `gpt2` on the Hub) have no `transformer.` prefix; GPT-NeoX's head is
+/// `embed_out` in Pythia's checkpoints and in what transformers saves, `lm_head` in some others. Buffers
+/// older checkpoints carry (`attn.bias`, `attention.masked_bias`, `rotary_emb.inv_freq`) are left alone
+/// and reported unused.
+fn canonical_names(config: &ModelConfig, tensors: &mut BTreeMap<String, Tensor>) {
+    use config::Arch;
+    match config.arch {
+        Arch::Gpt2 if !tensors.contains_key("transformer.wte.weight") && tensors.contains_key("wte.weight") => {
+            let all = std::mem::take(tensors);
+            for (name, t) in all {
+                let renamed = if name.starts_with("lm_head.") { name } else { format!("transformer.{name}") };
+                tensors.insert(renamed, t);
+            }
+        }
+        Arch::GptNeoX if !tensors.contains_key("embed_out.weight") => {
+            if let Some(head) = tensors.remove("lm_head.weight") {
+                tensors.insert("embed_out.weight".into(), head);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// A vocabulary grown by an adapter (`modules_to_save` `embed_tokens`) sets the config's size.
-fn vocab_from_embedding(config: &mut LlamaConfig, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
-    if let Some(embed) = tensors.get("model.embed_tokens.weight") {
+fn vocab_from_embedding(config: &mut ModelConfig, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    if let Some(embed) = tensors.get(config.embed_name()) {
         config.vocab_size = embed.dim(0)?;
     }
     Ok(())
@@ -450,9 +482,10 @@ impl ModelSource {
 
     /// The base's config and tensors with the adapter's tensors added (unmerged) and `config.adapter`
     /// set, so that the model applies the adapter in its forward pass.
-    fn load(&self, device: &Device) -> Result<(LlamaConfig, BTreeMap<String, Tensor>)> {
-        let mut config = LlamaConfig::load(&self.base)?;
+    fn load(&self, device: &Device) -> Result<(ModelConfig, BTreeMap<String, Tensor>)> {
+        let mut config = ModelConfig::load(&self.base)?;
         let mut tensors = load_tensors(&self.base, TRAIN_DTYPE, device)?;
+        canonical_names(&config, &mut tensors);
         check_embedding(&self.base, &config, &tensors)?;
         if let Some(dir) = &self.adapter {
             let adapter = lora::Adapter::read(dir, &config, device)?;
@@ -484,15 +517,15 @@ pub fn load_frozen_reward(dir: &Path, device: &Device) -> Result<RewardModel> {
 
 /// A frozen model (the reference): plain tensors, no `Var`s, no gradient, no optimizer state. `dir` may
 /// be a PEFT adapter folder (see [`ModelSource`]).
-pub fn load_frozen(dir: &Path, device: &Device) -> Result<Llama> {
+pub fn load_frozen(dir: &Path, device: &Device) -> Result<CausalLm> {
     load_frozen_source(&ModelSource::resolve(dir, None)?, device)
 }
 
 /// A frozen causal LM from a [`ModelSource`]: an adapter is applied in the forward pass, not merged.
-pub fn load_frozen_source(source: &ModelSource, device: &Device) -> Result<Llama> {
+pub fn load_frozen_source(source: &ModelSource, device: &Device) -> Result<CausalLm> {
     let (config, tensors) = source.load(device)?;
     Ok(weights::build_with(tensors, TRAIN_DTYPE, device, |vb| {
-        Llama::new(&config, vb).map_err(|e| annotate(source.blame(), e))
+        CausalLm::new(&config, vb).map_err(|e| annotate(source.blame(), e))
     })?
     .0)
 }
@@ -501,8 +534,9 @@ pub fn load_frozen_source(source: &ModelSource, device: &Device) -> Result<Llama
 /// `W + s·B·A` (PEFT's `merge_and_unload`), a reward adapter's `score` replaces the base's. The folder
 /// holds the base's `config.json` and tokenizer files and f32 `model.safetensors`; it appears atomically.
 pub fn merge_adapter(base: &Path, adapter_dir: &Path, dest: &Path, device: &Device) -> Result<()> {
-    let mut config = LlamaConfig::load(base)?;
+    let mut config = ModelConfig::load(base)?;
     let mut tensors = load_tensors(base, TRAIN_DTYPE, device)?;
+    canonical_names(&config, &mut tensors);
     check_embedding(base, &config, &tensors)?;
     let adapter = lora::Adapter::read(adapter_dir, &config, device)?;
     lora::merge(&mut tensors, &adapter)?;
@@ -583,17 +617,23 @@ pub(crate) fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
 /// The checkpoint's embedding against `config.json`, before anything is allocated from the config's
 /// sizes (a new head is `[1, d]`) or built: `model.embed_tokens.weight` must be `[vocab_size, hidden_size]`.
 /// (Every other tensor's shape is checked as the model is built, naming the tensor and both shapes.)
-fn check_embedding(dir: &Path, config: &LlamaConfig, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
-    const EMBED: &str = "model.embed_tokens.weight";
-    let Some(embed) = tensors.get(EMBED) else {
-        return Err(Error::model(dir, format!("the weights have no `{EMBED}` (is this a Llama-family checkpoint?)")));
+fn check_embedding(dir: &Path, config: &ModelConfig, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    let embed_name = config.embed_name();
+    let Some(embed) = tensors.get(embed_name) else {
+        return Err(Error::model(
+            dir,
+            format!(
+                "the weights have no `{embed_name}` (does the checkpoint match config.json's model_type `{}`?)",
+                config.model_type
+            ),
+        ));
     };
     let expected = [config.vocab_size, config.hidden_size];
     if embed.dims() != expected {
         return Err(Error::model(
             dir,
             format!(
-                "`{EMBED}` in the weights has shape {:?}, config.json says [vocab_size, hidden_size] = {expected:?}",
+                "`{embed_name}` in the weights has shape {:?}, config.json says [vocab_size, hidden_size] = {expected:?}",
                 embed.dims()
             ),
         ));

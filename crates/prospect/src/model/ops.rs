@@ -20,6 +20,18 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(normed.broadcast_mul(weight)?)
 }
 
+/// LayerNorm with a bias, as `torch.nn.LayerNorm` computes it (biased variance):
+/// `(x - mean) / sqrt(var + eps) * w + b` over the last dimension, in f32. Composed of ops with a backward
+/// pass (the mean is not detached: LayerNorm's gradient goes through it).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?; // [..., d]
+    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?; // [..., d]
+    let inv_std = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?; // [..., 1]
+    let normed = centred.broadcast_mul(&inv_std)?.to_dtype(dtype)?;
+    Ok(normed.broadcast_mul(weight)?.broadcast_add(bias)?)
+}
+
 /// Softmax over the last dimension. The max is subtracted for stability and detached: the result
 /// does not depend on it, so no gradient needs to flow through it.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {

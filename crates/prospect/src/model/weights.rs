@@ -1,7 +1,7 @@
 //! Weights in Hugging Face layout: loading `model.safetensors` (or a sharded
 //! `model.safetensors.index.json`), holding the trainable copy as candle `Var`s, and saving.
 //!
-//! Not responsible for: the model's structure (that is `llama.rs`) or the optimizer state.
+//! Not responsible for: the model's structure (that is `causal_lm.rs`) or the optimizer state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;

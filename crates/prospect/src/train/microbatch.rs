@@ -13,7 +13,7 @@ use crate::loss::{
     Family, KlInputs, LossConfig, LossState, Metrics, PairedInputs, PairedLoss, RewardLoss, SftLoss, TokenInputs,
     TokenLoss, UnpairedInputs, UnpairedLoss,
 };
-use crate::model::{token_logps, Llama, RewardModel, ValueHead};
+use crate::model::{token_logps, CausalLm, RewardModel, ValueHead};
 
 /// The models a run trains and scores with, one variant per kind of trainable model. One value per run,
 /// so the variants' sizes do not matter.
@@ -29,19 +29,19 @@ pub enum Models {
 
 pub struct LmModels {
     /// The policy on trainable weights.
-    pub policy: Llama,
+    pub policy: CausalLm,
     /// The same weights without gradient tracking: KTO's KL pairs, and evaluation.
-    pub frozen: Llama,
+    pub frozen: CausalLm,
     /// Where reference log-probs come from, when the loss has a reference.
     pub reference: Option<Reference>,
 }
 
 pub struct TokenModels {
-    pub policy: Llama,
-    pub frozen: Llama,
+    pub policy: CausalLm,
+    pub frozen: CausalLm,
     pub value_head: ValueHead,
     /// Per-token reference log-probs need the model itself.
-    pub reference: Llama,
+    pub reference: CausalLm,
     /// A frozen reward model scoring completions; `None`: rewards are ±1 from the labels.
     pub scorer: Option<RewardModel>,
 }
@@ -50,7 +50,7 @@ pub struct TokenModels {
 /// (`precompute_ref_logps`, see [`super::reference`]). One value per run.
 #[allow(clippy::large_enum_variant)]
 pub enum Reference {
-    Model(Llama),
+    Model(CausalLm),
     Cached(ReferenceLogps),
 }
 
@@ -104,7 +104,7 @@ pub fn run(
 }
 
 impl LmModels {
-    fn policy(&self, mode: Mode) -> &Llama {
+    fn policy(&self, mode: Mode) -> &CausalLm {
         match mode {
             Mode::Train => &self.policy,
             Mode::Eval => &self.frozen,
@@ -194,6 +194,7 @@ fn unpaired(
         kl: kl.as_ref().map(|(policy, reference)| KlInputs { policy, reference }),
         labels: &labels,
         state,
+        training: mode == Mode::Train,
     })?;
     Ok(output(out.loss, out.metrics, &batch, kl_tokens))
 }

@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use crate::data::{collate_sequences, rotate_for_kl, Examples, Sequence, SequenceBatch};
 use crate::error::{Error, Result};
 use crate::loss::Family;
-use crate::model::{completion_logps, Llama};
+use crate::model::{completion_logps, CausalLm};
 
 /// Which sequence a log-prob belongs to. Indices are positions in the run's [`Examples`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -90,7 +90,7 @@ pub fn collate(examples: &Examples, keys: &[SeqKey], s: &BatchSettings) -> Resul
 }
 
 /// Summed completion log-probs of a batch under a model: `[b]`.
-pub fn logps(model: &Llama, batch: &SequenceBatch) -> Result<Tensor> {
+pub fn logps(model: &CausalLm, batch: &SequenceBatch) -> Result<Tensor> {
     // The LM head runs on completion positions only; `sequence_logps(&model.forward(..)?, ..)` is the
     // plain equivalent (compared in tests/model_parity.rs).
     Ok(completion_logps(model, &batch.input_ids, &batch.completion_mask)?.logps)

@@ -22,7 +22,7 @@ use super::plan::{collate, logps, BatchSettings, Plan, SeqKey};
 use crate::data::Examples;
 use crate::error::{Error, Result};
 use crate::loss::Family;
-use crate::model::Llama;
+use crate::model::CausalLm;
 
 /// Σ log p_ref per sequence, for every sequence of the run.
 #[derive(Debug, Default)]
@@ -36,7 +36,7 @@ impl ReferenceLogps {
         family: Family,
         examples: &Examples,
         schedule: impl IntoIterator<Item = &'a [usize]>,
-        reference: &Llama,
+        reference: &CausalLm,
         settings: &BatchSettings,
     ) -> Result<Self> {
         let mut values = HashMap::new();

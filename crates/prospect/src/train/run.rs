@@ -24,7 +24,7 @@ use crate::data::Examples;
 use crate::dist::{self, Comm};
 use crate::error::{Error, Result};
 use crate::loss::{Family, LossConfig, LossState};
-use crate::model::{load_frozen, load_frozen_reward, Head, HfTokenizer, Llama, LoraStart, Policy};
+use crate::model::{load_frozen, load_frozen_reward, CausalLm, Head, HfTokenizer, LoraStart, Policy};
 
 /// Everything a run holds between steps.
 pub struct Run {
@@ -155,6 +155,9 @@ impl Run {
             if !value.is_finite() {
                 return Err(Error::Numerics(format!("non-finite loss {value}")));
             }
+            // A stateful loss (BCO's δ) reads, in the next microbatch, the state this one leaves. Stateful
+            // losses run in one process (`check_world`), so this rank sees every microbatch, in order.
+            self.loss.spec().observe(&mut self.loss_state, &out.metrics);
             mine.push(MicrobatchRecord { loss: value, num_tokens: out.num_tokens, metrics: out.metrics });
             self.add_gradients(&mut grads, &scaled, microbatches.len() > 1 && self.config.exact_accumulation)?;
         }
@@ -167,7 +170,6 @@ impl Run {
         for record in records {
             (loss, num_tokens) = (loss + record.loss, num_tokens + record.num_tokens);
             objective.add(&record.metrics);
-            self.loss.spec().observe(&mut self.loss_state, &record.metrics);
         }
         for g in grads.values_mut() {
             *g = g.to_dtype(DType::F32)?; // the exact sum, rounded once
@@ -460,7 +462,7 @@ fn reference(
 
 /// The reference model: `reference` when the config names one (a model or an adapter folder), else the
 /// policy as it starts; with LoRA that costs no second copy of the base ([`Policy::lora_reference`]).
-fn reference_model(config: &TrainConfig, policy: &Policy, device: &Device) -> Result<Llama> {
+fn reference_model(config: &TrainConfig, policy: &Policy, device: &Device) -> Result<CausalLm> {
     if let Some(dir) = &config.reference {
         return load_frozen(dir, device);
     }
@@ -492,8 +494,20 @@ fn build_models(
 }
 
 /// `batch_size` is the global optimizer batch: with N ranks it must split into N equal shares of whole
-/// microbatches.
+/// microbatches. A stateful loss needs its microbatches in order, in one process.
 fn check_world(config: &TrainConfig, world: usize) -> Result<()> {
+    if world > 1 && config.loss.spec().stateful() {
+        return Err(Error::config(
+            "loss.type",
+            format!(
+                "`{}` cannot train data-parallel: each training microbatch updates a running state (BCO's reward \
+                 shift δ, the running mean of every reward so far) that the next microbatch reads, and {world} \
+                 ranks run a step's microbatches at the same time, so they cannot reproduce the δ of one \
+                 process. Run it in one process (world size 1), with the same batch_size",
+                config.loss.name()
+            ),
+        ));
+    }
     if world > 1 && !config.batch_size.is_multiple_of(config.microbatch_size * world) {
         return Err(Error::config(
             "batch_size",
