@@ -58,54 +58,12 @@ SCRIPT = "scripts/make_bco_fixture.py"
 PINS = dict(mf.PINS, trl="1.13.0")
 SEED = 0
 MAX_LENGTH = 64
-ARGS = dict(
-    per_device_train_batch_size=2,
-    gradient_accumulation_steps=4,
-    learning_rate=1e-2,
-    lr_scheduler_type="constant",
-    warmup_steps=0,
-    weight_decay=0.0,
-    max_grad_norm=1.0,
-    max_steps=3,
-    train_sampling_strategy="sequential",
-    max_length=MAX_LENGTH,
-    beta=0.1,
-    gradient_checkpointing=False,
-    use_cpu=True,
-    bf16=False,
-    fp16=False,
-    report_to="none",
-    logging_steps=1,
-    save_strategy="no",
-    seed=SEED,
-    dataloader_num_workers=0,
-    disable_tqdm=True,
-)
+# make_fixtures' TRL arguments, with BCO's beta and the longer max_length (see above).
+ARGS = dict(mf.COMMON_ARGS, max_length=MAX_LENGTH, beta=0.1, gradient_checkpointing=False)
 
 
 def check_versions() -> dict:
-    import accelerate
-    import datasets
-    import safetensors
-    import tokenizers
-    import transformers
-    import trl
-
-    found = {
-        "torch": torch.__version__.split("+")[0],
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-        "tokenizers": tokenizers.__version__,
-        "safetensors": safetensors.__version__,
-        "accelerate": accelerate.__version__,
-        "datasets": datasets.__version__,
-    }
-    bad = {k: (v, PINS[k]) for k, v in found.items() if v != PINS[k]}
-    assert not bad, (
-        f"installed versions do not match the pins (found, wanted): {bad}. TRL 1.13.0 goes on PYTHONPATH; "
-        "see this script's docstring"
-    )
-    return found
+    return mf.check_versions(PINS, ". TRL 1.13.0 goes on PYTHONPATH; see this script's docstring")
 
 
 def generator_info() -> dict:

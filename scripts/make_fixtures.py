@@ -81,7 +81,8 @@ CHATML_TEMPLATE = (
 )
 
 
-def check_versions() -> dict:
+def check_versions(pins: dict = PINS, hint: str = "") -> dict:
+    """The installed versions, asserted equal to `pins` (`hint` says how to get them)."""
     import accelerate
     import datasets
     import safetensors
@@ -98,8 +99,8 @@ def check_versions() -> dict:
         "accelerate": accelerate.__version__,
         "datasets": datasets.__version__,
     }
-    bad = {k: (v, PINS[k]) for k, v in found.items() if v != PINS[k]}
-    assert not bad, f"installed versions do not match the pins (found, wanted): {bad}"
+    bad = {k: (v, pins[k]) for k, v in found.items() if v != pins[k]}
+    assert not bad, f"installed versions do not match the pins (found, wanted): {bad}{hint}"
     return found
 
 

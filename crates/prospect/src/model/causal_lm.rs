@@ -302,7 +302,7 @@ impl DecoderLayer {
 }
 
 /// Top-level tensor names of each family: (backbone prefix, layers, final norm).
-fn top_names(arch: Arch) -> (&'static str, &'static str, &'static str) {
+pub(crate) fn top_names(arch: Arch) -> (&'static str, &'static str, &'static str) {
     match arch {
         Arch::Llama => ("model", "layers", "norm"),
         Arch::GptNeoX => ("gpt_neox", "layers", "final_layer_norm"),

@@ -220,18 +220,19 @@ impl ModelConfig {
         if j.add_cross_attention {
             return Err("`add_cross_attention` is true: a decoder with cross-attention is not a causal LM".into());
         }
-        let mut c = Self::blank("gpt2", Arch::Gpt2);
-        c.vocab_size = j.vocab_size;
-        c.hidden_size = j.n_embd;
-        c.num_hidden_layers = j.n_layer;
-        c.num_attention_heads = j.n_head;
-        c.intermediate_size = j.n_inner.unwrap_or(4 * j.n_embd);
-        c.max_position_embeddings = Some(j.n_positions);
-        c.rms_norm_eps = j.layer_norm_epsilon;
-        c.hidden_act = j.activation_function;
-        c.tie_word_embeddings = j.tie_word_embeddings;
-        c.initializer_range = j.initializer_range;
-        Ok(c)
+        Ok(Self {
+            vocab_size: j.vocab_size,
+            hidden_size: j.n_embd,
+            num_hidden_layers: j.n_layer,
+            num_attention_heads: j.n_head,
+            intermediate_size: j.n_inner.unwrap_or(j.n_embd.saturating_mul(4)), // absurd sizes: check_sizes
+            max_position_embeddings: Some(j.n_positions),
+            rms_norm_eps: j.layer_norm_epsilon,
+            hidden_act: j.activation_function,
+            tie_word_embeddings: j.tie_word_embeddings,
+            initializer_range: j.initializer_range,
+            ..Self::blank("gpt2", Arch::Gpt2)
+        })
     }
 
     fn from_gpt_neox(j: GptNeoXJson) -> std::result::Result<Self, String> {
@@ -246,24 +247,25 @@ impl ModelConfig {
         if !(factor > 0.0 && factor <= 1.0) {
             return Err(format!("`partial_rotary_factor` is {factor}: expected 0 < factor <= 1"));
         }
-        let mut c = Self::blank("gpt_neox", Arch::GptNeoX);
-        c.vocab_size = j.vocab_size;
-        c.hidden_size = j.hidden_size;
-        c.num_hidden_layers = j.num_hidden_layers;
-        c.num_attention_heads = j.num_attention_heads;
-        c.intermediate_size = j.intermediate_size;
-        c.hidden_act = j.hidden_act;
-        c.rms_norm_eps = j.layer_norm_eps;
-        c.parallel_residual = j.use_parallel_residual;
-        c.attention_bias = j.attention_bias;
-        c.tie_word_embeddings = j.tie_word_embeddings;
-        c.max_position_embeddings = j.max_position_embeddings;
-        c.initializer_range = j.initializer_range;
-        c.rope_theta = rope.and_then(|r| r.rope_theta).or(j.rotary_emb_base).or(Some(10_000.0));
         // transformers: rotary_ndims = int(head_size * partial_rotary_factor).
-        let head = c.hidden_size / c.num_attention_heads.max(1);
-        c.rotary_dims = Some((head as f64 * factor) as usize);
-        Ok(c)
+        let head = j.hidden_size / j.num_attention_heads.max(1);
+        Ok(Self {
+            vocab_size: j.vocab_size,
+            hidden_size: j.hidden_size,
+            num_hidden_layers: j.num_hidden_layers,
+            num_attention_heads: j.num_attention_heads,
+            intermediate_size: j.intermediate_size,
+            hidden_act: j.hidden_act,
+            rms_norm_eps: j.layer_norm_eps,
+            parallel_residual: j.use_parallel_residual,
+            attention_bias: j.attention_bias,
+            tie_word_embeddings: j.tie_word_embeddings,
+            max_position_embeddings: j.max_position_embeddings,
+            initializer_range: j.initializer_range,
+            rope_theta: rope.and_then(|r| r.rope_theta).or(j.rotary_emb_base).or(Some(10_000.0)),
+            rotary_dims: Some((head as f64 * factor) as usize),
+            ..Self::blank("gpt_neox", Arch::GptNeoX)
+        })
     }
 }
 

@@ -182,6 +182,7 @@ pub fn resolve_targets(names: &[String], arch: Option<Arch>) -> std::result::Res
 pub fn targeted_layers(config: &ModelConfig, targets: &[String]) -> Vec<(String, usize, usize)> {
     let (d, f, e) = (config.hidden_size, config.intermediate_size, config.head_dim());
     let (h, g) = (config.num_attention_heads, config.num_kv_heads());
+    let (prefix, blocks, _) = super::causal_lm::top_names(config.arch);
     let mut out = Vec::new();
     for i in 0..config.num_hidden_layers {
         for m in targets {
@@ -202,12 +203,7 @@ pub fn targeted_layers(config: &ModelConfig, targets: &[String]) -> Vec<(String,
                 (Arch::Gpt2, "c_proj") => &[("attn.c_proj", d, d), ("mlp.c_proj", d, f)],
                 (Arch::Gpt2, _) => &[("mlp.c_fc", f, d)],
             };
-            let prefix = match config.arch {
-                Arch::Llama => "model.layers",
-                Arch::GptNeoX => "gpt_neox.layers",
-                Arch::Gpt2 => "transformer.h",
-            };
-            out.extend(layers.iter().map(|&(path, o, i_)| (format!("{prefix}.{i}.{path}"), o, i_)));
+            out.extend(layers.iter().map(|&(path, o, i_)| (format!("{prefix}.{blocks}.{i}.{path}"), o, i_)));
         }
     }
     out

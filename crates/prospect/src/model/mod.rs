@@ -109,8 +109,7 @@ impl Policy {
         let mut tensors = if base_dtype == TRAIN_DTYPE {
             load_tensors(dir, TRAIN_DTYPE, device)?
         } else {
-            let conv1d = config.arch == config::Arch::Gpt2;
-            weights::load_tensors_each(dir, device, |name, t| store_base(name, t, base_dtype, conv1d))?
+            weights::load_tensors_each(dir, device, |name, t| store_base(name, t, base_dtype, config.arch))?
         };
         canonical_names(&config, &mut tensors);
         check_embedding(dir, &config, &tensors)?;
@@ -395,14 +394,14 @@ fn add_head(
 /// embedding, LM head) in `dtype`; norm weights in f32 (a few kilobytes, and the fused RMSNorm kernel reads
 /// f32); heads in f32 (they train). With `DType::U8` (`base_dtype = "q8_0"`) a linear layer is quantized
 /// to Q8_0 and kept as `<layer>.weight_q8_0`, and the embedding goes to bf16.
-fn store_base(name: String, t: Tensor, dtype: DType, conv1d: bool) -> Result<(String, Tensor)> {
-    let linear = [".q_proj.", ".k_proj.", ".v_proj.", ".o_proj.", "_proj.weight", ".query_key_value.", ".dense"]
-        .iter()
-        .any(|p| name.contains(p));
+fn store_base(name: String, t: Tensor, dtype: DType, arch: config::Arch) -> Result<(String, Tensor)> {
+    // A linear layer's weight: `<...>.<module>.weight` with one of the family's adaptable modules. GPT-2's
+    // Conv1D layers stay 16-bit: Q8_0 blocks run along a linear layer's input rows, Conv1D stores `[in, out]`.
+    let module = name.strip_suffix(".weight").and_then(|m| m.rsplit('.').next());
+    let linear = arch != config::Arch::Gpt2 && module.is_some_and(|m| lora::linear_modules(arch).contains(&m));
     Ok(match (t.rank(), dtype) {
         _ if is_head_tensor(&name) => (name, t),
-        // GPT-2's Conv1D layers stay 16-bit: Q8_0 blocks run along a linear layer's input rows.
-        (2, DType::U8) if linear && !conv1d && name.ends_with(".weight") => {
+        (2, DType::U8) if linear => {
             let q = lora::quantize_q8_0(&t)?;
             (name.replace(".weight", ".weight_q8_0"), q)
         }
