@@ -8,7 +8,7 @@
 # a virtual-memory cap (FUZZ_MEM_KB, default 8 GiB) so that an unbounded allocation is a finding, not a
 # swapping machine. Prints executions, panics, slow runs (> 1 s), hangs (> 3 s) and crashes per target,
 # then every distinct finding; inputs land in target/fuzz/findings/. Exits 1 on a finding that is not
-# listed in tests/fixtures/bad/pending/KNOWN. CI runs `scripts/fuzz.sh 60` as a smoke test.
+# listed in tests/fixtures/bad/pending/KNOWN. CI runs `scripts/fuzz.sh 30` as a smoke test.
 #
 # Extra options after the targets go to the harness, e.g. `scripts/fuzz.sh 600 data -- --seed 7`.
 set -euo pipefail

@@ -4,6 +4,7 @@
 mod eval;
 mod flags;
 mod import;
+mod sweep;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -54,6 +55,9 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// The Archangel grid: methods × models × datasets, each cell trained (from a shared SFT run where
+    /// the method says so), sampled and judged against its SFT model. Resumable; `--builtin` needs no download.
+    Sweep(sweep::SweepArgs),
     /// Sample completions for a file of prompts.
     Generate(eval::GenerateArgs),
     /// Judge candidates' generations against a baseline's: win rates with 95% intervals.
@@ -146,6 +150,7 @@ fn main() -> ExitCode {
         Command::Demo { output, quick, seed } => run_demo(&output, quick, seed),
         Command::Import(command) => import::run(command),
         Command::Merge { base, adapter, output } => run_merge(&base, &adapter, &output),
+        Command::Sweep(args) => sweep::run(args),
         Command::Generate(args) => eval::run_generate(args),
         Command::Eval(args) => eval::run_eval(args),
         Command::Data { command: DataCommand::Inspect { file, model, max_length, chat_template, read } } => {

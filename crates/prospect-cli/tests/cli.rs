@@ -80,15 +80,21 @@ fn unknown_config_key_is_an_error() {
 #[test]
 fn every_example_config_parses() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
-    let mut seen = 0;
+    let (mut seen, mut sweeps) = (0, 0);
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            prospect::TrainConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            // Sweep files are checked whole: every cell's training config is validated as `train` would.
+            if path.file_name().unwrap().to_string_lossy().starts_with("sweep-") {
+                prospect::sweep::SweepConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                sweeps += 1;
+            } else {
+                prospect::TrainConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            }
             seen += 1;
         }
     }
-    assert!(seen >= 4, "only {seen} configs found in {}", dir.display());
+    assert!(seen >= 4 && sweeps >= 1, "only {seen} configs ({sweeps} sweeps) found in {}", dir.display());
 }
 
 #[test]

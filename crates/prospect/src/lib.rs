@@ -30,6 +30,7 @@ pub mod import;
 pub mod limits;
 pub mod loss;
 pub mod model;
+pub mod sweep;
 pub mod train;
 
 pub use config::TrainConfig;

@@ -150,7 +150,7 @@ impl Demo<'_> {
             (self.out, self.scale, self.seed, &self.device, &self.data_dir, &mut self.rng);
         let on_event = &mut *self.on_event;
         let init_dir = out.join("models/init");
-        write_initial_model(&init_dir, seed, device)?;
+        write_initial_model(&init_dir, seed, 64, device)?;
         let base_rows: Vec<serde_json::Value> = (0..scale.base_rows)
             .map(|_| {
                 let r = *train_requests.choose(rng).unwrap_or(&train_requests[0]);
@@ -438,7 +438,7 @@ pub fn results_markdown(r: &DemoResults) -> String {
     s
 }
 
-fn random_quality_reply(r: &Request, rng: &mut impl Rng) -> String {
+pub(crate) fn random_quality_reply(r: &Request, rng: &mut impl Rng) -> String {
     if rng.gen_bool(0.2) {
         r.good_reply()
     } else {
@@ -514,7 +514,7 @@ fn run(
     Ok(run_dir.join("final"))
 }
 
-fn write_jsonl(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
+pub(crate) fn write_jsonl(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
     let mut text = String::new();
     for r in rows {
         text.push_str(&r.to_string());
@@ -523,8 +523,10 @@ fn write_jsonl(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
     write_atomic(path, text.as_bytes())
 }
 
-/// The demo's tokenizer (word level, `<|endoftext|>` = eos = pad) and a random tiny Llama.
-fn write_initial_model(dir: &Path, seed: u64, device: &Device) -> Result<()> {
+/// The demo's tokenizer (word level, `<|endoftext|>` = eos = pad) and a random tiny Llama of hidden size
+/// `width` (2 layers, MLP 2 × width, heads of 16 dimensions, or 2 heads below width 32, half as many
+/// key/value heads).
+pub(crate) fn write_initial_model(dir: &Path, seed: u64, width: usize, device: &Device) -> Result<()> {
     let mut vocab = serde_json::Map::new();
     vocab.insert("<|endoftext|>".into(), json!(0));
     vocab.insert("<unk>".into(), json!(1));
@@ -532,6 +534,7 @@ fn write_initial_model(dir: &Path, seed: u64, device: &Device) -> Result<()> {
         vocab.insert(w.to_string(), json!(i + 2));
     }
     let vocab_size = vocab.len();
+    let heads = (width / 16).max(2);
     let tokenizer = json!({
         "version": "1.0", "truncation": null, "padding": null,
         "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": false, "lstrip": false,
@@ -543,8 +546,8 @@ fn write_initial_model(dir: &Path, seed: u64, device: &Device) -> Result<()> {
                                   "pad_token": "<|endoftext|>", "unk_token": "<unk>", "model_max_length": 64});
     let config = json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab_size,
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+        "hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 2, "num_attention_heads": heads,
+        "num_key_value_heads": heads / 2, "head_dim": width / heads, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
         "tie_word_embeddings": true, "max_position_embeddings": 64, "hidden_act": "silu",
         "eos_token_id": 0, "pad_token_id": 0, "bos_token_id": null, "torch_dtype": "float32"
     });

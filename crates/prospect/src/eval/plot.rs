@@ -128,3 +128,73 @@ pub fn training_curves(path: &Path, title: &str, runs: &[(String, Vec<(f64, f64)
         Ok(())
     })
 }
+
+/// One method's win rate at one model size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SizePoint {
+    pub parameters: f64,
+    pub win_rate: f64,
+    pub ci95: [f64; 2],
+}
+
+/// Win rate against model size (parameters, log scale), one line per method with its 95% intervals as
+/// vertical bars, and a line at 0.5. `lines`: (method, its points).
+pub fn win_rate_by_size(path: &Path, title: &str, lines: &[(String, Vec<SizePoint>)]) -> Result<()> {
+    let xs = || lines.iter().flat_map(|l| l.1.iter().map(|p| p.parameters));
+    let (lo, hi) = (xs().fold(f64::INFINITY, f64::min).max(1.0), xs().fold(1.0, f64::max));
+    let (lo, hi) = (lo / 1.5, hi * 1.5);
+    draw_atomic(path, (900, 540), |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, ("sans-serif", 20))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d((lo..hi).log_scale(), 0f64..1f64)
+            .map_err(|e| plot_err(path, e))?;
+        chart
+            .configure_mesh()
+            .x_desc("parameters")
+            .y_desc("win rate vs SFT")
+            .x_label_formatter(&|x| format!("{:.2}M", x / 1e6))
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(|e| plot_err(path, e))?;
+        chart
+            .draw_series(std::iter::once(PathElement::new(vec![(lo, 0.5), (hi, 0.5)], BLACK.mix(0.4).stroke_width(1))))
+            .map_err(|e| plot_err(path, e))?;
+        for (i, (name, points)) in lines.iter().enumerate() {
+            let colour = Palette99::pick(i).to_rgba();
+            // Methods at one size are nudged apart a little so that their intervals do not hide each other.
+            let nudge = 1.0 + 0.015 * (i as f64 - lines.len() as f64 / 2.0);
+            let at = |x: f64| x * nudge;
+            chart
+                .draw_series(LineSeries::new(
+                    points.iter().map(|p| (at(p.parameters), p.win_rate)),
+                    colour.stroke_width(2),
+                ))
+                .map_err(|e| plot_err(path, e))?
+                .label(name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
+            chart
+                .draw_series(points.iter().map(|p| {
+                    PathElement::new(
+                        vec![(at(p.parameters), p.ci95[0]), (at(p.parameters), p.ci95[1])],
+                        colour.stroke_width(1),
+                    )
+                }))
+                .map_err(|e| plot_err(path, e))?;
+            chart
+                .draw_series(points.iter().map(|p| Circle::new((at(p.parameters), p.win_rate), 3, colour.filled())))
+                .map_err(|e| plot_err(path, e))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(|e| plot_err(path, e))?;
+        Ok(())
+    })
+}

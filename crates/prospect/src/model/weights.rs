@@ -39,19 +39,7 @@ pub fn load_tensors_each(
     let mut tensors = BTreeMap::new();
     for path in weight_files(dir)? {
         let bad = |msg: String| Error::model(&path, format!("cannot read safetensors: {msg}"));
-        let mut file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let size = file.metadata().map_err(|e| Error::io(&path, e))?.len();
-        let mut len = [0u8; 8];
-        file.read_exact(&mut len).map_err(|e| Error::io(&path, e))?;
-        let header_len = u64::from_le_bytes(len);
-        if header_len > size.saturating_sub(8) || header_len > 100 << 20 {
-            return Err(bad(format!("header of {header_len} bytes in a file of {size}")));
-        }
-        let mut header = vec![0u8; header_len as usize];
-        file.read_exact(&mut header).map_err(|e| Error::io(&path, e))?;
-        let entries: BTreeMap<String, serde_json::Value> =
-            serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
-        let data_start = 8 + header_len;
+        let (mut file, size, data_start, entries) = read_header(&path)?;
         for (name, entry) in entries.into_iter().filter(|(name, _)| name != "__metadata__") {
             let info: safetensors::tensor::TensorInfo =
                 serde_json::from_value(entry).map_err(|e| bad(format!("`{name}`: {e}")))?;
@@ -70,6 +58,38 @@ pub fn load_tensors_each(
         }
     }
     Ok(tensors)
+}
+
+/// Open a safetensors file and read its header: the file, its size, where the data starts, and the
+/// header's entries by name (`__metadata__` included).
+fn read_header(path: &Path) -> Result<(std::fs::File, u64, u64, BTreeMap<String, serde_json::Value>)> {
+    use std::io::Read;
+    let bad = |msg: String| Error::model(path, format!("cannot read safetensors: {msg}"));
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > size.saturating_sub(8) || header_len > 100 << 20 {
+        return Err(bad(format!("header of {header_len} bytes in a file of {size}")));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let entries = serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    Ok((file, size, 8 + header_len, entries))
+}
+
+/// The number of weights in a model folder, from its safetensors headers (no tensor is read).
+pub fn parameter_count(dir: &Path) -> Result<usize> {
+    let mut n = 0;
+    for path in weight_files(dir)? {
+        for (name, entry) in read_header(&path)?.3.into_iter().filter(|(name, _)| name != "__metadata__") {
+            let info: safetensors::tensor::TensorInfo = serde_json::from_value(entry)
+                .map_err(|e| Error::model(&path, format!("cannot read safetensors: `{name}`: {e}")))?;
+            n += info.shape.iter().product::<usize>();
+        }
+    }
+    Ok(n)
 }
 
 /// The safetensors files of a model folder: `model.safetensors`, or the shards its index names.

@@ -74,7 +74,7 @@ fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>
 }
 
 /// A digest of a file, or of every file in a folder (by relative name, sorted).
-fn digest(path: &Path) -> Result<String> {
+pub(crate) fn digest(path: &Path) -> Result<String> {
     let mut hasher = Sha256::new();
     let mut files = Vec::new();
     collect_files(path, path, &mut files)?;
