@@ -4,6 +4,7 @@
 mod eval;
 mod flags;
 mod import;
+mod serve;
 mod sweep;
 
 use std::io::IsTerminal;
@@ -58,6 +59,9 @@ enum Command {
     /// The Archangel grid: methods × models × datasets, each cell trained (from a shared SFT run where
     /// the method says so), sampled and judged against its SFT model. Resumable; `--builtin` needs no download.
     Sweep(sweep::SweepArgs),
+    /// Serve a model behind an OpenAI-compatible API and a chat page; every answer and 👍/👎 goes into
+    /// the feedback database, which `prospect train` reads as `train_data = "sqlite://PATH"`.
+    Serve(serve::ServeArgs),
     /// Sample completions for a file of prompts.
     Generate(eval::GenerateArgs),
     /// Judge candidates' generations against a baseline's: win rates with 95% intervals.
@@ -126,6 +130,17 @@ enum DataCommand {
         #[command(flatten)]
         read: ReadArgs,
     },
+    /// Write the thumbs of a feedback database (`prospect serve`) as JSONL training rows, one per thumb:
+    /// conversational prompt, assistant completion, label.
+    Export {
+        /// sqlite://PATH
+        #[arg(long)]
+        db: String,
+        /// Only thumbs given at or after this time (RFC 3339, e.g. 2026-12-01T00:00:00Z, or Unix seconds).
+        #[arg(long)]
+        since: Option<String>,
+        output: PathBuf,
+    },
     /// Write a data file in any supported layout as canonical JSONL (TRL's format).
     Convert {
         input: PathBuf,
@@ -151,12 +166,16 @@ fn main() -> ExitCode {
         Command::Import(command) => import::run(command),
         Command::Merge { base, adapter, output } => run_merge(&base, &adapter, &output),
         Command::Sweep(args) => sweep::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Generate(args) => eval::run_generate(args),
         Command::Eval(args) => eval::run_eval(args),
         Command::Data { command: DataCommand::Inspect { file, model, max_length, chat_template, read } } => {
             run_inspect(&file, model.as_deref(), max_length, chat_template.as_deref(), &read)
         }
         Command::Data { command: DataCommand::Convert { input, output, read } } => run_convert(&input, &output, &read),
+        Command::Data { command: DataCommand::Export { db, since, output } } => {
+            run_export(&db, since.as_deref(), &output)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -373,6 +392,17 @@ fn print_inspection(r: &Inspection) {
         }
         None => println!("token lengths: pass --model DIR to measure them"),
     }
+}
+
+fn run_export(db: &str, since: Option<&str>, output: &std::path::Path) -> Result<()> {
+    let mut url = prospect::feedback::DbUrl::parse(db)?;
+    if let Some(t) = since {
+        url.since_ms = Some(prospect::feedback::parse_time(t).map_err(anyhow::Error::msg)?);
+    }
+    let bytes = prospect::feedback::export_jsonl(&url)?;
+    prospect::fsio::write_atomic(output, &bytes)?;
+    eprintln!("wrote {} rows from {db} to {}", bytes.iter().filter(|&&b| b == b'\n').count(), output.display());
+    Ok(())
 }
 
 fn run_convert(input: &std::path::Path, output: &std::path::Path, read: &ReadArgs) -> Result<()> {

@@ -25,6 +25,7 @@ pub mod demo;
 pub mod dist;
 pub mod error;
 pub mod eval;
+pub mod feedback;
 pub mod fsio;
 pub mod import;
 pub mod limits;

@@ -9,10 +9,20 @@ use super::rows::Rows;
 pub use super::source::{records, Container, Record};
 use crate::error::{Error, Result};
 
-/// Read and convert a data file.
+/// Read and convert a data file, or the feedback database a `sqlite://` URL names (its thumbs as TRL's
+/// conversational unpaired rows, [`crate::feedback::export_jsonl`]; "line" N is the N-th thumb).
 pub fn read_rows(path: &Path, options: &ReadOptions) -> Result<(Rows, ReadReport)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = read_bytes(path)?;
     parse_rows(&bytes, path, options)
+}
+
+/// The bytes of a data file, or of a feedback database's export.
+pub fn read_bytes(path: &Path) -> Result<Vec<u8>> {
+    let text = path.to_string_lossy();
+    if crate::feedback::DbUrl::is_db(&text) {
+        return crate::feedback::export_jsonl(&crate::feedback::DbUrl::parse(&text)?);
+    }
+    std::fs::read(path).map_err(|e| Error::io(path, e))
 }
 
 /// Convert the bytes of a data file; `path` is only used in messages.

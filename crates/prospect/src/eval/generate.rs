@@ -1,5 +1,5 @@
-//! Batched incremental decoding with a KV cache, on the same [`Llama`] (same modules, same weights) the
-//! trainer uses. Prompts are left-padded; each row stops at eos, at a stop string, or after
+//! Batched incremental decoding with a KV cache, on the same [`CausalLm`] (same modules, same weights)
+//! the trainer uses. Prompts are left-padded; each row stops at eos, at a stop string, or after
 //! `max_new_tokens`.
 
 use candle_core::{Device, Tensor};
@@ -58,7 +58,8 @@ pub struct Generation {
 }
 
 /// Generate a completion for each prompt (token ids). `on_tokens` is told how many tokens each
-/// decoding step produced, for progress displays.
+/// decoding step produced, for progress displays. One random stream serves the whole call, row after
+/// row, step after step, so a seed fixes every sample of the file.
 pub fn generate(
     model: &CausalLm,
     tok: &HfTokenizer,
@@ -69,105 +70,181 @@ pub fn generate(
 ) -> Result<Vec<Generation>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let mut out = Vec::with_capacity(prompts.len());
-    let suffixed: Vec<Vec<u32>>;
-    let prompts = if cfg.append_tokens.is_empty() {
-        prompts
-    } else {
-        let ids: Vec<u32> = cfg
-            .append_tokens
-            .iter()
-            .map(|t| {
-                tok.token_id(t).map_err(|_| {
-                    Error::Tokenizer(format!(
-                        "cannot append {t:?} to the prompts: the model's tokenizer has no such token \
-                         (a CSFT run's final/ has its control tokens)"
-                    ))
-                })
-            })
-            .collect::<Result<_>>()?;
-        suffixed = prompts.iter().map(|p| p.iter().chain(&ids).copied().collect()).collect();
-        &suffixed
-    };
+    let suffix = append_ids(tok, &cfg.append_tokens)?;
+    let prompts: Vec<Vec<u32>> = prompts.iter().map(|p| p.iter().chain(&suffix).copied().collect()).collect();
     for chunk in prompts.chunks(cfg.batch_size.max(1)) {
-        out.extend(generate_batch(model, tok, chunk, cfg, device, &mut rng, on_tokens)?);
+        let rows: Vec<RowSpec> = chunk
+            .iter()
+            .map(|p| RowSpec {
+                prompt_ids: p.clone(),
+                max_new_tokens: cfg.max_new_tokens,
+                sampling: cfg.sampling,
+                stop: cfg.stop.clone(),
+            })
+            .collect();
+        out.extend(decode_rows(model, tok, &rows, Rngs::Shared(&mut rng), device, on_tokens, &mut |_, _| {})?);
     }
     Ok(out)
 }
 
-fn generate_batch(
+/// The ids of `append_tokens` (a CSFT model's control token), each a single vocabulary token.
+fn append_ids(tok: &HfTokenizer, tokens: &[String]) -> Result<Vec<u32>> {
+    tokens
+        .iter()
+        .map(|t| {
+            tok.token_id(t).map_err(|_| {
+                Error::Tokenizer(format!(
+                    "cannot append {t:?} to the prompts: the model's tokenizer has no such token \
+                     (a CSFT run's final/ has its control tokens)"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// One row of a decoding batch, with its own length limit, sampling and stop strings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowSpec {
+    pub prompt_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingConfig,
+    pub stop: Vec<String>,
+}
+
+/// Where a batch's random draws come from.
+pub enum Rngs<'a> {
+    /// One stream for every row (`prospect generate`: a file's samples fixed by one seed).
+    Shared(&'a mut rand::rngs::StdRng),
+    /// A stream per row (`prospect serve`: a request's answer does not depend on what it was batched with).
+    PerRow(Vec<rand::rngs::StdRng>),
+}
+
+impl Rngs<'_> {
+    fn for_row(&mut self, i: usize) -> &mut rand::rngs::StdRng {
+        match self {
+            Rngs::Shared(r) => r,
+            Rngs::PerRow(v) => &mut v[i],
+        }
+    }
+}
+
+/// A row's decoding state: its tokens, and how much of its text has been handed out.
+struct RowState {
+    gen: Generation,
+    done: bool,
+    /// Bytes of the visible text already given to `on_text`.
+    emitted: usize,
+}
+
+/// Decode `rows` together, left-padded in one batch with a KV cache. Each row stops at eos, at one of
+/// its stop strings, after its `max_new_tokens`, or at the model's context. `on_text(row, piece)` hears
+/// each row's text as it grows, in pieces whose concatenation is exactly the row's final `completion`
+/// (text that could still turn into a stop string is held back until it cannot).
+pub fn decode_rows(
     model: &CausalLm,
     tok: &HfTokenizer,
-    prompts: &[Vec<u32>],
-    cfg: &GenerateConfig,
+    rows: &[RowSpec],
+    mut rngs: Rngs,
     device: &Device,
-    rng: &mut rand::rngs::StdRng,
     on_tokens: &mut dyn FnMut(usize),
+    on_text: &mut dyn FnMut(usize, &str),
 ) -> Result<Vec<Generation>> {
-    let b = prompts.len();
-    let width = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let b = rows.len();
+    let width = rows.iter().map(|r| r.prompt_ids.len()).max().unwrap_or(0).max(1);
     let pad = tok.pad_token_id;
     // Left padding, so every row's next token sits in the same column.
     let mut mask: Vec<Vec<u8>> = Vec::with_capacity(b);
     let mut ids = Vec::with_capacity(b * width);
-    for p in prompts {
-        let n_pad = width - p.len();
-        ids.extend(std::iter::repeat_n(pad, n_pad).chain(p.iter().copied()));
-        mask.push(std::iter::repeat_n(0, n_pad).chain(std::iter::repeat_n(1, p.len())).collect());
+    for r in rows {
+        let n_pad = width - r.prompt_ids.len();
+        ids.extend(std::iter::repeat_n(pad, n_pad).chain(r.prompt_ids.iter().copied()));
+        mask.push(std::iter::repeat_n(0, n_pad).chain(std::iter::repeat_n(1, r.prompt_ids.len())).collect());
     }
     let mut cache = model.new_cache();
     let mut logits =
         last_logits(&model.forward_cached(&Tensor::from_vec(ids, (b, width), device)?, &mask, &mut cache)?)?;
-    let mut gens: Vec<Generation> = (0..b)
-        .map(|_| Generation { completion_ids: vec![], completion: String::new(), finish: FinishReason::Length })
-        .collect();
-    let mut done = vec![false; b];
+    let empty = Generation { completion_ids: vec![], completion: String::new(), finish: FinishReason::Length };
+    let mut state: Vec<RowState> = (0..b).map(|_| RowState { gen: empty.clone(), done: false, emitted: 0 }).collect();
     // A row stops at the model's context: prompt + completion never exceed `max_position_embeddings`.
     let context = model.config().max_position_embeddings.unwrap_or(usize::MAX);
-    for _ in 0..cfg.max_new_tokens {
+    let longest = rows.iter().map(|r| r.max_new_tokens).max().unwrap_or(0);
+    for _ in 0..longest {
         let mut next = Vec::with_capacity(b);
         let mut produced = 0;
         for (i, row) in logits.iter().enumerate() {
-            if !done[i] && prompts[i].len() + gens[i].completion_ids.len() >= context {
-                done[i] = true; // finish stays `Length`
+            let (spec, s) = (&rows[i], &mut state[i]);
+            let n = s.gen.completion_ids.len();
+            if !s.done && (spec.prompt_ids.len() + n >= context || n >= spec.max_new_tokens) {
+                s.done = true; // finish stays `Length`
+                emit(tok, spec, s, true, i, on_text)?;
             }
-            if done[i] {
+            if s.done {
                 next.push(pad);
                 mask[i].push(0);
                 continue;
             }
-            let token = sample(row, &cfg.sampling, rng);
+            let token = sample(row, &spec.sampling, rngs.for_row(i));
             produced += 1;
             next.push(token);
             mask[i].push(1);
             if token == tok.eos_token_id {
-                done[i] = true;
-                gens[i].finish = FinishReason::Eos;
-                continue;
+                s.done = true;
+                s.gen.finish = FinishReason::Eos;
+            } else {
+                s.gen.completion_ids.push(token);
             }
-            gens[i].completion_ids.push(token);
-            if !cfg.stop.is_empty() {
-                let text = tok.decode(&gens[i].completion_ids, true)?;
-                if cfg.stop.iter().any(|s| text.contains(s.as_str())) {
-                    done[i] = true;
-                    gens[i].finish = FinishReason::Stop;
-                }
-            }
+            emit(tok, spec, s, s.done, i, on_text)?;
         }
         on_tokens(produced);
-        if done.iter().all(|&d| d) {
+        if state.iter().all(|s| s.done) {
             break;
         }
         let step = Tensor::from_vec(next, (b, 1), device)?;
         logits = last_logits(&model.forward_cached(&step, &mask, &mut cache)?)?;
     }
-    for g in &mut gens {
-        let mut text = tok.decode(&g.completion_ids, true)?;
-        if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-            text.truncate(cut);
+    for (i, s) in state.iter_mut().enumerate() {
+        if !s.done {
+            s.done = true;
+            emit(tok, &rows[i], s, true, i, on_text)?;
         }
-        g.completion = text;
     }
-    Ok(gens)
+    Ok(state.into_iter().map(|s| s.gen).collect())
+}
+
+/// Decode a row's text, cut it at its first stop string (which ends the row), and hand out what is new.
+/// Until the row is done, the last `longest stop − 1` bytes stay back: they might begin a stop string.
+fn emit(
+    tok: &HfTokenizer,
+    spec: &RowSpec,
+    s: &mut RowState,
+    finishing: bool,
+    i: usize,
+    on_text: &mut dyn FnMut(usize, &str),
+) -> Result<()> {
+    let mut text = tok.decode(&s.gen.completion_ids, true)?;
+    if let Some(cut) = spec.stop.iter().filter_map(|p| text.find(p.as_str())).min() {
+        text.truncate(cut);
+        if !s.done {
+            s.done = true;
+            s.gen.finish = FinishReason::Stop;
+        }
+    }
+    let done = s.done || finishing;
+    let hold = if done { 0 } else { spec.stop.iter().map(|p| p.len().saturating_sub(1)).max().unwrap_or(0) };
+    // A token that ends inside a multi-byte character decodes to U+FFFD until the character is complete.
+    let stable = if done { text.len() } else { text.trim_end_matches('\u{FFFD}').len() };
+    let mut upto = stable.saturating_sub(hold);
+    while !text.is_char_boundary(upto) {
+        upto -= 1;
+    }
+    if upto > s.emitted {
+        on_text(i, &text[s.emitted..upto]);
+        s.emitted = upto;
+    }
+    if done {
+        s.gen.completion = text;
+    }
+    Ok(())
 }
 
 /// Logits of the last position of each row, as `[b][v]` f32.

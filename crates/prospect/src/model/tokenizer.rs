@@ -13,6 +13,7 @@ const MAX_TOKENIZER_BYTES: u64 = 1 << 30;
 const MAX_SIDE_FILE_BYTES: u64 = 64 << 20;
 
 /// A tokenizer plus the special tokens training needs.
+#[derive(Clone)]
 pub struct HfTokenizer {
     inner: tokenizers::Tokenizer,
     /// Text of the end-of-sequence token, appended to plain-text completions.

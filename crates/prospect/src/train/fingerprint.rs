@@ -76,6 +76,11 @@ fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>
 /// A digest of a file, or of every file in a folder (by relative name, sorted).
 pub(crate) fn digest(path: &Path) -> Result<String> {
     let mut hasher = Sha256::new();
+    // A feedback database: the rows it gives (a database file changes with every answer served).
+    if crate::feedback::DbUrl::is_db(&path.to_string_lossy()) {
+        hasher.update(crate::data::read::read_bytes(path)?);
+        return Ok(format!("{:x}", hasher.finalize()));
+    }
     let mut files = Vec::new();
     collect_files(path, path, &mut files)?;
     files.sort();
