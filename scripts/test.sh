@@ -15,7 +15,9 @@
 # - LLaMA-Factory's KTO and DPO demo files from the llamafactory 0.9.5 sdist on PyPI
 #   (scripts/fetch_llamafactory_data.sh, cached under target/llamafactory/);
 # - Open MPI and libclang from Debian (scripts/setup_mpi.sh), for the `mpi` feature's tests, which run
-#   the binary under `mpirun -np 2`.
+#   the binary under `mpirun -np 2`;
+# - a PostgreSQL server from Debian, started, with a `prospect` database (scripts/setup_postgres.sh), for
+#   the feedback loop of `prospect serve` on PostgreSQL (PROSPECT_POSTGRES_URL).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +33,8 @@ export PROSPECT_PYTHON="$venv/bin/python"
 bash scripts/fetch_smollm2.sh
 bash scripts/fetch_llamafactory_data.sh
 bash scripts/setup_mpi.sh
+PROSPECT_POSTGRES_URL=$(bash scripts/setup_postgres.sh | tail -1)
+export PROSPECT_POSTGRES_URL
 
 [ "${1:-}" = "--" ] && shift
 cargo test --workspace --features prospect/live-reference,prospect-cli/live-reference,prospect-cli/mpi "$@"

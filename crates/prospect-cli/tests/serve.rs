@@ -29,11 +29,11 @@ fn model() -> PathBuf {
     fixtures().join("tiny-llama-chatpad")
 }
 
-fn serve(db: &Path, extra: &[&str]) -> Server {
+fn serve(db_url: &str, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_prospect"))
         .args(["serve", "--model"])
         .arg(model())
-        .args(["--db", &format!("sqlite://{}", db.display()), "--port", "0"])
+        .args(["--db", db_url, "--port", "0"])
         .args(extra)
         .env_remove("PROSPECT_API_KEY")
         .env_remove("PROSPECT_FEEDBACK_KEY")
@@ -102,7 +102,7 @@ fn greedy_answers_equal_generate_and_streams_and_batches_agree() {
     assert!(o.status.success(), "{}", stderr(&o));
     let generated: Vec<Value> =
         std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let server = serve(&dir.join("f.db"), &["--batch-window-ms", "300"]);
+    let server = serve(&format!("sqlite://{}", dir.join("f.db").display()), &["--batch-window-ms", "300"]);
 
     for (p, g) in PROMPTS.iter().zip(&generated) {
         let r = chat(&server, &json!({"messages": ask(p), "temperature": 0, "max_tokens": 12}), None);
@@ -168,10 +168,32 @@ fn errors_are_openai_style(url: &dyn Fn(&str) -> String) {
 }
 
 #[test]
-fn thumbs_go_into_the_database_and_train_kto() {
-    let dir = scratch("serve-loop");
-    let db = dir.join("feedback.db");
-    let server = serve(&db, &["--api-key", "k1"]);
+fn thumbs_go_into_sqlite_and_train_kto() {
+    let dir = scratch("serve-loop-sqlite");
+    feedback_loop(&format!("sqlite://{}", dir.join("feedback.db").display()), &dir);
+}
+
+/// The same loop on a real PostgreSQL server (scripts/setup_postgres.sh starts one; scripts/test.sh passes
+/// its URL as PROSPECT_POSTGRES_URL). The tables are dropped first, so every run starts empty.
+#[test]
+#[cfg(feature = "live-reference")]
+fn thumbs_go_into_postgres_and_train_kto() {
+    let url = std::env::var("PROSPECT_POSTGRES_URL")
+        .expect("PROSPECT_POSTGRES_URL must name a PostgreSQL database (scripts/setup_postgres.sh)");
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    client
+        .batch_execute(
+            "DROP TABLE IF EXISTS feedback; DROP TABLE IF EXISTS answers; DROP TABLE IF EXISTS schema_version;",
+        )
+        .unwrap();
+    feedback_loop(&url, &scratch("serve-loop-postgres"));
+    let n: i64 = client.query_one("SELECT count(*) FROM feedback", &[]).unwrap().get(0);
+    assert_eq!(n, 20, "the thumbs are rows of the PostgreSQL table");
+}
+
+/// Serve, answer 20 prompts, post 20 thumbs (one replaced), export, train KTO from the database.
+fn feedback_loop(db_url: &str, dir: &Path) {
+    let server = serve(db_url, &["--api-key", "k1"]);
     let url = |p: &str| format!("{}{p}", server.base);
 
     errors_are_openai_style(&url);
@@ -206,8 +228,7 @@ fn thumbs_go_into_the_database_and_train_kto() {
 
     // The database as training rows: one per thumb, as posted.
     let export = dir.join("export.jsonl");
-    let db_url = format!("sqlite://{}", db.display());
-    let o = prospect(&["data", "export", "--db", &db_url, export.to_str().unwrap()]);
+    let o = prospect(&["data", "export", "--db", db_url, export.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let mut rows: Vec<Value> =
         std::fs::read_to_string(&export).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();

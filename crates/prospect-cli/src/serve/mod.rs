@@ -38,7 +38,7 @@ pub struct ServeArgs {
     /// A PEFT adapter to serve, unmerged, on `--model` as its base.
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// Where answers and feedback go: sqlite://PATH.
+    /// Where answers and feedback go: sqlite://PATH or postgres://USER:PASSWORD@HOST:PORT/DB.
     #[arg(long, default_value = "sqlite://feedback.db")]
     db: String,
     /// The address to listen on; 127.0.0.1 keeps the server to this machine.
@@ -111,7 +111,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     })?;
     let model = prospect::model::load_frozen_source(&source, &device)?;
     let context = model.config().max_position_embeddings.unwrap_or(usize::MAX);
-    let db = FeedbackDb::open(&DbUrl::parse(&a.db)?)?;
+    let db_url = DbUrl::parse(&a.db)?;
+    let db = FeedbackDb::open(&db_url)?;
     let model_name = a.name.clone().unwrap_or_else(|| {
         let dir = source.adapter.as_ref().unwrap_or(&source.base);
         dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "prospect".into())
@@ -143,7 +144,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}:{}", a.host, a.port))?;
         let addr: SocketAddr = listener.local_addr()?;
-        eprintln!("serving {} on http://{addr} (answers and feedback in {})", state.model_name, a.db);
+        eprintln!(
+            "serving {} on http://{addr} (answers and feedback in {})",
+            state.model_name,
+            db_url.display().display()
+        );
         let app = routes::router(state, a.max_body_bytes);
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
