@@ -154,6 +154,9 @@ fn metric(text: &str, name: &str) -> f64 {
 
 /// Auth, bad bodies and bad requests are OpenAI-style error bodies.
 fn errors_are_openai_style(url: &dyn Fn(&str) -> String) {
+    let (status, text) = post(&url("/v1/chat/completions"), &json!({"messages": ask(&"x".repeat(5000))}), Some("k1"));
+    assert_eq!(status, 413, "a body over --max-body-bytes: {text}");
+    assert!(serde_json::from_str::<Value>(&text).unwrap()["error"]["message"].is_string(), "{text}");
     let (status, text) = post(&url("/v1/chat/completions"), &json!({"messages": ask("hi")}), None);
     assert_eq!(status, 401, "{text}");
     assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["error"]["code"], "invalid_api_key");
@@ -193,7 +196,7 @@ fn thumbs_go_into_postgres_and_train_kto() {
 
 /// Serve, answer 20 prompts, post 20 thumbs (one replaced), export, train KTO from the database.
 fn feedback_loop(db_url: &str, dir: &Path) {
-    let server = serve(db_url, &["--api-key", "k1"]);
+    let server = serve(db_url, &["--api-key", "k1", "--max-body-bytes", "4096"]);
     let url = |p: &str| format!("{}{p}", server.base);
 
     errors_are_openai_style(&url);
