@@ -152,8 +152,13 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }
 
-/// Auth, bad bodies and bad requests are OpenAI-style error bodies.
+/// Auth, bad bodies and bad requests are OpenAI-style error bodies; the page and the health check need no key.
 fn errors_are_openai_style(url: &dyn Fn(&str) -> String) {
+    let page = ureq::get(&url("/")).call().unwrap();
+    assert_eq!(page.content_type(), "text/html");
+    let html = page.into_string().unwrap();
+    assert!(html.contains("fetch(\"/v1/chat/completions\"") && html.contains("fetch(\"/v1/feedback\""), "{html}");
+    assert_eq!(ureq::get(&url("/healthz")).call().unwrap().into_string().unwrap(), "ok\n");
     let (status, text) = post(&url("/v1/chat/completions"), &json!({"messages": ask(&"x".repeat(5000))}), Some("k1"));
     assert_eq!(status, 413, "a body over --max-body-bytes: {text}");
     assert!(serde_json::from_str::<Value>(&text).unwrap()["error"]["message"].is_string(), "{text}");
