@@ -21,6 +21,9 @@ pub struct GenerateArgs {
     /// Hugging Face model folder, or a PEFT adapter folder (applied to the base it names).
     #[arg(long)]
     model: PathBuf,
+    /// `cpu`, or `cuda:N` in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu", value_parser = crate::flags::device_spec)]
+    device: String,
     /// A PEFT adapter folder to sample through, unmerged, on `--model` as its base.
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -76,7 +79,8 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     });
     let mut tokens = 0usize;
     let source = prospect::model::ModelSource::resolve(&a.model, a.adapter.as_deref())?;
-    let out = generate_rows(&source, &a.prompts, &rows, a.num_samples, &cfg, &candle_core::Device::Cpu, &mut |n| {
+    let device = crate::flags::open_device(&a.device)?;
+    let out = generate_rows(&source, &a.prompts, &rows, a.num_samples, &cfg, &device, &mut |n| {
         tokens += n;
         if let Some(b) = &bar {
             b.set_message(format!(

@@ -83,3 +83,13 @@ pub fn num_samples(text: &str) -> Result<usize, String> {
 pub fn max_length(text: &str) -> Result<usize, String> {
     checked(text, prospect::limits::max_length)
 }
+
+/// `--device`: `cpu`, `cuda` or `cuda:N`, checked as clap parses it; opened with [`open_device`].
+pub fn device_spec(s: &str) -> Result<String, String> {
+    prospect::device::parse_spec(s).map(|_| s.to_string())
+}
+
+/// The device a `--device` flag names (a GPU needs a build with the `cuda` feature).
+pub fn open_device(spec: &str) -> prospect::Result<candle_core::Device> {
+    prospect::device::open(spec, "--device")
+}

@@ -44,6 +44,9 @@ enum Command {
         /// resume even if the checkpoint's fingerprint differs from this run's
         #[arg(long, requires = "resume")]
         resume_force: bool,
+        /// `cpu`, or `cuda:N` in a build with the `cuda` feature; overrides the config's `device`.
+        #[arg(long, value_parser = crate::flags::device_spec)]
+        device: Option<String>,
     },
     /// The built-in experiment: base model → SFT → feedback → KTO/DPO → win rates vs SFT. No download.
     Demo {
@@ -55,6 +58,9 @@ enum Command {
         quick: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// `cpu`, or `cuda:N` in a build with the `cuda` feature.
+        #[arg(long, default_value = "cpu", value_parser = crate::flags::device_spec)]
+        device: String,
     },
     /// The Archangel grid: methods × models × datasets, each cell trained (from a shared SFT run where
     /// the method says so), sampled and judged against its SFT model. Resumable; `--builtin` needs no download.
@@ -159,10 +165,11 @@ fn run_merge(base: &std::path::Path, adapter: &std::path::Path, output: &std::pa
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train { config, set, resume, resume_force } => {
+        Command::Train { config, mut set, resume, resume_force, device } => {
+            set.extend(device.map(|d| format!("device=\"{d}\""))); // the flag wins over the file
             run_train(&config, &set, RunOptions { resume, resume_force })
         }
-        Command::Demo { output, quick, seed } => run_demo(&output, quick, seed),
+        Command::Demo { output, quick, seed, device } => run_demo(&output, quick, seed, &device),
         Command::Import(command) => import::run(command),
         Command::Merge { base, adapter, output } => run_merge(&base, &adapter, &output),
         Command::Sweep(args) => sweep::run(args),
@@ -189,10 +196,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_demo(output: &std::path::Path, quick: bool, seed: u64) -> Result<()> {
+fn run_demo(output: &std::path::Path, quick: bool, seed: u64, device: &str) -> Result<()> {
     let scale = if quick { prospect::demo::DemoScale::quick() } else { prospect::demo::DemoScale::full() };
     let started = std::time::Instant::now();
-    let results = prospect::demo::run_demo(output, scale, seed, &mut |e| {
+    let device = crate::flags::open_device(device)?;
+    let results = prospect::demo::run_demo_on(output, scale, seed, device, &mut |e| {
         if let Event::Notice(msg) = e {
             eprintln!("[{:>5.1}s] {msg}", started.elapsed().as_secs_f64());
         }
@@ -230,7 +238,7 @@ fn run_train(path: &std::path::Path, set: &[String], options: RunOptions) -> Res
 
 fn train_ranks(path: &std::path::Path, set: &[String], options: RunOptions, comm: Comm) -> Result<()> {
     let config = TrainConfig::load(path, set).with_context(|| format!("cannot use config {}", path.display()))?;
-    let device = candle_core::Device::Cpu;
+    let device = prospect::device::open(config.device.as_deref().unwrap_or("cpu"), &path.display().to_string())?;
     let (rank, world) = (comm.rank(), comm.world_size());
     if rank == 0 && world > 1 {
         eprintln!(

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{DataFormat, LabelFrom};
 use crate::error::{Error, Result};
 use crate::loss::LossConfig;
+use crate::model::ComputeDtype;
 
 /// Everything `prospect train` needs. Field names follow TRL's `TrainingArguments` where one exists.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,17 +72,29 @@ pub struct TrainConfig {
     /// Write a resumable checkpoint every this many steps (0: only the final model).
     #[serde(default)]
     pub save_every: usize,
-    /// Compute the reference model's log-probs of every sequence the run will use (KTO: target and KL
-    /// pairs; DPO: chosen and rejected) in one no-grad pass before training, then free the reference
-    /// model, so training holds one model and runs two forward passes per microbatch instead of four.
-    /// Same numbers as `false`: the pass uses the training microbatches. TRL: `precompute_ref_log_probs`.
-    #[serde(default)]
-    pub precompute_ref_logps: bool,
+    /// Compute the reference model's log-probs of every batch the run will use (KTO: target and KL
+    /// pairs; DPO: chosen and rejected; the eval rows) in one no-grad pass before training, then free the
+    /// reference model, so training holds one model and runs two forward passes per microbatch instead of
+    /// four. The values are kept in `output_dir/reference_logps.bin` for the next run on the same
+    /// reference. Same numbers as `false`, bit for bit: values are looked up by the exact batch the
+    /// reference reads. Unset: on for every loss that compares sequence log-probs with a reference.
+    /// TRL: `precompute_ref_log_probs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precompute_ref_logps: Option<bool>,
     /// Sum a step's microbatch gradients in f64 and round once: the step's gradient then does not depend on
     /// how its microbatches are split or dealt to ranks (N ranks give one process's numbers bit for bit).
     /// Costs 4 bytes per trainable parameter during the step; `false` sums in f32, as PyTorch does.
     #[serde(default = "defaults::yes")]
     pub exact_accumulation: bool,
+
+    /// Where the run computes: `cpu`, or `cuda:N` in a build with the `cuda` feature (docs/CUDA.md).
+    /// Unset: the CPU, or the command line's `--device`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// `f32` (default) or `bf16`: the dtype of the model's matrix products. `bf16` is mixed precision with
+    /// f32 master weights: the weights, AdamW's state, norms, softmax, log-probs and losses stay f32.
+    #[serde(default, skip_serializing_if = "ComputeDtype::is_f32")]
+    pub dtype: ComputeDtype,
 
     // ---- Data (docs/data.md) ----
     /// The layout of the data files (`trl`, `sharegpt`, `hh_rlhf`, ...); detected from the fields if unset.
@@ -335,8 +348,10 @@ impl TrainConfig {
             eval_data: None,
             eval_fraction: 0.0,
             eval_every: 0,
-            precompute_ref_logps: false,
+            precompute_ref_logps: None,
             exact_accumulation: true,
+            device: None,
+            dtype: ComputeDtype::F32,
             loss,
             lora: None,
         }
@@ -401,6 +416,11 @@ impl TrainConfig {
         toml::to_string(self).map_err(|e| Error::config("<serialize>", e.to_string()))
     }
 
+    /// Whether the run computes the reference log-probs before training (see `precompute_ref_logps`).
+    pub fn precomputes_reference(&self) -> bool {
+        self.precompute_ref_logps.unwrap_or_else(|| self.loss.can_precompute_reference())
+    }
+
     /// Microbatches per optimizer step.
     pub fn accumulation_steps(&self) -> usize {
         self.batch_size / self.microbatch_size
@@ -409,6 +429,9 @@ impl TrainConfig {
     /// Check values that serde cannot: ranges and relations between keys.
     pub fn validate(&self) -> Result<()> {
         self.validate_schedule()?;
+        if let Some(device) = &self.device {
+            crate::device::parse_spec(device).map_err(|m| Error::config("device", m))?;
+        }
         self.validate_optimizer()?;
         self.validate_data()?;
         if let Some(lora) = &self.lora {
@@ -513,7 +536,7 @@ impl TrainConfig {
     }
 
     fn validate_loss(&self) -> Result<()> {
-        if self.precompute_ref_logps && !self.loss.can_precompute_reference() {
+        if self.precompute_ref_logps == Some(true) && !self.loss.can_precompute_reference() {
             return Err(Error::config(
                 "precompute_ref_logps",
                 format!(

@@ -22,6 +22,7 @@
 pub mod config;
 pub mod data;
 pub mod demo;
+pub mod device;
 pub mod dist;
 pub mod error;
 pub mod eval;

@@ -136,7 +136,7 @@ fn the_reference_cache_is_computed_in_shares_and_gives_the_same_run() {
         let data = if matches!(loss, LossConfig::Kto(_)) { "unpaired.jsonl" } else { "paired.jsonl" };
         let one_dir = scratch(&format!("dist-precompute-one-{}", loss.name()));
         let mut config = trl_config(data, loss.clone(), &one_dir);
-        config.precompute_ref_logps = true;
+        config.precompute_ref_logps = Some(true);
         let one = train(&config, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
         let two_dir = scratch(&format!("dist-precompute-two-{}", loss.name()));
         let results = run_ranks(&TrainConfig { output_dir: two_dir.clone(), ..config }, 2, RunOptions::default());

@@ -231,7 +231,7 @@ fn precomputed_reference_logps_give_the_live_lora_run() {
             let lora = LoraTable { init_adapter: Some(fixtures().join("tiny-llama-lora")), ..Default::default() };
             let mut c = config(data, loss.clone(), &out, lora);
             c.batch_size = 4;
-            c.precompute_ref_logps = precompute;
+            c.precompute_ref_logps = Some(precompute);
             run(&c, RunOptions::default())
         };
         let (live, cached) = (history(false), history(true));

@@ -155,7 +155,7 @@ fn every_precomputable_reference_gives_the_live_run() {
             let out = scratch(&format!("precompute-{name}-{precompute}"));
             let mut config = trl_config(data_for(&loss), loss.clone(), &out);
             config.batch_size = 4;
-            config.precompute_ref_logps = precompute;
+            config.precompute_ref_logps = Some(precompute);
             run(&config)
         };
         let (live, cached) = (history(false), history(true));

@@ -33,7 +33,7 @@ fn run_with(
 ) -> (Vec<StepMetrics>, std::path::PathBuf) {
     let out = scratch(name);
     let mut config = trl_config(data, loss, &out);
-    config.precompute_ref_logps = precompute_ref_logps;
+    config.precompute_ref_logps = Some(precompute_ref_logps);
     let history = train(&config, &Device::Cpu, RunOptions::default(), &mut |_| {}).unwrap();
     (history, out)
 }

@@ -38,6 +38,9 @@ pub struct ServeArgs {
     /// A PEFT adapter to serve, unmerged, on `--model` as its base.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// `cpu`, or `cuda:N` in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu", value_parser = crate::flags::device_spec)]
+    device: String,
     /// Where answers and feedback go: sqlite://PATH or postgres://USER:PASSWORD@HOST:PORT/DB.
     #[arg(long, default_value = "sqlite://feedback.db")]
     db: String,
@@ -103,7 +106,7 @@ pub struct AppState {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    let device = candle_core::Device::Cpu;
+    let device = crate::flags::open_device(&a.device)?;
     let source = ModelSource::resolve(&a.model, a.adapter.as_deref())?;
     let tok = HfTokenizer::load(source.tokenizer_dir())?;
     let template = ChatTemplate::for_tokenizer(&tok, None).with_context(|| {

@@ -111,7 +111,17 @@ pub const METHODS: [&str; 5] = ["sft", "sft+dpo", "sft+kto", "kto", "kto-10%-des
 
 /// Run the whole experiment into `out`.
 pub fn run_demo(out: &Path, scale: DemoScale, seed: u64, on_event: &mut dyn FnMut(Event)) -> Result<DemoResults> {
-    let device = Device::Cpu;
+    run_demo_on(out, scale, seed, Device::Cpu, on_event)
+}
+
+/// [`run_demo`] on a given device (`prospect demo --device cuda:0`).
+pub fn run_demo_on(
+    out: &Path,
+    scale: DemoScale,
+    seed: u64,
+    device: Device,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<DemoResults> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
@@ -172,6 +182,7 @@ impl Demo<'_> {
             32,
             32,
             seed,
+            device,
             on_event,
             |_| {},
         )?;
@@ -181,6 +192,7 @@ impl Demo<'_> {
     /// 2. SFT on imperfect demonstrations: half good, half with one flaw.
     fn sft(&mut self, base: &Path, train_requests: &[Request]) -> Result<PathBuf> {
         let (out, scale, seed, data_dir, rng) = (self.out, self.scale, self.seed, &self.data_dir, &mut self.rng);
+        let device = self.device.clone();
         let on_event = &mut *self.on_event;
         let mut demos = Vec::new();
         for r in train_requests {
@@ -209,6 +221,7 @@ impl Demo<'_> {
             16,
             16,
             seed,
+            &device,
             on_event,
             |_| {},
         )
@@ -262,73 +275,31 @@ impl Demo<'_> {
     /// 4. Alignment runs: SFT+DPO, SFT+KTO, KTO from base, KTO with 10% of the desirable rows.
     fn align(&mut self, base: &Path, sft: &Path) -> Result<Vec<(&'static str, PathBuf)>> {
         let (out, scale, seed, data_dir) = (self.out, self.scale, self.seed, &self.data_dir);
+        let device = self.device.clone();
         let on_event = &mut *self.on_event;
         on_event(Event::Notice("stage 4/5: SFT+KTO, SFT+DPO, KTO from base, KTO with 10% desirable".into()));
         let kto = |w: f64| LossConfig::Kto(KtoConfig { beta: 0.1, desirable_weight: w, undesirable_weight: 1.0 });
         let fb = data_dir.join("feedback.jsonl");
         let mut models: Vec<(&str, PathBuf)> = vec![("sft", sft.to_path_buf())];
-        models.push((
-            "sft+dpo",
-            run(
-                out,
-                "sft+dpo",
-                sft,
-                Some(sft),
-                &data_dir.join("pairs.jsonl"),
-                LossConfig::Dpo(DpoConfig::default()),
-                1e-3,
-                scale.align_epochs,
-                16,
-                8,
-                seed,
-                on_event,
-                |_| {},
-            )?,
-        ));
-        models.push((
-            "sft+kto",
-            run(
-                out,
-                "sft+kto",
-                sft,
-                Some(sft),
-                &fb,
-                kto(1.0),
-                1e-3,
-                scale.align_epochs,
-                16,
-                8,
-                seed,
-                on_event,
-                |_| {},
-            )?,
-        ));
-        models.push((
-            "kto",
-            run(out, "kto", base, Some(base), &fb, kto(1.0), 1e-3, scale.align_epochs, 16, 8, seed, on_event, |_| {})?,
-        ));
-        let imbalance = |c: &mut TrainConfig| {
-            c.desirable_fraction = 0.1;
-            c.auto_weights = true;
-        };
-        models.push((
-            "kto-10%-desirable",
-            run(
-                out,
-                "kto-10pct-desirable",
-                sft,
-                Some(sft),
-                &fb,
-                kto(1.0),
-                1e-3,
-                scale.align_epochs,
-                16,
-                8,
-                seed,
-                on_event,
-                imbalance,
-            )?,
-        ));
+        let pairs = data_dir.join("pairs.jsonl");
+        // (label, run folder, starting model and reference, data, loss, keep 10% of the desirable rows)
+        let runs: [(&'static str, &str, &Path, &Path, LossConfig, bool); 4] = [
+            ("sft+dpo", "sft+dpo", sft, &pairs, LossConfig::Dpo(DpoConfig::default()), false),
+            ("sft+kto", "sft+kto", sft, &fb, kto(1.0), false),
+            ("kto", "kto", base, &fb, kto(1.0), false),
+            ("kto-10%-desirable", "kto-10pct-desirable", sft, &fb, kto(1.0), true),
+        ];
+        for (label, name, start, data, loss, imbalanced) in runs {
+            let epochs = scale.align_epochs;
+            let dir =
+                run(out, name, start, Some(start), data, loss, 1e-3, epochs, 16, 8, seed, &device, on_event, |c| {
+                    if imbalanced {
+                        c.desirable_fraction = 0.1;
+                        c.auto_weights = true;
+                    }
+                })?;
+            models.push((label, dir));
+        }
         Ok(models)
     }
 
@@ -486,6 +457,7 @@ fn run(
     batch: usize,
     microbatch: usize,
     seed: u64,
+    device: &Device,
     on_event: &mut dyn FnMut(Event),
     adjust: impl FnOnce(&mut TrainConfig),
 ) -> Result<PathBuf> {
@@ -503,7 +475,7 @@ fn run(
     };
     adjust(&mut config);
     let mut last: Option<StepMetrics> = None;
-    train(&config, &Device::Cpu, RunOptions::default(), &mut |e| match e {
+    train(&config, device, RunOptions::default(), &mut |e| match e {
         Event::Step(m) => last = Some(m),
         Event::Notice(n) if !n.contains("rows read") => on_event(Event::Notice(format!("{name}: {n}"))),
         _ => {}

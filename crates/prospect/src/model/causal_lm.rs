@@ -23,17 +23,17 @@ use super::config::{Arch, ModelConfig};
 use super::embedding::TokenEmbedding;
 use super::kernels::{self, causal_softmax, rms_norm, swiglu};
 use super::lora::{frozen_matmul, Proj};
-use super::ops::{self, layer_norm, repeat_kv, rope_tables, softmax_last_dim};
+use super::ops::{self, layer_norm, matmul_in, repeat_kv, rope_tables, softmax_last_dim};
 use crate::error::{Error, Result};
 
 /// A linear layer, with the LoRA adapter the config enables when the tensors hold one.
 fn linear(cfg: &ModelConfig, in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Proj> {
-    Proj::new(in_dim, out_dim, bias, cfg.adapter.as_ref(), vb)
+    Ok(Proj::new(in_dim, out_dim, bias, cfg.adapter.as_ref(), vb)?.computing_in(cfg.compute.dtype()))
 }
 
 /// GPT-2's `Conv1D`: a linear layer whose weight is stored `[in, out]`, with a bias.
 fn conv1d(cfg: &ModelConfig, in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Proj> {
-    Proj::conv1d(in_dim, out_dim, cfg.adapter.as_ref(), vb)
+    Ok(Proj::conv1d(in_dim, out_dim, cfg.adapter.as_ref(), vb)?.computing_in(cfg.compute.dtype()))
 }
 
 /// A layer's normalisation: RMSNorm (Llama family) or LayerNorm with a bias (GPT-NeoX, GPT-2).
@@ -78,6 +78,8 @@ struct Attention {
     head_dim: usize,
     /// Head dimensions RoPE rotates (all, part, or none).
     rotary: usize,
+    /// The dtype of the score and value products ([`super::ComputeDtype`]).
+    compute: DType,
 }
 
 impl Attention {
@@ -99,7 +101,15 @@ impl Attention {
             ),
             Arch::Gpt2 => (Qkv::Stacked(conv1d(cfg, d, 3 * d, vb.pp("c_attn"))?), conv1d(cfg, d, d, vb.pp("c_proj"))?),
         };
-        Ok(Self { qkv, out, num_heads: h, num_kv_heads: g, head_dim: e, rotary: cfg.rotated_dims() })
+        Ok(Self {
+            qkv,
+            out,
+            num_heads: h,
+            num_kv_heads: g,
+            head_dim: e,
+            rotary: cfg.rotated_dims(),
+            compute: cfg.compute.dtype(),
+        })
     }
 
     /// Queries `[b, h, t, e]`, keys `[b, g, t, e]` (views: the fused RoPE reads through strides) and
@@ -172,9 +182,9 @@ impl Attention {
             None => {
                 let r = h / g;
                 let q = q.reshape((b, g, r * t, e))?; // [b, g, r*t, e]
-                let scores = q.matmul(&k.t()?)?; // [b, g, r*t, t]
+                let scores = matmul_in(&q, &k.t()?, self.compute)?; // [b, g, r*t, t]
                 let probs = causal_softmax(&scores.to_dtype(DType::F32)?, scale)?.to_dtype(v.dtype())?;
-                probs.matmul(&v)?.reshape((b, h, t, e))? // [b, h, t, e]
+                matmul_in(&probs, &v, self.compute)?.reshape((b, h, t, e))? // [b, h, t, e]
             }
             Some(mask) => {
                 let (k, v) = match cache {
@@ -183,9 +193,9 @@ impl Attention {
                 };
                 let k = repeat_kv(&k, h / g)?; // [b, h, k, e]
                 let v = repeat_kv(&v, h / g)?; // [b, h, k, e]
-                let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // [b, h, t, k]
+                let scores = (matmul_in(&q, &k.t()?, self.compute)? * scale)?.broadcast_add(mask)?; // [b, h, t, k]
                 let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-                probs.matmul(&v)? // [b, h, t, e]
+                matmul_in(&probs, &v, self.compute)? // [b, h, t, e]
             }
         };
         let out = out.transpose(1, 2)?.reshape((b, t, h * e))?; // [b, t, h*e]
@@ -414,10 +424,13 @@ impl CausalLm {
                 "this model was built without an LM head (a reward model); it has no logits".into(),
             )
         })?;
+        let c = self.config.compute.dtype();
         if lm_head.is_variable() {
-            Ok(hidden.broadcast_matmul(&lm_head.t()?)?) // [b, t, v]
-        } else {
+            matmul_in(hidden, &lm_head.t()?, c) // [b, t, v]
+        } else if c == hidden.dtype() {
             frozen_matmul(hidden, lm_head) // [b, t, v]: no `[v, d]` gradient for a head that does not train
+        } else {
+            Ok(frozen_matmul(&hidden.to_dtype(c)?, lm_head)?.to_dtype(hidden.dtype())?)
         }
     }
 

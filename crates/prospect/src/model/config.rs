@@ -9,9 +9,34 @@
 
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+
+/// The dtype of the model's matrix products (`dtype` in the training config). `bf16` is mixed precision
+/// as `torch.autocast` does it: each matmul's operands are rounded to bf16 and its product comes back in
+/// f32; weights (the f32 master copy), the optimizer, norms, softmax, log-softmax, log-prob sums and
+/// losses stay f32. docs/CUDA.md has the list.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl ComputeDtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            ComputeDtype::F32 => candle_core::DType::F32,
+            ComputeDtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
+
+    pub fn is_f32(&self) -> bool {
+        *self == ComputeDtype::F32
+    }
+}
 
 /// The architecture a config describes: which blocks the model is built from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -84,6 +109,9 @@ pub struct ModelConfig {
     /// (`model::lora`). `None`: the plain model.
     #[serde(skip)]
     pub adapter: Option<super::lora::AdapterSpec>,
+    /// Not in `config.json`: the dtype of the matrix products ([`ComputeDtype`]), set by the run.
+    #[serde(skip)]
+    pub compute: ComputeDtype,
     /// Not a Llama-family field: set by [`ModelConfig::load`] from `model_type`.
     #[serde(skip)]
     pub arch: Arch,
@@ -204,6 +232,7 @@ impl ModelConfig {
             initializer_range: None,
             pad_token_id: None,
             adapter: None,
+            compute: ComputeDtype::F32,
             arch,
             rotary_dims: None,
             parallel_residual: false,

@@ -3,13 +3,30 @@
 //! built from candle primitives, and a test comparing the two, forward and backward, on random shapes.
 //!
 //! Written in the style of llm.c's `train_gpt2.c`: one forward loop and one backward loop per op, rows
-//! spread over threads with rayon. f32, contiguous inputs, CPU only; anything else is an error, not a
-//! silent fallback.
+//! spread over threads with rayon. f32, contiguous inputs.
+//!
+//! On a GPU each public function below runs the op's CUDA kernel when the build has one for it
+//! ([`fused_on`]; `kernels_cuda.rs`, built with the `cuda` feature), and otherwise its composite form,
+//! whose candle ops all have CUDA kernels and backward passes. docs/CUDA.md lists which is which.
 //!
 //! Shapes: `n` rows (batch × time), `v` vocab.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
+
+/// Whether `op`'s fused kernel runs on `device`: always on the CPU; on a GPU when the CUDA build has a
+/// kernel for it (`kernels_cuda::HAS_KERNEL`); otherwise the caller runs the composite form.
+fn fused_on(op: &str, device: &candle_core::Device) -> bool {
+    if device.is_cpu() {
+        return true;
+    }
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return super::kernels_cuda::HAS_KERNEL.contains(&op);
+    }
+    let _ = op;
+    false
+}
 
 /// The contiguous f32 slice behind a storage and layout, or an error naming the op.
 fn f32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
@@ -41,6 +58,17 @@ struct TokenLogps;
 impl CustomOp2 for TokenLogps {
     fn name(&self) -> &'static str {
         "token-logps"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::kernels_cuda::token_logps(s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -85,6 +113,19 @@ impl CustomOp3 for TokenLogpsBackward {
         "token-logps-backward"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::kernels_cuda::token_logps_backward((s1, l1), (s2, l2), (s3, l3))
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -126,6 +167,11 @@ pub fn token_logps(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Ten
     if let Some(bad) = targets.to_vec1::<u32>()?.into_iter().find(|&t| t as usize >= v) {
         candle_core::bail!("token_logps: target id {bad} is outside the vocabulary of {v}");
     }
+    if !fused_on("token-logps", logits.device()) {
+        let logps = super::ops::log_softmax_last_dim(logits).map_err(candle_core::Error::wrap)?; // [n, v]
+        return logps.gather(&targets.unsqueeze(1)?.contiguous()?, 1)?.squeeze(1);
+        // [n]
+    }
     logits.contiguous()?.apply_op2(&targets.contiguous()?, TokenLogps)
 }
 
@@ -147,6 +193,17 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "rms-norm"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::kernels_cuda::rms_norm(s1, l1, s2, l2, self.eps)
     }
 
     fn cpu_fwd(
@@ -197,6 +254,19 @@ impl CustomOp3 for RmsNormBackward {
         "rms-norm-backward"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::kernels_cuda::rms_norm_backward((s1, l1), (s2, l2), (s3, l3), self.eps)
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -230,6 +300,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor>
     if x.dim(candle_core::D::Minus1)? != d {
         candle_core::bail!("rms_norm: x is {:?}, weight is [{d}]", x.dims());
     }
+    if !fused_on("rms-norm", x.device()) {
+        return super::ops::rms_norm(x, w, eps).map_err(candle_core::Error::wrap);
+    }
     let (dims, dtype) = (x.dims().to_vec(), x.dtype());
     let x2 = x.to_dtype(DType::F32)?.contiguous()?.reshape(((), d))?; // [n, d]
     let w = w.to_dtype(DType::F32)?.contiguous()?;
@@ -247,6 +320,15 @@ struct CausalSoftmax {
 impl CustomOp1 for CausalSoftmax {
     fn name(&self) -> &'static str {
         "causal-softmax"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::kernels_cuda::causal_softmax(s, l, self.scale)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -286,6 +368,17 @@ impl CustomOp2 for SoftmaxBackward {
         "softmax-backward"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::kernels_cuda::softmax_backward(s1, l1, s2, l2, self.scale)
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -316,6 +409,13 @@ pub fn causal_softmax(s: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     if dims.len() < 2 || dims[dims.len() - 1] == 0 || !dims[dims.len() - 2].is_multiple_of(dims[dims.len() - 1]) {
         candle_core::bail!("causal_softmax: scores must be [..., r*t, t], got {dims:?}");
     }
+    if !fused_on("causal-softmax", s.device()) {
+        // The mask of `r` stacked blocks of `t` queries: row `i` is query `i mod t`.
+        let (rows, t) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let mask = super::ops::causal_mask(t, s.dtype(), s.device()).map_err(candle_core::Error::wrap)?;
+        let mask = mask.repeat((rows / t, 1))?; // [r*t, t]
+        return super::ops::softmax_last_dim(&(s * scale)?.broadcast_add(&mask)?).map_err(candle_core::Error::wrap);
+    }
     s.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32 })
 }
 
@@ -331,6 +431,19 @@ struct Rope {
 impl CustomOp3 for Rope {
     fn name(&self) -> &'static str {
         "rope"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::kernels_cuda::rope((s1, l1), (s2, l2), (s3, l3), self.inverse)
     }
 
     fn cpu_fwd(
@@ -391,6 +504,9 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result
             cos.dims()
         );
     }
+    if !fused_on("rope", x.device()) {
+        return super::ops::apply_rope(&x.contiguous()?, cos, sin).map_err(candle_core::Error::wrap);
+    }
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?; // any strides
     let (cos, sin) = (cos.to_dtype(DType::F32)?.contiguous()?, sin.to_dtype(DType::F32)?.contiguous()?);
@@ -404,6 +520,17 @@ struct SwiGlu;
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "swiglu"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::kernels_cuda::swiglu(s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -446,6 +573,19 @@ struct SwiGluBackward;
 impl CustomOp3 for SwiGluBackward {
     fn name(&self) -> &'static str {
         "swiglu-backward"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::kernels_cuda::swiglu_backward((s1, l1), (s2, l2), (s3, l3))
     }
 
     fn cpu_fwd(
@@ -520,6 +660,10 @@ pub fn swiglu_down_frozen(gate: &Tensor, up: &Tensor, w: &Tensor) -> candle_core
     if gate.dims() != up.dims() || gate.dtype() != DType::F32 || up.dtype() != DType::F32 {
         candle_core::bail!("swiglu-down: gate {:?} and up {:?} must be f32 of one shape", gate.dims(), up.dims());
     }
+    if !gate.device().is_cpu() {
+        // Fused with the product on the CPU only: on a GPU, the gate, then the frozen product.
+        return super::lora::frozen_matmul(&swiglu(gate, up)?, w).map_err(candle_core::Error::wrap);
+    }
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGluDown { w: w.detach() })
 }
 
@@ -527,6 +671,9 @@ pub fn swiglu_down_frozen(gate: &Tensor, up: &Tensor, w: &Tensor) -> candle_core
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     if gate.dims() != up.dims() {
         candle_core::bail!("swiglu: gate {:?} and up {:?} differ", gate.dims(), up.dims());
+    }
+    if !fused_on("swiglu", gate.device()) {
+        return gate.silu()? * up;
     }
     let dtype = gate.dtype();
     let (g, u) = (gate.to_dtype(DType::F32)?.contiguous()?, up.to_dtype(DType::F32)?.contiguous()?);

@@ -27,7 +27,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Storage, Tensor};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -495,6 +495,8 @@ pub struct Proj {
     /// Whether the stored weight is a `Var` (read before any view: a transposed view of a `Var` is not
     /// itself one, and would take the frozen path and silently get no gradient).
     trainable: bool,
+    /// The dtype of the product ([`super::ComputeDtype`]); the result is in the input's dtype.
+    compute: DType,
 }
 
 struct LoraLayer {
@@ -525,7 +527,7 @@ impl Proj {
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
         let lora = Self::adapter(in_dim, out_dim, adapter, &vb)?;
         let trainable = weight.is_variable();
-        Ok(Self { inner: candle_nn::Linear::new(weight, bias), lora, trainable })
+        Ok(Self { inner: candle_nn::Linear::new(weight, bias), lora, trainable, compute: DType::F32 })
     }
 
     /// GPT-2's `Conv1D`: `y = x W + b` with the weight stored `[in, out]` (PEFT's `fan_in_fan_out`). The
@@ -539,7 +541,7 @@ impl Proj {
         let trainable = stored.is_variable();
         let bias = Some(vb.get(out_dim, "bias")?);
         let lora = Self::adapter(in_dim, out_dim, adapter, &vb)?;
-        Ok(Self { inner: candle_nn::Linear::new(stored.t()?, bias), lora, trainable })
+        Ok(Self { inner: candle_nn::Linear::new(stored.t()?, bias), lora, trainable, compute: DType::F32 })
     }
 
     fn adapter(
@@ -570,12 +572,28 @@ impl Proj {
     }
 
     /// `x` `[..., in]` → `[..., out]`.
+    /// The same layer with its product computed in `compute` (bf16 mixed precision).
+    pub fn computing_in(mut self, compute: DType) -> Self {
+        self.compute = compute;
+        self
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.inner.weight();
-        let y = if self.trainable {
+        let c = self.compute;
+        let y = if self.trainable && c == x.dtype() {
             self.inner.forward(x)?
+        } else if self.trainable {
+            let y = super::ops::matmul_in(x, &w.t()?, c)?;
+            match self.inner.bias() {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
         } else {
-            let y = frozen_matmul(x, w)?;
+            let y = match c == x.dtype() {
+                true => frozen_matmul(x, w)?,
+                false => frozen_matmul(&x.to_dtype(c)?, w)?.to_dtype(x.dtype())?,
+            };
             match self.inner.bias() {
                 Some(b) => y.broadcast_add(b)?,
                 None => y,
@@ -600,6 +618,10 @@ impl Proj {
 /// forms nothing for `W`. `x` is `[m, in]` or `[b, t, in]`, `w` `[out, in]`. Same product, same kernel and
 /// same operand layout as candle's `Linear`, so the values are bit for bit those of the trainable path.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        // On a GPU: candle's matmul on the detached weight (which then tracks no gradient).
+        return Ok(x.broadcast_matmul(&dense_weight(&w.detach(), x.dtype())?.t()?)?);
+    }
     Ok(x.apply_op1(FrozenMatmul { w: w.detach() })?)
 }
 

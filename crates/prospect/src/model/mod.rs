@@ -7,6 +7,8 @@ pub mod embedding;
 pub mod heads;
 pub mod init;
 pub mod kernels;
+#[cfg(feature = "cuda")]
+pub mod kernels_cuda;
 pub mod logps;
 pub mod lora;
 pub mod ops;
@@ -19,7 +21,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 pub use causal_lm::CausalLm;
-pub use config::ModelConfig;
+pub use config::{ComputeDtype, ModelConfig};
 pub use heads::{RewardModel, ValueHead};
 pub use logps::{completion_logps, sequence_logps, sequence_logps_composite, token_logps, SequenceLogps};
 pub use lora::LoraSettings;
@@ -522,7 +524,13 @@ pub fn load_frozen(dir: &Path, device: &Device) -> Result<CausalLm> {
 
 /// A frozen causal LM from a [`ModelSource`]: an adapter is applied in the forward pass, not merged.
 pub fn load_frozen_source(source: &ModelSource, device: &Device) -> Result<CausalLm> {
-    let (config, tensors) = source.load(device)?;
+    load_frozen_computing_in(source, device, ComputeDtype::F32)
+}
+
+/// [`load_frozen_source`] with its matrix products in `compute` (a bf16 run's reference model).
+pub fn load_frozen_computing_in(source: &ModelSource, device: &Device, compute: ComputeDtype) -> Result<CausalLm> {
+    let (mut config, tensors) = source.load(device)?;
+    config.compute = compute;
     Ok(weights::build_with(tensors, TRAIN_DTYPE, device, |vb| {
         CausalLm::new(&config, vb).map_err(|e| annotate(source.blame(), e))
     })?

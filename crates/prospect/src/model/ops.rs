@@ -103,6 +103,17 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
     Ok(x.unsqueeze(2)?.broadcast_as((b, h_kv, n_rep, t, e))?.contiguous()?.reshape((b, h_kv * n_rep, t, e))?)
 }
 
+/// `a · b` (candle's broadcasting matmul) with both operands rounded to `compute` for the product, which
+/// comes back in `a`'s dtype: bf16 mixed precision, as `torch.autocast` runs a matmul. With `compute`
+/// equal to `a`'s dtype it is the plain product. Differentiable: the casts pass gradients through, so an
+/// f32 master weight gets an f32 gradient.
+pub fn matmul_in(a: &Tensor, b: &Tensor, compute: DType) -> Result<Tensor> {
+    if a.dtype() == compute && b.dtype() == compute {
+        return Ok(a.broadcast_matmul(b)?);
+    }
+    Ok(a.to_dtype(compute)?.broadcast_matmul(&b.to_dtype(compute)?)?.to_dtype(a.dtype())?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +217,22 @@ mod tests {
         assert_eq!(m[0][0], 0.0);
         assert_eq!(m[0][1], f32::NEG_INFINITY);
         assert_eq!(m[2][1], 0.0);
+    }
+
+    #[test]
+    fn matmul_in_bf16_rounds_the_operands_and_returns_f32_with_an_f32_gradient() {
+        // 1 + 2⁻⁹ is below half of bf16's spacing at 1 (2⁻⁷), so it rounds to 1: in bf16 the product with 3
+        // is exactly 3; in f32 it is 3·(1 + 2⁻⁹) = 3.005859375 (python: 3 * (1 + 2**-9)).
+        let a = Var::new(&[[1.0f32 + 2f32.powi(-9)]], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[[3.0f32]], &Device::Cpu).unwrap();
+        let full = matmul_in(a.as_tensor(), &b, DType::F32).unwrap();
+        assert_eq!(full.to_vec2::<f32>().unwrap(), [[3.0 * (1.0 + 2f32.powi(-9))]]);
+        let mixed = matmul_in(a.as_tensor(), &b, DType::BF16).unwrap();
+        assert_eq!(mixed.dtype(), DType::F32);
+        assert_eq!(mixed.to_vec2::<f32>().unwrap(), [[3.0]]);
+        // ∂(a·b)/∂a = b = 3, in a's dtype (the master weight's gradient is f32).
+        let grads = mixed.sum_all().unwrap().backward().unwrap();
+        let g = grads.get(a.as_tensor()).unwrap();
+        assert_eq!((g.dtype(), g.to_vec2::<f32>().unwrap()), (DType::F32, vec![vec![3.0]]));
     }
 }

@@ -197,7 +197,8 @@ pub fn run_cell(
 fn train_stage(job: &CellJob, state: &mut CellState, on_train: &mut dyn FnMut(Event)) -> Result<()> {
     let started = Instant::now();
     let resume = has_checkpoint(&job.train.output_dir, on_train)?;
-    let history = train(&job.train, &Device::Cpu, RunOptions { resume, resume_force: false }, on_train)?;
+    let device = crate::device::open(job.train.device.as_deref().unwrap_or("cpu"), "sweep [train]")?;
+    let history = train(&job.train, &device, RunOptions { resume, resume_force: false }, on_train)?;
     state.train_seconds += started.elapsed().as_secs_f64();
     if let Some(last) = history.last() {
         state.steps = last.step;
@@ -230,8 +231,8 @@ fn sample_stage(job: &CellJob) -> Result<()> {
     let rows = read_rows(job.prompts, false)?;
     let source = ModelSource::resolve(&job.train.output_dir.join("final"), None)?;
     let cfg = job.eval.generate_config(job.append_tokens.clone());
-    let gens =
-        generate_rows(&source, job.prompts, &rows, job.eval.samples_per_prompt, &cfg, &Device::Cpu, &mut |_| {})?;
+    let device = crate::device::open(job.train.device.as_deref().unwrap_or("cpu"), "sweep [train]")?;
+    let gens = generate_rows(&source, job.prompts, &rows, job.eval.samples_per_prompt, &cfg, &device, &mut |_| {})?;
     let mut text = String::new();
     for row in gens {
         text.push_str(&serde_json::Value::Object(row).to_string());

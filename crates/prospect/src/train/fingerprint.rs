@@ -14,8 +14,9 @@ use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 
 /// Config keys that do not change a run's numbers: where it writes, how often it saves and evaluates,
-/// and whether the reference log-probs are cached (the cached values are the live ones).
-const NOT_IN_FINGERPRINT: [&str; 4] = ["output_dir", "save_every", "eval_every", "precompute_ref_logps"];
+/// whether the reference log-probs are cached (the cached values are the live ones), and the device (a
+/// run checkpointed on the CPU may resume on a GPU, as it may on another number of ranks).
+const NOT_IN_FINGERPRINT: [&str; 5] = ["output_dir", "save_every", "eval_every", "precompute_ref_logps", "device"];
 
 /// Files larger than this are digested by size plus their first and last MiB, so a multi-GB checkpoint
 /// costs milliseconds; smaller files (configs, tokenizers, data) are digested whole.

@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::plan::{collate, logps, BatchSettings, Plan, SeqKey};
+use super::plan::{collate, logps, BatchSettings, Plan};
 use super::reference::ReferenceLogps;
 use crate::data::{Examples, SequenceBatch};
 use crate::error::{Error, Result};
@@ -56,10 +56,10 @@ pub enum Reference {
 
 impl Reference {
     /// Summed reference log-probs `[b]` of `batch`, whose rows are the sequences `keys` name.
-    fn logps(&self, batch: &SequenceBatch, keys: &[SeqKey]) -> Result<Tensor> {
+    fn logps(&self, batch: &SequenceBatch) -> Result<Tensor> {
         match self {
             Reference::Model(model) => Ok(logps(model, batch)?.detach()),
-            Reference::Cached(cache) => cache.tensor(keys, batch.input_ids.device()),
+            Reference::Cached(cache) => cache.tensor(batch, batch.input_ids.device()),
         }
     }
 }
@@ -112,15 +112,13 @@ impl LmModels {
     }
 
     /// Reference log-probs `[b]` of a planned batch, when the loss declares a reference.
-    fn reference(&self, needed: bool, batch: &SequenceBatch, keys: &[SeqKey]) -> Result<Option<Tensor>> {
-        needed.then(|| self.reference_logps(batch, keys)).transpose()
+    fn reference(&self, needed: bool, batch: &SequenceBatch) -> Result<Option<Tensor>> {
+        needed.then(|| self.reference_logps(batch)).transpose()
     }
 
-    fn reference_logps(&self, batch: &SequenceBatch, keys: &[SeqKey]) -> Result<Tensor> {
+    fn reference_logps(&self, batch: &SequenceBatch) -> Result<Tensor> {
         let reference = self.reference.as_ref();
-        reference
-            .ok_or_else(|| Error::Compute("the loss needs a reference and the run has none".into()))?
-            .logps(batch, keys)
+        reference.ok_or_else(|| Error::Compute("the loss needs a reference and the run has none".into()))?.logps(batch)
     }
 }
 
@@ -146,7 +144,7 @@ fn paired(
     let batch = collate(examples, &plan.main, s)?;
     let b = plan.main.len() / 2;
     let policy = logps(m.policy(mode), &batch)?; // [2b]
-    let reference = m.reference(loss.needs_reference(), &batch, &plan.main)?; // [2b]
+    let reference = m.reference(loss.needs_reference(), &batch)?; // [2b]
     let halves = |t: &Tensor| -> Result<(Tensor, Tensor)> { Ok((t.narrow(0, 0, b)?, t.narrow(0, b, b)?)) };
     let (policy_chosen, policy_rejected) = halves(&policy)?;
     let reference = reference.as_ref().map(halves).transpose()?;
@@ -177,7 +175,7 @@ fn unpaired(
     let labels = labels(examples, rows)?;
     let batch = collate(examples, &plan.main, s)?;
     let policy = logps(m.policy(mode), &batch)?; // [b]
-    let reference = m.reference(loss.needs_reference(), &batch, &plan.main)?; // [b]
+    let reference = m.reference(loss.needs_reference(), &batch)?; // [b]
     let mut kl_tokens = 0;
     let kl = if plan.kl.is_empty() {
         None
@@ -185,7 +183,7 @@ fn unpaired(
         let kl_batch = collate(examples, &plan.kl, s)?;
         kl_tokens = kl_batch.num_tokens;
         let policy = logps(&m.frozen, &kl_batch)?; // [b], no gradient
-        let reference = m.reference_logps(&kl_batch, &plan.kl)?; // [b]
+        let reference = m.reference_logps(&kl_batch)?; // [b]
         Some((policy, reference))
     };
     let out = loss.forward(&UnpairedInputs {

@@ -64,7 +64,14 @@ impl AdamW {
     ///
     /// The numerics guard: the fused loop counts updated weights that are not finite, and the step fails
     /// on the first such parameter, naming it (the run then stops before anything is saved).
+    ///
+    /// On a GPU the update is [`AdamW::step_composite`] (candle's CUDA ops; the fused loops are CPU code),
+    /// followed by the same non-finite check.
     pub fn step(&mut self, params: &Params, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
+        if params.iter().next().is_some_and(|(_, v)| !v.device().is_cpu()) {
+            self.step_composite(params, grads, lr)?;
+            return check_finite(params, grads);
+        }
         self.step += 1;
         let c = self.config;
         let k = self.step as i32;
@@ -240,7 +247,27 @@ impl InplaceOp3 for ParamUpdate {
 /// `acc += g`, in place (gradient accumulation without a third parameter-sized tensor). `acc` is f32, or
 /// f64 for an exact sum of f32 gradients (see `train::run`: the sum then does not depend on its order).
 pub fn accumulate(acc: &Tensor, g: &Tensor) -> Result<()> {
+    if !acc.device().is_cpu() {
+        // On a GPU: the sum with candle's ops, copied back into `acc`'s storage.
+        let sum = (acc + g.to_dtype(acc.dtype())?)?;
+        return Ok(acc.slice_set(&sum, 0, 0)?);
+    }
     Ok(acc.inplace_op2(&g.contiguous()?, &AddInPlace)?)
+}
+
+/// The numerics guard of the composite update: the first parameter with a gradient whose weights are
+/// no longer all finite fails the step, named.
+fn check_finite(params: &Params, grads: &BTreeMap<String, Tensor>) -> Result<()> {
+    for (name, var) in params.iter() {
+        if !grads.contains_key(name) {
+            continue;
+        }
+        let finite = var.as_tensor().to_dtype(candle_core::DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+        if !finite.is_finite() {
+            return Err(Error::Numerics(format!("the AdamW update made weights of `{name}` non-finite")));
+        }
+    }
+    Ok(())
 }
 
 struct AddInPlace;

@@ -1,111 +1,185 @@
-//! Reference log-probs computed once, before training (`precompute_ref_logps = true`).
+//! Reference log-probs computed once (`precompute_ref_logps`, on by default), and kept on disk beside the
+//! run so that a second run does not compute them again.
 //!
-//! The reference model is frozen, so Σ log p_ref of a sequence never changes during a run. One no-grad
-//! pass over every microbatch the run will train on fills a table keyed by the sequence's identity; the
-//! reference model is then dropped, and training holds one model instead of two (for KTO: two forward
-//! passes per microbatch instead of four). TRL's `precompute_ref_log_probs` does the same. It works for
-//! every loss whose reference is a sequence log-prob: the paired and unpaired families.
+//! The reference model is frozen, so Σ log p_ref of a batch never changes. One no-grad pass over every
+//! microbatch the run will train on fills a table; the reference model is then dropped, and training holds
+//! one model instead of two (for KTO: two forward passes per microbatch instead of four). TRL's
+//! `precompute_ref_log_probs` does the same.
 //!
-//! The pass walks the training schedule and batches each microbatch by its [`Plan`], exactly as training
-//! does (same rows, same padding), so in the first epoch the cached values are bit-identical to what the
-//! reference model would have computed during training. A microbatch whose sequences are all cached
-//! already (a later epoch without shuffling) is skipped; a sequence met again in a different microbatch
-//! keeps its first value, which differs from a live pass by float rounding only (other padding).
+//! The table is keyed by **what the reference model reads**: a SHA-256 digest of each collated batch (its
+//! padded token ids and completion mask). The pass walks the training schedule and batches each microbatch
+//! by its [`Plan`], exactly as training does, and training looks its batches up by the same digest. So every
+//! value is the one a live reference pass would compute on that very batch, bit for bit, in every epoch:
+//! a cached run has the numbers of `precompute_ref_logps = false`. A batch met again (a later epoch without
+//! shuffling) is computed once.
 //!
-//! This module does not save the table; a run always recomputes it.
+//! On disk (`output_dir/reference_logps.bin`, written atomically by rank 0) the table carries a
+//! [`ModelKey`]: a digest of the reference model's files, its LoRA settings, the compute dtype and the
+//! device kind. A run whose key differs (another reference, bf16 instead of f32) starts from an empty table
+//! and replaces the file; one whose key matches computes only the batches the file lacks (none, when it
+//! repeats a run with other optimizer settings).
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use sha2::{Digest, Sha256};
 
-use super::plan::{collate, logps, BatchSettings, Plan, SeqKey};
-use crate::data::Examples;
+use super::plan::{collate, logps, BatchSettings, Plan};
+use crate::data::{Examples, SequenceBatch};
 use crate::error::{Error, Result};
 use crate::loss::Family;
 use crate::model::CausalLm;
 
-/// Σ log p_ref per sequence, for every sequence of the run.
+/// The cache file, in the run's output folder.
+pub const CACHE_FILE: &str = "reference_logps.bin";
+const MAGIC: &[u8; 8] = b"PRREFv1\n";
+
+/// The SHA-256 of a collated batch: its shape, padded token ids and completion mask.
+pub type BatchDigest = [u8; 32];
+
+/// What the cached values depend on besides the batch: the reference model and how it computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelKey(pub [u8; 32]);
+
+impl ModelKey {
+    /// A digest of `parts` (`name = value` strings: file digests, settings), in order.
+    pub fn of(parts: &[String]) -> Self {
+        let mut h = Sha256::new();
+        for p in parts {
+            h.update((p.len() as u64).to_le_bytes());
+            h.update(p.as_bytes());
+        }
+        ModelKey(h.finalize().into())
+    }
+}
+
+pub fn batch_digest(batch: &SequenceBatch) -> Result<BatchDigest> {
+    let ids = batch.input_ids.flatten_all()?.to_vec1::<u32>()?;
+    let mask = batch.completion_mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut h = Sha256::new();
+    for d in batch.input_ids.dims() {
+        h.update((*d as u64).to_le_bytes());
+    }
+    ids.iter().for_each(|i| h.update(i.to_le_bytes()));
+    mask.iter().for_each(|m| h.update(m.to_le_bytes()));
+    Ok(h.finalize().into())
+}
+
+/// Σ log p_ref per row of every batch the run uses, by batch digest.
 #[derive(Debug, Default)]
 pub struct ReferenceLogps {
-    values: HashMap<SeqKey, f32>,
+    values: HashMap<BatchDigest, Vec<f32>>,
+}
+
+/// How a [`ReferenceLogps::compute`] pass went.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PassCounts {
+    /// Batches whose values were already in the table (from the file, or met earlier in the schedule).
+    pub reused: usize,
+    /// Batches the reference model scored.
+    pub computed: usize,
 }
 
 impl ReferenceLogps {
-    /// Run `reference` (no gradient) over the planned sequences of every microbatch in `schedule`, in order.
+    /// Score (no gradient) every planned batch of every microbatch in `schedule` that the table lacks.
     pub fn compute<'a>(
+        &mut self,
         family: Family,
         examples: &Examples,
         schedule: impl IntoIterator<Item = &'a [usize]>,
         reference: &CausalLm,
         settings: &BatchSettings,
-    ) -> Result<Self> {
-        let mut values = HashMap::new();
+    ) -> Result<PassCounts> {
+        let mut counts = PassCounts::default();
         for rows in schedule {
             let plan = Plan::new(family, rows);
             for keys in plan.batches() {
-                if keys.iter().all(|k| values.contains_key(k)) {
+                let batch = collate(examples, keys, settings)?;
+                let digest = batch_digest(&batch)?;
+                if self.values.contains_key(&digest) {
+                    counts.reused += 1;
                     continue;
                 }
-                let batch = collate(examples, keys, settings)?;
-                let scored = logps(reference, &batch)?.to_vec1::<f32>()?; // [b]
-                for (key, value) in keys.iter().zip(scored) {
-                    values.entry(*key).or_insert(value);
-                }
+                self.values.insert(digest, logps(reference, &batch)?.to_vec1::<f32>()?); // [b]
+                counts.computed += 1;
             }
         }
-        Ok(Self { values })
+        Ok(counts)
     }
 
-    /// The table as bytes, to send to the other ranks: per sequence a tag byte, two u64 indices and the
-    /// f32 value, little-endian.
+    /// The table as bytes (to send to the other ranks, or to save): per batch its digest, its row count
+    /// (u32) and its values (f32), little-endian.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.values.len() * 21);
-        for (key, value) in &self.values {
-            let (tag, a, b) = match *key {
-                SeqKey::Own(i) => (0u8, i, 0),
-                SeqKey::Rejected(i) => (1, i, 0),
-                SeqKey::Kl { prompt, completion } => (2, prompt, completion),
-            };
-            out.push(tag);
-            out.extend((a as u64).to_le_bytes());
-            out.extend((b as u64).to_le_bytes());
-            out.extend(value.to_le_bytes());
+        let mut entries: Vec<(&BatchDigest, &Vec<f32>)> = self.values.iter().collect();
+        entries.sort_by_key(|(d, _)| **d); // the same table gives the same bytes
+        let mut out = Vec::new();
+        for (digest, values) in entries {
+            out.extend(digest);
+            out.extend((values.len() as u32).to_le_bytes());
+            values.iter().for_each(|v| out.extend(v.to_le_bytes()));
         }
         out
     }
 
     /// The inverse of [`ReferenceLogps::to_bytes`].
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        if !bytes.len().is_multiple_of(21) {
-            return Err(Error::Compute(format!("reference log-probs: {} bytes is not whole entries", bytes.len())));
-        }
+    pub fn from_bytes(mut bytes: &[u8]) -> Result<Self> {
+        let bad = |what: &str| Error::Compute(format!("reference log-probs: {what}"));
         let mut values = HashMap::new();
-        for e in bytes.chunks_exact(21) {
-            let u64_at = |o: usize| -> usize { u64::from_le_bytes(e[o..o + 8].try_into().unwrap_or([0; 8])) as usize };
-            let (a, b) = (u64_at(1), u64_at(9));
-            let key = match e[0] {
-                0 => SeqKey::Own(a),
-                1 => SeqKey::Rejected(a),
-                2 => SeqKey::Kl { prompt: a, completion: b },
-                t => return Err(Error::Compute(format!("reference log-probs: unknown sequence tag {t}"))),
-            };
-            values.insert(key, f32::from_le_bytes([e[17], e[18], e[19], e[20]]));
+        while !bytes.is_empty() {
+            if bytes.len() < 36 {
+                return Err(bad("a truncated entry"));
+            }
+            let digest: BatchDigest = bytes[..32].try_into().map_err(|_| bad("a truncated digest"))?;
+            let n = u32::from_le_bytes([bytes[32], bytes[33], bytes[34], bytes[35]]) as usize;
+            let body = bytes.get(36..36 + 4 * n).ok_or_else(|| bad("a truncated entry"))?;
+            let row: Vec<f32> = body.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            values.insert(digest, row);
+            bytes = &bytes[36 + 4 * n..];
         }
         Ok(Self { values })
     }
 
-    /// The ranks' tables, in rank order, as one: a sequence present in several keeps the first value.
+    /// The ranks' tables as one.
     pub fn merge(parts: impl IntoIterator<Item = Result<Self>>) -> Result<Self> {
         let mut values = HashMap::new();
         for part in parts {
-            for (key, value) in part?.values {
-                values.entry(key).or_insert(value);
-            }
+            values.extend(part?.values);
         }
         Ok(Self { values })
     }
 
-    /// Sequences cached.
+    /// The cache file of a run folder.
+    pub fn path(output_dir: &Path) -> PathBuf {
+        output_dir.join(CACHE_FILE)
+    }
+
+    /// The table saved at `path` for `key`; an empty table when there is no file, or when it was written
+    /// for another model key (the caller then replaces it). A damaged file is an error naming it.
+    pub fn load(path: &Path, key: ModelKey) -> Result<Self> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        if bytes.len() < 40 || &bytes[..8] != MAGIC {
+            return Err(Error::model(path, "not a reference log-prob cache (delete it to recompute)"));
+        }
+        if bytes[8..40] != key.0 {
+            return Ok(Self::default());
+        }
+        Self::from_bytes(&bytes[40..]).map_err(|e| Error::model(path, format!("{e} (delete it to recompute)")))
+    }
+
+    /// Write the table for `key` to `path`, atomically.
+    pub fn save(&self, path: &Path, key: ModelKey) -> Result<()> {
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend(key.0);
+        bytes.extend(self.to_bytes());
+        crate::fsio::write_atomic(path, &bytes)
+    }
+
+    /// Batches cached.
     pub fn len(&self) -> usize {
         self.values.len()
     }
@@ -114,16 +188,48 @@ impl ReferenceLogps {
         self.values.is_empty()
     }
 
-    /// The cached log-probs of `keys` as a `[b]` f32 tensor.
-    pub fn tensor(&self, keys: &[SeqKey], device: &Device) -> Result<Tensor> {
-        let values = keys
-            .iter()
-            .map(|k| {
-                self.values.get(k).copied().ok_or_else(|| {
-                    Error::Compute(format!("reference log-probs of {k:?} were not precomputed (the schedule changed)"))
-                })
-            })
-            .collect::<Result<Vec<f32>>>()?;
-        Ok(Tensor::from_vec(values, keys.len(), device)?) // [b]
+    /// The cached log-probs of `batch` as a `[b]` f32 tensor.
+    pub fn tensor(&self, batch: &SequenceBatch, device: &Device) -> Result<Tensor> {
+        let values = self.values.get(&batch_digest(batch)?).ok_or_else(|| {
+            Error::Compute("reference log-probs of a batch were not precomputed (the schedule changed)".into())
+        })?;
+        Ok(Tensor::from_vec(values.clone(), values.len(), device)?) // [b]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> ReferenceLogps {
+        let mut values = HashMap::new();
+        values.insert([1u8; 32], vec![-1.5f32, -2.25]);
+        values.insert([7u8; 32], vec![-0.125f32]);
+        ReferenceLogps { values }
+    }
+
+    #[test]
+    fn bytes_round_trip_and_damage_is_an_error() {
+        let t = table();
+        let bytes = t.to_bytes();
+        assert_eq!(bytes.len(), (32 + 4 + 8) + (32 + 4 + 4));
+        let back = ReferenceLogps::from_bytes(&bytes).unwrap();
+        assert_eq!(back.values, t.values);
+        assert!(ReferenceLogps::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn the_file_is_used_only_for_its_model_key() {
+        let dir = std::env::temp_dir().join(format!("prospect-refcache-{}", std::process::id()));
+        let path = ReferenceLogps::path(&dir);
+        let (a, b) = (ModelKey::of(&["model = x".into()]), ModelKey::of(&["model = y".into()]));
+        assert!(ReferenceLogps::load(&path, a).unwrap().is_empty(), "no file: empty");
+        table().save(&path, a).unwrap();
+        assert_eq!(ReferenceLogps::load(&path, a).unwrap().values, table().values);
+        assert!(ReferenceLogps::load(&path, b).unwrap().is_empty(), "another model: empty");
+        std::fs::write(&path, b"garbage").unwrap();
+        let e = ReferenceLogps::load(&path, a).unwrap_err().to_string();
+        assert!(e.contains(CACHE_FILE) && e.contains("delete it"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -16,7 +16,7 @@ use super::metrics::{ObjectiveAccumulator, StepMetrics};
 use super::microbatch::{self, LmModels, Mode, Models, Reference, TokenModels};
 use super::optim::{accumulate, clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
 use super::plan::BatchSettings;
-use super::reference::ReferenceLogps;
+use super::reference::{ModelKey, ReferenceLogps};
 use super::schedule::{learning_rate, Schedule};
 use super::{Event, RunOptions};
 use crate::config::TrainConfig;
@@ -24,7 +24,9 @@ use crate::data::Examples;
 use crate::dist::{self, Comm};
 use crate::error::{Error, Result};
 use crate::loss::{Family, LossConfig, LossState};
-use crate::model::{load_frozen, load_frozen_reward, CausalLm, Head, HfTokenizer, LoraStart, Policy};
+use crate::model::{
+    load_frozen_computing_in, load_frozen_reward, CausalLm, Head, HfTokenizer, LoraStart, ModelSource, Policy,
+};
 
 /// Everything a run holds between steps.
 pub struct Run {
@@ -86,7 +88,8 @@ impl Run {
             BatchSettings { max_length: config.max_length, pad_id: tok.pad_token_id, device: device.clone() };
         let remaining: Vec<Vec<usize>> =
             (start_step..schedule.total_steps).flat_map(|s| schedule.microbatches(s)).collect();
-        let reference = reference(config, &policy, &data, &remaining, &settings, &comm, on_event)?;
+        let scope = ReferenceScope { remaining: &remaining, settings: &settings, fingerprint: &fingerprint };
+        let reference = reference(config, &policy, &data, scope, &comm, on_event)?;
         let models = build_models(&data.loss, &policy, reference, config, device)?;
         on_event(Event::Started {
             start_step,
@@ -359,6 +362,7 @@ fn load_policy(
     };
     let lora = config.lora.as_ref().map(|table| LoraStart { table, seed: config.seed });
     let (mut policy, unused, initialised) = Policy::load_for_training(&config.model, device, head, config.seed, lora)?;
+    policy.config.compute = config.dtype; // bf16 products on f32 master weights, when the config asks
     if let Some(settings) = &policy.lora {
         let frozen = policy.frozen_parameters();
         let trainable = policy.params.num_elements();
@@ -424,51 +428,88 @@ fn resume(
     Ok((opt, Some(state)))
 }
 
+/// What the reference pre-pass covers: the microbatches still to train, batched as training batches them,
+/// and the run's fingerprint (its file digests name the reference model).
+struct ReferenceScope<'a> {
+    remaining: &'a [Vec<usize>],
+    settings: &'a BatchSettings,
+    fingerprint: &'a Fingerprint,
+}
+
 /// The reference, when the loss has one: the frozen model, or (with `precompute_ref_logps`) its
-/// log-probs over every remaining microbatch, after which the model is dropped.
+/// log-probs over every remaining microbatch, read from the run folder's cache where it has them, after
+/// which the model is dropped.
 fn reference(
     config: &TrainConfig,
     policy: &Policy,
     data: &RunData,
-    remaining: &[Vec<usize>],
-    settings: &BatchSettings,
+    scope: ReferenceScope,
     comm: &Comm,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Option<Reference>> {
     if !data.loss.needs_reference() || matches!(data.loss.family(), Family::Token(_)) {
         return Ok(None);
     }
+    let settings = scope.settings;
     let model = reference_model(config, policy, &settings.device)?;
-    if !config.precompute_ref_logps {
+    if !config.precomputes_reference() {
         return Ok(Some(Reference::Model(model)));
     }
     let started = Instant::now();
-    // Each rank scores its share of the microbatches; the shares are merged in rank order, so a sequence
-    // met in several microbatches keeps the value of its first one, as in one process.
-    let share = &remaining[dist::deal(remaining.len(), comm.rank(), comm.world_size())];
-    let mine =
-        ReferenceLogps::compute(data.loss.family(), &data.train, share.iter().map(Vec::as_slice), &model, settings)?;
+    let (key, path) =
+        (reference_key(config, scope.fingerprint, &settings.device), ReferenceLogps::path(&config.output_dir));
+    let mut cache = ReferenceLogps::load(&path, key)?;
+    // Each rank scores its share of the microbatches (what the file lacks); the tables are then merged.
+    let share = &scope.remaining[dist::deal(scope.remaining.len(), comm.rank(), comm.world_size())];
+    let family = data.loss.family();
+    let mut counts = cache.compute(family, &data.train, share.iter().map(Vec::as_slice), &model, settings)?;
+    if let Some(eval) = &data.eval {
+        // Evaluation walks the eval rows in file order, `microbatch_size` at a time (`Run::evaluate`).
+        let order: Vec<usize> = (0..eval.len()).collect();
+        let more = cache.compute(family, eval, order.chunks(config.microbatch_size), &model, settings)?;
+        (counts.computed, counts.reused) = (counts.computed + more.computed, counts.reused + more.reused);
+    }
     let cache = match comm.world_size() {
-        1 => mine,
-        _ => ReferenceLogps::merge(comm.all_gather(&mine.to_bytes())?.iter().map(|b| ReferenceLogps::from_bytes(b)))?,
+        1 => cache,
+        _ => ReferenceLogps::merge(comm.all_gather(&cache.to_bytes())?.iter().map(|b| ReferenceLogps::from_bytes(b)))?,
     };
+    if comm.rank() == 0 && counts.computed > 0 {
+        cache.save(&path, key)?;
+    }
     on_event(Event::Notice(format!(
-        "reference log-probs of {} sequences precomputed in {:.1} s; reference model freed",
-        cache.len(),
-        started.elapsed().as_secs_f64()
+        "reference log-probs: {} batches computed in {:.1} s, {} reused from {}; reference model freed",
+        counts.computed,
+        started.elapsed().as_secs_f64(),
+        counts.reused,
+        path.display()
     )));
     Ok(Some(Reference::Cached(cache))) // `model` drops here: training holds only the policy.
+}
+
+/// What cached reference log-probs depend on besides the batches: the reference model's files (or the
+/// starting policy's, with its LoRA settings and initial adapter), the compute dtype and the device kind.
+fn reference_key(config: &TrainConfig, fingerprint: &Fingerprint, device: &Device) -> ModelKey {
+    let mut parts: Vec<String> = fingerprint
+        .entries
+        .iter()
+        .filter(|(k, _)| k.starts_with("model.") || k.starts_with("reference.") || k.starts_with("lora."))
+        .map(|(k, v)| format!("{k} = {v}"))
+        .collect();
+    parts.push(format!("dtype = {:?}", config.dtype));
+    parts.push(format!("device = {}", if device.is_cpu() { "cpu" } else { "cuda" }));
+    ModelKey::of(&parts)
 }
 
 /// The reference model: `reference` when the config names one (a model or an adapter folder), else the
 /// policy as it starts; with LoRA that costs no second copy of the base ([`Policy::lora_reference`]).
 fn reference_model(config: &TrainConfig, policy: &Policy, device: &Device) -> Result<CausalLm> {
+    let frozen = |dir: &Path| load_frozen_computing_in(&ModelSource::resolve(dir, None)?, device, config.dtype);
     if let Some(dir) = &config.reference {
-        return load_frozen(dir, device);
+        return frozen(dir);
     }
     match policy.lora_reference(device)? {
         Some(model) => Ok(model),
-        None => load_frozen(&config.model, device),
+        None => frozen(&config.model),
     }
 }
 
