@@ -6,6 +6,7 @@
 #
 #   bash scripts/gpu_check.sh            # on the GPU machine, from the repository root
 #
+# 0. the kernel test: every CUDA kernel, forward and backward, against the CPU kernel (1e-5);
 # 1. f32 KTO on a SmolLM2-135M-shaped model, 3 steps, on cuda:0 and on the CPU: per-step loss, grad_norm
 #    and kl equal to 1e-3 (relative to max(1, |value|)).
 # 2. bf16 KTO, 20 steps, on cuda:0: loss within 2e-2 of the f32 GPU run at every step, nothing non-finite.
@@ -26,6 +27,7 @@ OUT=${OUT:-$G/out}
 PY=${PYTHON:-python3}
 BIN=$G/prospect
 mkdir -p "$OUT"
+[ -x "$BIN" ] || { gunzip -c "$BIN.gz" >"$BIN" && chmod +x "$BIN"; }
 started=$(date +%s)
 log() { echo "[$(($(date +%s) - started)) s] $*" >&2; }
 
@@ -82,6 +84,14 @@ train() { # NAME DEVICE DTYPE
   return $rc
 }
 
+log "0. the CUDA kernels against the CPU kernels (crates/prospect/tests/cuda_kernels.rs)"
+[ -x "$G/cuda_kernels" ] || { gunzip -c "$G/cuda_kernels.gz" >"$G/cuda_kernels" && chmod +x "$G/cuda_kernels"; }
+"$G/cuda_kernels" >"$OUT/cuda_kernels.log" 2>&1
+kernels_rc=$?
+check0=$(printf '{"ok": %s, "summary": "%s"}' "$([ $kernels_rc -eq 0 ] && echo true || echo false)" \
+  "$(grep -E '^test result' "$OUT/cuda_kernels.log" | tail -1)")
+log "   $check0"
+
 smol=$G/smollm2-135m
 config f32_cpu "$smol" "$G/kto_demo_32.jsonl" 512 8 4 3 1e-4
 config f32_gpu "$smol" "$G/kto_demo_32.jsonl" 512 8 4 3 1e-4
@@ -133,6 +143,7 @@ log "   $check4"
 
 cat >"$OUT/gpu_check.json" <<JSON
 {"date": "$(date -u +%F)", "gpu": "$(head -1 "$OUT/gpu.txt")",
+ "cuda_kernels_vs_cpu": ${check0:-null},
  "f32_gpu_vs_cpu": ${check1:-null},
  "bf16_vs_f32": ${check2:-null},
  "throughput_llama_1b_shape": ${check3:-null},

@@ -51,6 +51,9 @@ if [ ! -e "$stub" ]; then
   mkdir -p "$cu/lib/stubs"
   grep -oE '^pub unsafe fn cu[A-Za-z0-9_]+' "$src" | awk '{print "void " $4 "(void) {}"}' | sort -u >"$root/libcuda_stub.c"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub" "$root/libcuda_stub.c"
+  # Under its soname too, so that a test binary loads here for the NVRTC-only test (docs/CUDA.md); the
+  # stub's functions do nothing, so nothing else can run on it.
+  ln -sf libcuda.so "$cu/lib/stubs/libcuda.so.1"
   echo "== link stub $stub: $(wc -l <"$root/libcuda_stub.c") driver symbols" >&2
 fi
 

@@ -86,6 +86,7 @@ fn precomputed_reference_logps_give_the_same_run_and_a_second_run_reuses_them() 
     let again = run(true, &cached_dir, &mut second);
     let notice = reference_notice(&second);
     assert!(notice.contains("0 batches computed") && notice.contains(&format!("{batches} reused")), "{notice}");
+    assert!(notice.ends_with("reference model not needed"), "the model is not even loaded: {notice}");
     for (a, b) in live.iter().zip(&again) {
         assert_eq!((a.loss, a.grad_norm, &a.objective), (b.loss, b.grad_norm, &b.objective), "step {}", a.step);
     }

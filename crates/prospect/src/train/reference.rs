@@ -81,6 +81,30 @@ pub struct PassCounts {
     pub computed: usize,
 }
 
+/// The reference model, loaded on first use: a run whose cache file has every batch never loads it.
+pub struct LazyReference<'a> {
+    load: Box<dyn Fn() -> Result<CausalLm> + 'a>,
+    model: Option<CausalLm>,
+}
+
+impl<'a> LazyReference<'a> {
+    pub fn new(load: impl Fn() -> Result<CausalLm> + 'a) -> Self {
+        Self { load: Box::new(load), model: None }
+    }
+
+    fn get(&mut self) -> Result<&CausalLm> {
+        if self.model.is_none() {
+            self.model = Some((self.load)()?);
+        }
+        self.model.as_ref().ok_or_else(|| Error::Compute("the reference model did not load".into()))
+    }
+
+    /// Whether the model was needed (and loaded).
+    pub fn loaded(&self) -> bool {
+        self.model.is_some()
+    }
+}
+
 impl ReferenceLogps {
     /// Score (no gradient) every planned batch of every microbatch in `schedule` that the table lacks.
     pub fn compute<'a>(
@@ -88,7 +112,7 @@ impl ReferenceLogps {
         family: Family,
         examples: &Examples,
         schedule: impl IntoIterator<Item = &'a [usize]>,
-        reference: &CausalLm,
+        reference: &mut LazyReference,
         settings: &BatchSettings,
     ) -> Result<PassCounts> {
         let mut counts = PassCounts::default();
@@ -101,7 +125,7 @@ impl ReferenceLogps {
                     counts.reused += 1;
                     continue;
                 }
-                self.values.insert(digest, logps(reference, &batch)?.to_vec1::<f32>()?); // [b]
+                self.values.insert(digest, logps(reference.get()?, &batch)?.to_vec1::<f32>()?); // [b]
                 counts.computed += 1;
             }
         }

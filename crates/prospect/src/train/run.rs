@@ -16,7 +16,7 @@ use super::metrics::{ObjectiveAccumulator, StepMetrics};
 use super::microbatch::{self, LmModels, Mode, Models, Reference, TokenModels};
 use super::optim::{accumulate, clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
 use super::plan::BatchSettings;
-use super::reference::{ModelKey, ReferenceLogps};
+use super::reference::{LazyReference, ModelKey, ReferenceLogps};
 use super::schedule::{learning_rate, Schedule};
 use super::{Event, RunOptions};
 use crate::config::TrainConfig;
@@ -451,10 +451,10 @@ fn reference(
         return Ok(None);
     }
     let settings = scope.settings;
-    let model = reference_model(config, policy, &settings.device)?;
     if !config.precomputes_reference() {
-        return Ok(Some(Reference::Model(model)));
+        return Ok(Some(Reference::Model(reference_model(config, policy, &settings.device)?)));
     }
+    let mut model = LazyReference::new(|| reference_model(config, policy, &settings.device));
     let started = Instant::now();
     let (key, path) =
         (reference_key(config, scope.fingerprint, &settings.device), ReferenceLogps::path(&config.output_dir));
@@ -462,11 +462,11 @@ fn reference(
     // Each rank scores its share of the microbatches (what the file lacks); the tables are then merged.
     let share = &scope.remaining[dist::deal(scope.remaining.len(), comm.rank(), comm.world_size())];
     let family = data.loss.family();
-    let mut counts = cache.compute(family, &data.train, share.iter().map(Vec::as_slice), &model, settings)?;
+    let mut counts = cache.compute(family, &data.train, share.iter().map(Vec::as_slice), &mut model, settings)?;
     if let Some(eval) = &data.eval {
         // Evaluation walks the eval rows in file order, `microbatch_size` at a time (`Run::evaluate`).
         let order: Vec<usize> = (0..eval.len()).collect();
-        let more = cache.compute(family, eval, order.chunks(config.microbatch_size), &model, settings)?;
+        let more = cache.compute(family, eval, order.chunks(config.microbatch_size), &mut model, settings)?;
         (counts.computed, counts.reused) = (counts.computed + more.computed, counts.reused + more.reused);
     }
     let cache = match comm.world_size() {
@@ -477,11 +477,12 @@ fn reference(
         cache.save(&path, key)?;
     }
     on_event(Event::Notice(format!(
-        "reference log-probs: {} batches computed in {:.1} s, {} reused from {}; reference model freed",
+        "reference log-probs: {} batches computed in {:.1} s, {} reused from {}; reference model {}",
         counts.computed,
         started.elapsed().as_secs_f64(),
         counts.reused,
-        path.display()
+        path.display(),
+        if model.loaded() { "freed" } else { "not needed" }
     )));
     Ok(Some(Reference::Cached(cache))) // `model` drops here: training holds only the policy.
 }
