@@ -23,7 +23,7 @@ use super::config::{Arch, ModelConfig};
 use super::embedding::TokenEmbedding;
 use super::kernels::{self, causal_softmax, rms_norm, swiglu};
 use super::lora::{frozen_matmul, Proj};
-use super::ops::{self, layer_norm, matmul_in, repeat_kv, rope_tables, softmax_last_dim};
+use super::ops::{self, layer_norm, matmul_in, rope_tables, softmax_last_dim};
 use crate::error::{Error, Result};
 
 /// A linear layer, with the LoRA adapter the config enables when the tensors hold one.
@@ -178,7 +178,7 @@ impl Attention {
             // Training: plain causal attention. Grouped-query attention without copying K and V per
             // query head: the `r = h/g` query heads that share a K/V head are stacked along time,
             // `[b, h, t, e]` = `[b, g, r*t, e]` (a view), and the fused softmax finds each row's query
-            // position as `row mod t`. The decoding branch below, with `repeat_kv`, is the reference.
+            // position as `row mod t`. The decoding branch below does the same with an explicit mask.
             None => {
                 let r = h / g;
                 let q = q.reshape((b, g, r * t, e))?; // [b, g, r*t, e]
@@ -191,11 +191,15 @@ impl Attention {
                     Some(cache) => cache.append(k, v)?, // [b, g, k, e]
                     None => (k, v),
                 };
-                let k = repeat_kv(&k, h / g)?; // [b, h, k, e]
-                let v = repeat_kv(&v, h / g)?; // [b, h, k, e]
-                let scores = (matmul_in(&q, &k.t()?, self.compute)? * scale)?.broadcast_add(mask)?; // [b, h, t, k]
+                // Grouped-query attention as in training, without copying K and V per query head: the
+                // `r = h/g` query heads of a K/V head stacked along time, and the mask repeated to match.
+                // (`repeat_kv` would copy the whole cache twice per layer and step.)
+                let r = h / g;
+                let q = q.reshape((b, g, r * t, e))?; // [b, g, r*t, e]
+                let mask = mask.repeat((1, 1, r, 1))?; // [b, 1, r*t, k]
+                let scores = (matmul_in(&q, &k.t()?, self.compute)? * scale)?.broadcast_add(&mask)?; // [b, g, r*t, k]
                 let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-                matmul_in(&probs, &v, self.compute)? // [b, h, t, e]
+                matmul_in(&probs, &v, self.compute)?.reshape((b, h, t, e))? // [b, h, t, e]
             }
         };
         let out = out.transpose(1, 2)?.reshape((b, t, h * e))?; // [b, t, h*e]
