@@ -5,28 +5,14 @@
 //! Written in the style of llm.c's `train_gpt2.c`: one forward loop and one backward loop per op, rows
 //! spread over threads with rayon. f32, contiguous inputs.
 //!
-//! On a GPU each public function below runs the op's CUDA kernel when the build has one for it
-//! ([`fused_on`]; `kernels_cuda.rs`, built with the `cuda` feature), and otherwise its composite form,
-//! whose candle ops all have CUDA kernels and backward passes. docs/CUDA.md lists which is which.
+//! On a GPU (the `cuda` feature) each op's `cuda_fwd` runs its CUDA kernel, from `kernels_cuda.rs`; the
+//! backward ops are custom ops too, so both passes run there. The one fused product with a frozen weight
+//! ([`swiglu_down_frozen`]) has no CUDA kernel and runs its parts there. docs/CUDA.md lists each op.
 //!
 //! Shapes: `n` rows (batch × time), `v` vocab.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
-
-/// Whether `op`'s fused kernel runs on `device`: always on the CPU; on a GPU when the CUDA build has a
-/// kernel for it (`kernels_cuda::HAS_KERNEL`); otherwise the caller runs the composite form.
-fn fused_on(op: &str, device: &candle_core::Device) -> bool {
-    if device.is_cpu() {
-        return true;
-    }
-    #[cfg(feature = "cuda")]
-    if device.is_cuda() {
-        return super::kernels_cuda::HAS_KERNEL.contains(&op);
-    }
-    let _ = op;
-    false
-}
 
 /// The contiguous f32 slice behind a storage and layout, or an error naming the op.
 fn f32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
@@ -167,11 +153,6 @@ pub fn token_logps(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Ten
     if let Some(bad) = targets.to_vec1::<u32>()?.into_iter().find(|&t| t as usize >= v) {
         candle_core::bail!("token_logps: target id {bad} is outside the vocabulary of {v}");
     }
-    if !fused_on("token-logps", logits.device()) {
-        let logps = super::ops::log_softmax_last_dim(logits).map_err(candle_core::Error::wrap)?; // [n, v]
-        return logps.gather(&targets.unsqueeze(1)?.contiguous()?, 1)?.squeeze(1);
-        // [n]
-    }
     logits.contiguous()?.apply_op2(&targets.contiguous()?, TokenLogps)
 }
 
@@ -300,9 +281,6 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor>
     if x.dim(candle_core::D::Minus1)? != d {
         candle_core::bail!("rms_norm: x is {:?}, weight is [{d}]", x.dims());
     }
-    if !fused_on("rms-norm", x.device()) {
-        return super::ops::rms_norm(x, w, eps).map_err(candle_core::Error::wrap);
-    }
     let (dims, dtype) = (x.dims().to_vec(), x.dtype());
     let x2 = x.to_dtype(DType::F32)?.contiguous()?.reshape(((), d))?; // [n, d]
     let w = w.to_dtype(DType::F32)?.contiguous()?;
@@ -409,13 +387,6 @@ pub fn causal_softmax(s: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     if dims.len() < 2 || dims[dims.len() - 1] == 0 || !dims[dims.len() - 2].is_multiple_of(dims[dims.len() - 1]) {
         candle_core::bail!("causal_softmax: scores must be [..., r*t, t], got {dims:?}");
     }
-    if !fused_on("causal-softmax", s.device()) {
-        // The mask of `r` stacked blocks of `t` queries: row `i` is query `i mod t`.
-        let (rows, t) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-        let mask = super::ops::causal_mask(t, s.dtype(), s.device()).map_err(candle_core::Error::wrap)?;
-        let mask = mask.repeat((rows / t, 1))?; // [r*t, t]
-        return super::ops::softmax_last_dim(&(s * scale)?.broadcast_add(&mask)?).map_err(candle_core::Error::wrap);
-    }
     s.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32 })
 }
 
@@ -503,9 +474,6 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result
             x.dims(),
             cos.dims()
         );
-    }
-    if !fused_on("rope", x.device()) {
-        return super::ops::apply_rope(&x.contiguous()?, cos, sin).map_err(candle_core::Error::wrap);
     }
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?; // any strides
@@ -671,9 +639,6 @@ pub fn swiglu_down_frozen(gate: &Tensor, up: &Tensor, w: &Tensor) -> candle_core
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     if gate.dims() != up.dims() {
         candle_core::bail!("swiglu: gate {:?} and up {:?} differ", gate.dims(), up.dims());
-    }
-    if !fused_on("swiglu", gate.device()) {
-        return gate.silu()? * up;
     }
     let dtype = gate.dtype();
     let (g, u) = (gate.to_dtype(DType::F32)?.contiguous()?, up.to_dtype(DType::F32)?.contiguous()?);

@@ -14,9 +14,6 @@ use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOpt
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Shape};
 
-/// The ops with a CUDA kernel here; the others run their composite form on a GPU.
-pub const HAS_KERNEL: &[&str] = &["token-logps", "rms-norm", "causal-softmax", "rope", "swiglu"];
-
 const SOURCE: &str = include_str!("kernels.cu");
 const MODULE: &str = "prospect_kernels";
 /// Threads per block of the row kernels (`BLOCK` in kernels.cu).

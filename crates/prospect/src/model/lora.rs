@@ -571,13 +571,13 @@ impl Proj {
         (!self.trainable && self.lora.is_none() && self.inner.bias().is_none()).then_some(w)
     }
 
-    /// `x` `[..., in]` → `[..., out]`.
     /// The same layer with its product computed in `compute` (bf16 mixed precision).
     pub fn computing_in(mut self, compute: DType) -> Self {
         self.compute = compute;
         self
     }
 
+    /// `x` `[..., in]` → `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.inner.weight();
         let c = self.compute;
@@ -590,10 +590,7 @@ impl Proj {
                 None => y,
             }
         } else {
-            let y = match c == x.dtype() {
-                true => frozen_matmul(x, w)?,
-                false => frozen_matmul(&x.to_dtype(c)?, w)?.to_dtype(x.dtype())?,
-            };
+            let y = frozen_matmul_in(x, w, c)?;
             match self.inner.bias() {
                 Some(b) => y.broadcast_add(b)?,
                 None => y,
@@ -623,6 +620,15 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         return Ok(x.broadcast_matmul(&dense_weight(&w.detach(), x.dtype())?.t()?)?);
     }
     Ok(x.apply_op1(FrozenMatmul { w: w.detach() })?)
+}
+
+/// [`frozen_matmul`] with `x` rounded to `compute` for the product, which comes back in `x`'s dtype (bf16
+/// mixed precision; the plain product when `compute` is `x`'s dtype).
+pub fn frozen_matmul_in(x: &Tensor, w: &Tensor, compute: DType) -> Result<Tensor> {
+    if x.dtype() == compute {
+        return frozen_matmul(x, w);
+    }
+    Ok(frozen_matmul(&x.to_dtype(compute)?, w)?.to_dtype(x.dtype())?)
 }
 
 /// `x Wᵀ` on storage: `x` `[m, in]` or `[b, t, in]` (contiguous rows), `w` `[out, in]` contiguous, in any

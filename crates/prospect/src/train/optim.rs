@@ -256,14 +256,26 @@ pub fn accumulate(acc: &Tensor, g: &Tensor) -> Result<()> {
 }
 
 /// The numerics guard of the composite update: the first parameter with a gradient whose weights are
-/// no longer all finite fails the step, named.
+/// no longer all finite fails the step, named. One Σ|w| over the updated parameters, read back once (a
+/// NaN or an infinity anywhere makes it non-finite); only then is each parameter looked at.
 fn check_finite(params: &Params, grads: &BTreeMap<String, Tensor>) -> Result<()> {
-    for (name, var) in params.iter() {
-        if !grads.contains_key(name) {
-            continue;
-        }
-        let finite = var.as_tensor().to_dtype(candle_core::DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
-        if !finite.is_finite() {
+    let abs_sum = |var: &candle_core::Var| -> Result<Tensor> {
+        Ok(var.as_tensor().to_dtype(candle_core::DType::F32)?.abs()?.sum_all()?)
+    };
+    let updated: Vec<_> = params.iter().filter(|(name, _)| grads.contains_key(*name)).collect();
+    let mut total: Option<Tensor> = None;
+    for (_, var) in &updated {
+        let s = abs_sum(var)?;
+        total = Some(match total {
+            Some(t) => (t + s)?,
+            None => s,
+        });
+    }
+    if total.map_or(Ok(0.0), |t| t.to_scalar::<f32>())?.is_finite() {
+        return Ok(());
+    }
+    for (name, var) in updated {
+        if !abs_sum(var)?.to_scalar::<f32>()?.is_finite() {
             return Err(Error::Numerics(format!("the AdamW update made weights of `{name}` non-finite")));
         }
     }

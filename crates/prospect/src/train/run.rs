@@ -273,10 +273,9 @@ impl Run {
     /// in file order; the loss is the mean over microbatches. Logged under `eval/`.
     pub fn evaluate(&mut self, step: usize) -> Result<Event> {
         let examples = self.data.eval.as_ref().ok_or_else(|| Error::Compute("the run has no eval rows".into()))?;
-        let order: Vec<usize> = (0..examples.len()).collect();
         let mut objective = ObjectiveAccumulator::default();
         let (mut sum, mut count) = (0f64, 0usize);
-        for rows in order.chunks(self.config.microbatch_size) {
+        for rows in &eval_microbatches(examples, self.config.microbatch_size) {
             let out = microbatch::run(
                 &self.loss,
                 &self.models,
@@ -464,9 +463,8 @@ fn reference(
     let family = data.loss.family();
     let mut counts = cache.compute(family, &data.train, share.iter().map(Vec::as_slice), &mut model, settings)?;
     if let Some(eval) = &data.eval {
-        // Evaluation walks the eval rows in file order, `microbatch_size` at a time (`Run::evaluate`).
-        let order: Vec<usize> = (0..eval.len()).collect();
-        let more = cache.compute(family, eval, order.chunks(config.microbatch_size), &mut model, settings)?;
+        let batches = eval_microbatches(eval, config.microbatch_size);
+        let more = cache.compute(family, eval, batches.iter().map(Vec::as_slice), &mut model, settings)?;
         (counts.computed, counts.reused) = (counts.computed + more.computed, counts.reused + more.reused);
     }
     let cache = match comm.world_size() {
@@ -485,6 +483,12 @@ fn reference(
         if model.loaded() { "freed" } else { "not needed" }
     )));
     Ok(Some(Reference::Cached(cache))) // `model` drops here: training holds only the policy.
+}
+
+/// The microbatches of an evaluation: the eval rows in file order, `microbatch_size` at a time. Shared by
+/// [`Run::evaluate`] and the reference pre-pass, which must batch them alike.
+fn eval_microbatches(examples: &Examples, microbatch_size: usize) -> Vec<Vec<usize>> {
+    (0..examples.len()).collect::<Vec<_>>().chunks(microbatch_size).map(<[usize]>::to_vec).collect()
 }
 
 /// What cached reference log-probs depend on besides the batches: the reference model's files (or the
