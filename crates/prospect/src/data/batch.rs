@@ -17,6 +17,8 @@ pub struct SequenceBatch {
     pub completion_tokens: Vec<usize>,
     /// Real (non-padding) tokens in the whole batch.
     pub num_tokens: usize,
+    /// Real tokens per row: row `i` is `input_ids[i, ..lengths[i]]`, then padding.
+    pub lengths: Vec<usize>,
 }
 
 impl SequenceBatch {
@@ -49,8 +51,10 @@ pub fn collate(rows: &[(&[u32], &[u32])], max_length: usize, pad_id: u32, device
     let mut mask = Vec::with_capacity(b * t);
     let mut completion_tokens = Vec::with_capacity(b);
     let mut num_tokens = 0;
+    let mut lengths = Vec::with_capacity(b);
     for (row_ids, row_mask) in &joined {
         num_tokens += row_ids.len();
+        lengths.push(row_ids.len());
         completion_tokens.push(row_mask.iter().filter(|&&m| m > 0.0).count());
         ids.extend(row_ids.iter().copied().chain(std::iter::repeat(pad_id)).take(t));
         mask.extend(row_mask.iter().copied().chain(std::iter::repeat(0.0)).take(t));
@@ -60,6 +64,7 @@ pub fn collate(rows: &[(&[u32], &[u32])], max_length: usize, pad_id: u32, device
         completion_mask: Tensor::from_vec(mask, (b, t), device)?,
         completion_tokens,
         num_tokens,
+        lengths,
     })
 }
 
@@ -98,5 +103,6 @@ mod tests {
         assert_eq!(mask, vec![vec![0., 0., 1., 1.], vec![0., 1., 0., 0.]]);
         assert_eq!(batch.completion_tokens, vec![2, 1]);
         assert_eq!(batch.num_tokens, 6);
+        assert_eq!(batch.lengths, vec![4, 2]);
     }
 }

@@ -158,8 +158,9 @@ impl Attention {
 
     /// `x` is `[b, t, d]`; `cos`/`sin` broadcast to `[b, h, t, r]`; `mask` is additive and broadcasts to
     /// `[b, h, t, k]`, or `None` for plain causal attention (the training path: fused softmax). With a
-    /// cache, keys and values of earlier positions are prepended (`k` = past + t) and this call's are
-    /// appended to it.
+    /// mask and a cache, keys and values of earlier positions are prepended (`k` = past + t) and this
+    /// call's are appended to it. Without a mask, a cache receives this call's keys and values, detached
+    /// (a training pass lending its prompts to a pass that scores other completions after them).
     fn forward(
         &self,
         x: &Tensor,
@@ -184,7 +185,11 @@ impl Attention {
                 let q = q.reshape((b, g, r * t, e))?; // [b, g, r*t, e]
                 let scores = matmul_in(&q, &k.t()?, self.compute)?; // [b, g, r*t, t]
                 let probs = causal_softmax(&scores.to_dtype(DType::F32)?, scale)?.to_dtype(v.dtype())?;
-                matmul_in(&probs, &v, self.compute)?.reshape((b, h, t, e))? // [b, h, t, e]
+                let out = matmul_in(&probs, &v, self.compute)?.reshape((b, h, t, e))?; // [b, h, t, e]
+                if let Some(cache) = cache {
+                    cache.kv = Some((k.detach(), v.detach())); // [b, g, t, e] each
+                }
+                out
             }
             Some(mask) => {
                 let (k, v) = match cache {
@@ -231,6 +236,22 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// The keys and values of the first `n` positions only (views; `n` at most [`KvCache::len`]).
+    pub fn first(&self, n: usize) -> Result<KvCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let kv = match &l.kv {
+                    Some((k, v)) => Some((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?)), // [b, g, n, e] each
+                    None => None,
+                };
+                Ok(LayerCache { kv })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache { layers })
+    }
+
     /// Positions cached so far.
     pub fn len(&self) -> usize {
         self.layers.first().and_then(|l| l.kv.as_ref()).map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0)
@@ -438,6 +459,18 @@ impl CausalLm {
 
     /// Final hidden states `[b, t, d]`, after the last RMSNorm: what HF's heads read.
     pub fn hidden_states(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.training_pass(input_ids, None)
+    }
+
+    /// [`CausalLm::hidden_states`], which also leaves every layer's keys and values of the `t` positions in
+    /// `cache` (an empty one from [`CausalLm::new_cache`]), detached: [`CausalLm::hidden_states_cached`]
+    /// can then score other tokens after a prefix of these rows without computing that prefix again.
+    pub fn hidden_states_keeping_kv(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.training_pass(input_ids, Some(&mut cache.layers))
+    }
+
+    /// The training path: causal attention over right-padded rows, fused kernels.
+    fn training_pass(&self, input_ids: &Tensor, keep: Option<&mut Vec<LayerCache>>) -> Result<Tensor> {
         let (_, t) = input_ids.dims2()?;
         let cfg = &self.config;
         self.check_length(t)?;
@@ -446,7 +479,7 @@ impl CausalLm {
             Some(wpe) => Some(wpe.narrow(0, 0, t)?), // [t, d]: positions 0..t
             None => None,
         };
-        self.run_layers(input_ids, &cos, &sin, learned.as_ref(), None, None)
+        self.run_layers(input_ids, &cos, &sin, learned.as_ref(), None, keep)
     }
 
     /// An empty cache for [`CausalLm::forward_cached`].
@@ -459,6 +492,19 @@ impl CausalLm {
     /// on padding, and each token's position is the number of real tokens before it in its row (as in
     /// `transformers`' `generate`). The math is the training path's: same modules, same weights.
     pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &[Vec<u8>],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states_cached(input_ids, attention_mask, cache)?; // [b, t, d]
+        self.logits(&hidden) // [b, t, v]
+    }
+
+    /// [`CausalLm::forward_cached`] without the LM head: final hidden states `[b, t, d]`. Any pattern of
+    /// padding works, not only left padding: a row's cached prefix may end in padding before its new
+    /// tokens (each token's position counts the real tokens before it).
+    pub fn hidden_states_cached(
         &self,
         input_ids: &Tensor,
         attention_mask: &[Vec<u8>],
@@ -516,12 +562,12 @@ impl CausalLm {
             }
         }
         let mask = Tensor::from_vec(mask, (b, 1, t, total), device)?; // [b, 1, t, total]
-        let hidden = self.run_layers(input_ids, &cos, &sin, learned.as_ref(), Some(&mask), Some(&mut cache.layers))?; // [b, t, d]
-        self.logits(&hidden) // [b, t, v]
+        self.run_layers(input_ids, &cos, &sin, learned.as_ref(), Some(&mask), Some(&mut cache.layers)) // [b, t, d]
     }
 
     /// `learned`: GPT-2's position embeddings for these tokens (`[t, d]` or `[b, t, d]`); `mask`: additive
-    /// `[b, 1, t, k]`, or `None` for causal attention over the `t` positions.
+    /// `[b, 1, t, k]`, or `None` for causal attention over the `t` positions. `caches`: with a mask, each
+    /// layer's earlier positions (extended by this call); without, filled with this call's keys and values.
     fn run_layers(
         &self,
         input_ids: &Tensor,

@@ -67,6 +67,18 @@ pub fn token_logps(logits: &Tensor, input_ids: &Tensor, completion_mask: &Tensor
 /// rounding (the per-row sums run in another order); `tests/model_parity.rs` checks both against
 /// `transformers`.
 pub fn completion_logps(model: &CausalLm, input_ids: &Tensor, completion_mask: &Tensor) -> Result<SequenceLogps> {
+    let hidden = model.hidden_states(input_ids)?; // [b, t, d]
+    completion_logps_of(model, &hidden, input_ids, completion_mask)
+}
+
+/// [`completion_logps`] from final hidden states `[b, t, d]` the model has already computed for
+/// `input_ids` (e.g. by [`CausalLm::hidden_states_cached`], after a cached prefix).
+pub fn completion_logps_of(
+    model: &CausalLm,
+    hidden: &Tensor,
+    input_ids: &Tensor,
+    completion_mask: &Tensor,
+) -> Result<SequenceLogps> {
     let (b, t) = input_ids.dims2()?;
     if completion_mask.dims() != [b, t] {
         return Err(Error::Shape {
@@ -93,7 +105,6 @@ pub fn completion_logps(model: &CausalLm, input_ids: &Tensor, completion_mask: &
         }
     }
     let n = positions.len();
-    let hidden = model.hidden_states(input_ids)?; // [b, t, d]
     if n == 0 {
         return Ok(SequenceLogps { logps: Tensor::zeros(b, DType::F32, device)?, token_counts });
     }
@@ -102,7 +113,7 @@ pub fn completion_logps(model: &CausalLm, input_ids: &Tensor, completion_mask: &
     let picked = hidden.reshape((b * t, d))?.index_select(&positions, 0)?; // [n, d]
     let logits = model.logits(&picked)?.to_dtype(DType::F32)?; // [n, v]
     let token_logps = kernels::token_logps(&logits, &Tensor::from_vec(targets, n, device)?)?; // [n]
-                                                                                              // Per-row sums as one small matmul: [b, n] (mask weight where token k belongs to row r) x [n, 1].
+    // Per-row sums as one small matmul: [b, n] (mask weight where token k belongs to row r) x [n, 1].
     let mut rows_of = vec![0f32; b * n];
     for (k, (&r, &w)) in rows.iter().zip(&weights).enumerate() {
         rows_of[r * n + k] = w;

@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::plan::{collate, logps, BatchSettings, Plan};
+use super::plan::{collate, logps, logps_with_kl, BatchSettings, Plan};
 use super::reference::ReferenceLogps;
 use crate::data::{Examples, SequenceBatch};
 use crate::error::{Error, Result};
@@ -62,6 +62,21 @@ impl Reference {
             Reference::Cached(cache) => cache.tensor(batch, batch.input_ids.device()),
         }
     }
+
+    /// Reference log-probs `([b], [b])` of a microbatch's main rows and its KL rows, which share prompts
+    /// (see [`logps_with_kl`]).
+    fn logps_with_kl(&self, main: &SequenceBatch, kl: &SequenceBatch) -> Result<(Tensor, Tensor)> {
+        match self {
+            Reference::Model(model) => {
+                let (main, kl) = logps_with_kl(model, model, main, kl)?;
+                Ok((main.detach(), kl))
+            }
+            Reference::Cached(cache) => {
+                let device = main.input_ids.device();
+                Ok((cache.tensor(main, device)?, cache.tensor(kl, device)?))
+            }
+        }
+    }
 }
 
 /// What one microbatch gives the step.
@@ -116,9 +131,12 @@ impl LmModels {
         needed.then(|| self.reference_logps(batch)).transpose()
     }
 
+    fn reference_model(&self) -> Result<&Reference> {
+        self.reference.as_ref().ok_or_else(|| Error::Compute("the loss needs a reference and the run has none".into()))
+    }
+
     fn reference_logps(&self, batch: &SequenceBatch) -> Result<Tensor> {
-        let reference = self.reference.as_ref();
-        reference.ok_or_else(|| Error::Compute("the loss needs a reference and the run has none".into()))?.logps(batch)
+        self.reference_model()?.logps(batch)
     }
 }
 
@@ -174,17 +192,17 @@ fn unpaired(
 ) -> Result<MicrobatchOutput> {
     let labels = labels(examples, rows)?;
     let batch = collate(examples, &plan.main, s)?;
-    let policy = logps(m.policy(mode), &batch)?; // [b]
-    let reference = m.reference(loss.needs_reference(), &batch)?; // [b]
     let mut kl_tokens = 0;
-    let kl = if plan.kl.is_empty() {
-        None
+    let (policy, reference, kl) = if plan.kl.is_empty() {
+        let policy = logps(m.policy(mode), &batch)?; // [b]
+        (policy, m.reference(loss.needs_reference(), &batch)?, None)
     } else {
+        // The KL rows (x_i, y_{i-1}) reuse the prompts' keys and values of the rows (x_i, y_i).
         let kl_batch = collate(examples, &plan.kl, s)?;
         kl_tokens = kl_batch.num_tokens;
-        let policy = logps(&m.frozen, &kl_batch)?; // [b], no gradient
-        let reference = m.reference_logps(&kl_batch)?; // [b]
-        Some((policy, reference))
+        let (policy, policy_kl) = logps_with_kl(m.policy(mode), &m.frozen, &batch, &kl_batch)?; // [b] each
+        let (reference, reference_kl) = m.reference_model()?.logps_with_kl(&batch, &kl_batch)?; // [b] each
+        (policy, loss.needs_reference().then_some(reference), Some((policy_kl, reference_kl)))
     };
     let out = loss.forward(&UnpairedInputs {
         policy: &policy,

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
-use super::plan::{collate, logps, BatchSettings, Plan};
+use super::plan::{collate, logps, logps_with_kl, BatchSettings, Plan};
 use crate::data::{Examples, SequenceBatch};
 use crate::error::{Error, Result};
 use crate::loss::Family;
@@ -118,6 +118,10 @@ impl ReferenceLogps {
         let mut counts = PassCounts::default();
         for rows in schedule {
             let plan = Plan::new(family, rows);
+            if !plan.kl.is_empty() {
+                self.compute_with_kl(examples, &plan, reference, settings, &mut counts)?;
+                continue;
+            }
             for keys in plan.batches() {
                 let batch = collate(examples, keys, settings)?;
                 let digest = batch_digest(&batch)?;
@@ -130,6 +134,34 @@ impl ReferenceLogps {
             }
         }
         Ok(counts)
+    }
+
+    /// A plan's main and KL batches together, as training scores them ([`logps_with_kl`]: the KL rows
+    /// reuse the main rows' prompts), so that the values are those of a live reference.
+    fn compute_with_kl(
+        &mut self,
+        examples: &Examples,
+        plan: &Plan,
+        reference: &mut LazyReference,
+        settings: &BatchSettings,
+        counts: &mut PassCounts,
+    ) -> Result<()> {
+        let (main, kl) = (collate(examples, &plan.main, settings)?, collate(examples, &plan.kl, settings)?);
+        let digests = [batch_digest(&main)?, batch_digest(&kl)?];
+        let missing = digests.iter().filter(|d| !self.values.contains_key(*d)).count();
+        counts.reused += 2 - missing;
+        if missing == 0 {
+            return Ok(());
+        }
+        let model = reference.get()?;
+        let (main_logps, kl_logps) = logps_with_kl(model, model, &main, &kl)?; // [b] each
+        for (digest, logps) in digests.into_iter().zip([main_logps, kl_logps]) {
+            if let std::collections::hash_map::Entry::Vacant(e) = self.values.entry(digest) {
+                e.insert(logps.to_vec1::<f32>()?);
+                counts.computed += 1;
+            }
+        }
+        Ok(())
     }
 
     /// The table as bytes (to send to the other ranks, or to save): per batch its digest, its row count
