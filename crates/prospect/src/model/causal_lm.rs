@@ -22,7 +22,7 @@ use candle_nn::VarBuilder;
 use super::config::{Arch, ModelConfig};
 use super::embedding::TokenEmbedding;
 use super::kernels::{self, causal_softmax, rms_norm, swiglu};
-use super::lora::{frozen_matmul_in, Proj};
+use super::lora::{frozen_matmul_in, trained_matmul, Proj};
 use super::ops::{self, layer_norm, matmul_in, rope_tables, softmax_last_dim};
 use crate::error::{Error, Result};
 
@@ -450,7 +450,9 @@ impl CausalLm {
             )
         })?;
         let c = self.config.compute.dtype();
-        if lm_head.is_variable() {
+        if lm_head.is_variable() && c == hidden.dtype() {
+            trained_matmul(hidden, lm_head) // [b, t, v]
+        } else if lm_head.is_variable() {
             matmul_in(hidden, &lm_head.t()?, c) // [b, t, v]
         } else {
             frozen_matmul_in(hidden, lm_head, c) // [b, t, v]: no `[v, d]` gradient for a head that does not train

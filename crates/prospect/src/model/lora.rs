@@ -27,7 +27,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -582,7 +582,11 @@ impl Proj {
         let w = self.inner.weight();
         let c = self.compute;
         let y = if self.trainable && c == x.dtype() {
-            self.inner.forward(x)?
+            let y = trained_matmul(x, w)?;
+            match self.inner.bias() {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
         } else if self.trainable {
             let y = super::ops::matmul_in(x, &w.t()?, c)?;
             match self.inner.bias() {
@@ -622,6 +626,47 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.apply_op1(FrozenMatmul { w: w.detach() })?)
 }
 
+/// `x Wᵀ` for a weight that trains, as candle's `Linear` computes it (same kernel, same operand layout: bit
+/// for bit its forward value), with a backward pass that forms `∂L/∂W = (∂L/∂y)ᵀ x` directly as `[out, in]`.
+/// Through candle's matmul on the transposed view `Wᵀ`, the weight's gradient is formed `[in, out]`, summed
+/// into a zeroed `[in, out]` buffer for the view, then transposed and summed, element by element through
+/// strides, into a second zeroed `[out, in]` buffer: two weight-sized allocations and additions per layer
+/// and backward pass instead of one. `x` is `[m, in]` or `[b, t, in]`; on a GPU it is candle's matmul.
+pub fn trained_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() || w.dtype() != x.dtype() || !w.is_contiguous() {
+        return Ok(x.broadcast_matmul(&w.t()?)?);
+    }
+    Ok(x.apply_op2(w, TrainedMatmul)?)
+}
+
+struct TrainedMatmul;
+
+impl CustomOp2 for TrainedMatmul {
+    fn name(&self) -> &'static str {
+        "trained-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, ws: &CpuStorage, wl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        matmul_wt_cpu(s, l, ws, wl)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (out, k) = w.dims2()?;
+        let dy = dy.detach().contiguous()?;
+        let dx = dy.broadcast_matmul(&w.detach())?; // [..., out] x [out, in] -> [..., in]
+        let rows = dy.elem_count() / out;
+        let x2 = x.detach().contiguous()?.reshape((rows, k))?; // [m, in]
+        let dw = dy.reshape((rows, out))?.t()?.matmul(&x2)?; // [out, m] x [m, in] -> [out, in]
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
 /// [`frozen_matmul`] with `x` rounded to `compute` for the product, which comes back in `x`'s dtype (bf16
 /// mixed precision; the plain product when `compute` is `x`'s dtype).
 pub fn frozen_matmul_in(x: &Tensor, w: &Tensor, compute: DType) -> Result<Tensor> {
@@ -636,15 +681,20 @@ pub fn frozen_matmul_in(x: &Tensor, w: &Tensor, compute: DType) -> Result<Tensor
 /// candle's `Linear`, so the result is bit for bit its result.
 pub(crate) fn matmul_wt(s: &CpuStorage, l: &Layout, w: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
     let w = dense_weight(w, s.dtype())?;
-    let (n, k) = w.dims2()?;
+    let (storage, wl) = w.storage_and_layout();
+    let Storage::Cpu(w) = &*storage else { candle_core::bail!("frozen-matmul: the weight is not on the CPU") };
+    matmul_wt_cpu(s, l, w, wl)
+}
+
+/// [`matmul_wt`] on the weight's storage and layout (`[out, in]` in `s`'s dtype).
+fn matmul_wt_cpu(s: &CpuStorage, l: &Layout, w: &CpuStorage, wl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (n, k) = wl.shape().dims2()?;
     let dims = l.dims();
     let (batch, m) = match *dims {
         [m, kk] if kk == k => (1, m),
         [b, m, kk] if kk == k => (b, m),
         _ => candle_core::bail!("frozen-matmul: input {dims:?} does not end in the weight's {k} columns"),
     };
-    let (storage, wl) = w.storage_and_layout();
-    let Storage::Cpu(w) = &*storage else { candle_core::bail!("frozen-matmul: the weight is not on the CPU") };
     // Wᵀ as candle's Linear presents it: `[in, out]`, or `[batch, in, out]` with a zero batch stride
     // (candle's CPU matmul reads both operands' strides at the lhs's rank). A weight stored `[in, out]`
     // (GPT-2's Conv1D, held as a transposed view) is Wᵀ already, row-major.
@@ -744,6 +794,7 @@ impl CustomOp1 for FrozenMatmul {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Module;
     use candle_core::{DType, Var};
 
     fn uniform(shape: &[usize], seed: u64) -> Tensor {
@@ -751,6 +802,29 @@ mod tests {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn trained_matmul_equals_linear_forward_and_backward() {
+        // Shapes of a microbatch: 2-D and 3-D inputs, rows a multiple of no kernel tile (13 = 8 + 5).
+        for (seed, shape) in [vec![13, 7], vec![2, 9, 7]].into_iter().enumerate() {
+            let w = Var::from_tensor(&uniform(&[5, 7], 10 + seed as u64)).unwrap();
+            let x = Var::from_tensor(&uniform(&shape, 20 + seed as u64)).unwrap();
+            let ours = trained_matmul(x.as_tensor(), w.as_tensor()).unwrap();
+            let linear = candle_nn::Linear::new(w.as_tensor().clone(), None).forward(x.as_tensor()).unwrap();
+            let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+            assert_eq!(flat(&ours), flat(&linear), "{shape:?}: forward, bit for bit");
+            // ∂ Σ (y ⊙ c) / ∂W = cᵀ x and / ∂x = c W, with c a fixed random upstream gradient.
+            let c = uniform(ours.dims(), 30 + seed as u64);
+            let g1 = (&ours * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&linear * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &w] {
+                let (a, b) = (flat(g1.get(v.as_tensor()).unwrap()), flat(g2.get(v.as_tensor()).unwrap()));
+                let scale = b.iter().fold(0f32, |m, y| m.max(y.abs()));
+                let worst = a.iter().zip(&b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+                assert!(worst <= 1e-6 * scale, "{shape:?}: gradient off by {worst} (scale {scale})");
+            }
+        }
     }
 
     #[test]
