@@ -1,7 +1,9 @@
 //! KTO's KL rows (x_i, y_{i−1}) scored against the keys and values of the prompts the main rows
 //! (x_i, y_i) already computed (`train::plan::logps_with_kl`) give the log-probs of scoring both batches
 //! on their own, to 1e-6 relative, for every model family; the main rows' log-probs and gradients are
-//! unchanged bit for bit (their pass is the same pass).
+//! unchanged bit for bit (their pass is the same pass). DPO's rejected rows after the chosen rows'
+//! prompts (`train::plan::paired_logps`) give the same log-probs, and the same gradients, to 1e-6 and
+//! 1e-5 relative.
 
 mod common;
 
@@ -9,7 +11,7 @@ use candle_core::{Device, Tensor};
 use common::fixtures;
 use prospect::data::{collate_sequences, rotate_for_kl, Sequence, SequenceBatch};
 use prospect::model::Policy;
-use prospect::train::plan::{logps, logps_with_kl};
+use prospect::train::plan::{logps, logps_with_kl, paired_logps};
 
 /// Token ids in [1, v) from a tiny LCG (0 is left out so that no row starts with the pad id used below).
 fn tokens(n: usize, seed: u64, v: usize) -> Vec<u32> {
@@ -27,7 +29,8 @@ fn tokens(n: usize, seed: u64, v: usize) -> Vec<u32> {
 const ROWS: [(usize, usize); 5] = [(9, 6), (1, 4), (14, 30), (5, 11), (7, 3)];
 const MAX_LENGTH: usize = 24;
 
-fn batches(v: usize) -> (SequenceBatch, SequenceBatch) {
+/// The main rows and the KL rows (prompt i with completion i − 1), as sequences.
+fn sequences(v: usize) -> (Vec<Sequence>, Vec<Sequence>) {
     let mut seqs: Vec<Sequence> = ROWS
         .iter()
         .enumerate()
@@ -43,11 +46,50 @@ fn batches(v: usize) -> (SequenceBatch, SequenceBatch) {
         .enumerate()
         .map(|(i, j)| Sequence { prompt_ids: seqs[i].prompt_ids.clone(), completion_ids: seqs[j].completion_ids.clone() })
         .collect();
-    let collate = |s: &[Sequence]| {
-        let refs: Vec<&Sequence> = s.iter().collect();
-        collate_sequences(&refs, MAX_LENGTH, 0, &Device::Cpu).unwrap()
-    };
-    (collate(&seqs), collate(&kl))
+    (seqs, kl)
+}
+
+fn collate(s: &[&Sequence]) -> SequenceBatch {
+    collate_sequences(s, MAX_LENGTH, 0, &Device::Cpu).unwrap()
+}
+
+fn batches(v: usize) -> (SequenceBatch, SequenceBatch) {
+    let (main, kl) = sequences(v);
+    (collate(&main.iter().collect::<Vec<_>>()), collate(&kl.iter().collect::<Vec<_>>()))
+}
+
+/// Largest |a − b| over the largest |b|.
+fn relative(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, y| m.max(y.abs()));
+    a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs())) / scale
+}
+
+#[test]
+fn rejected_rows_after_the_chosen_rows_prompts_equal_scoring_them_whole() {
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gpt-neox", "tiny-gpt-neox-seq"] {
+        let dev = Device::Cpu;
+        let (policy, _) = Policy::load(&fixtures().join(name), &dev).unwrap();
+        let model = policy.model(&dev).unwrap();
+        // Chosen rows, then rejected rows: the same prompts with the other rows' completions.
+        let (chosen, rejected) = sequences(policy.config.vocab_size);
+        let batch = collate(&chosen.iter().chain(&rejected).collect::<Vec<_>>()); // [10, t]
+
+        let shared = paired_logps(&model, &batch).unwrap(); // [10]
+        let whole = logps(&model, &batch).unwrap(); // [10]
+        let rel = relative(&values(&shared), &values(&whole));
+        assert!(rel <= 1e-6, "{name}: log-probs differ by {rel:e} relative");
+        // A weighted sum, so that chosen and rejected rows send distinct gradients.
+        let w = Tensor::new(&[1f32, -2., 0.5, 3., -1., 2., 1., -0.5, -3., 1.5], &dev).unwrap();
+        let g_shared = (&shared * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_whole = (&whole * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for (param, var) in policy.params.iter() {
+            let flat = |g: &candle_core::backprop::GradStore| -> Vec<f32> {
+                g.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+            };
+            let rel = relative(&flat(&g_shared), &flat(&g_whole));
+            assert!(rel <= 1e-5, "{name}: gradient of {param} differs by {rel:e} relative");
+        }
+    }
 }
 
 fn values(t: &Tensor) -> Vec<f32> {

@@ -29,6 +29,20 @@ impl SequenceBatch {
     pub fn total_completion_tokens(&self) -> usize {
         self.completion_tokens.iter().sum()
     }
+
+    /// Rows `start..start + n` as a batch of their own, padded to their own longest row (the columns past
+    /// it, padding in every one of these rows, are dropped).
+    pub fn select_rows(&self, start: usize, n: usize) -> Result<SequenceBatch> {
+        let lengths = self.lengths[start..start + n].to_vec();
+        let t = lengths.iter().copied().max().unwrap_or(0);
+        Ok(SequenceBatch {
+            input_ids: self.input_ids.narrow(0, start, n)?.narrow(1, 0, t)?.contiguous()?, // [n, t]
+            completion_mask: self.completion_mask.narrow(0, start, n)?.narrow(1, 0, t)?.contiguous()?, // [n, t]
+            completion_tokens: self.completion_tokens[start..start + n].to_vec(),
+            num_tokens: lengths.iter().sum(),
+            lengths,
+        })
+    }
 }
 
 /// Join each row's prompt and completion, cut the end at `max_length`, and pad on the right to the
@@ -104,5 +118,9 @@ mod tests {
         assert_eq!(batch.completion_tokens, vec![2, 1]);
         assert_eq!(batch.num_tokens, 6);
         assert_eq!(batch.lengths, vec![4, 2]);
+        let second = batch.select_rows(1, 1).unwrap();
+        assert_eq!(second.input_ids.to_vec2::<u32>().unwrap(), vec![vec![6, 7]]);
+        assert_eq!(second.completion_mask.to_vec2::<f32>().unwrap(), vec![vec![0., 1.]]);
+        assert_eq!((second.completion_tokens, second.num_tokens, second.lengths), (vec![1], 2, vec![2]));
     }
 }

@@ -159,8 +159,8 @@ impl Attention {
     /// `x` is `[b, t, d]`; `cos`/`sin` broadcast to `[b, h, t, r]`; `mask` is additive and broadcasts to
     /// `[b, h, t, k]`, or `None` for plain causal attention (the training path: fused softmax). With a
     /// mask and a cache, keys and values of earlier positions are prepended (`k` = past + t) and this
-    /// call's are appended to it. Without a mask, a cache receives this call's keys and values, detached
-    /// (a training pass lending its prompts to a pass that scores other completions after them).
+    /// call's are appended to it. Without a mask, a cache receives this call's keys and values (a training
+    /// pass lending its prompts to a pass that scores other completions after them).
     fn forward(
         &self,
         x: &Tensor,
@@ -187,7 +187,7 @@ impl Attention {
                 let probs = causal_softmax(&scores.to_dtype(DType::F32)?, scale)?.to_dtype(v.dtype())?;
                 let out = matmul_in(&probs, &v, self.compute)?.reshape((b, h, t, e))?; // [b, h, t, e]
                 if let Some(cache) = cache {
-                    cache.kv = Some((k.detach(), v.detach())); // [b, g, t, e] each
+                    cache.kv = Some((k.clone(), v.clone())); // [b, g, t, e] each
                 }
                 out
             }
@@ -236,6 +236,13 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// The same keys and values with gradient tracking off: a pass that reads them adds nothing to the
+    /// gradient of the pass that computed them.
+    pub fn detach(&self) -> KvCache {
+        let layers = self.layers.iter().map(|l| LayerCache { kv: l.kv.as_ref().map(|(k, v)| (k.detach(), v.detach())) });
+        KvCache { layers: layers.collect() }
+    }
+
     /// The keys and values of the first `n` positions only (views; `n` at most [`KvCache::len`]).
     pub fn first(&self, n: usize) -> Result<KvCache> {
         let layers = self
@@ -465,8 +472,10 @@ impl CausalLm {
     }
 
     /// [`CausalLm::hidden_states`], which also leaves every layer's keys and values of the `t` positions in
-    /// `cache` (an empty one from [`CausalLm::new_cache`]), detached: [`CausalLm::hidden_states_cached`]
-    /// can then score other tokens after a prefix of these rows without computing that prefix again.
+    /// `cache` (an empty one from [`CausalLm::new_cache`]): [`CausalLm::hidden_states_cached`] can then score
+    /// other tokens after a prefix of these rows without computing that prefix again. The keys and values
+    /// stay in this pass's graph, so a later pass that reads them sends its gradient back through them
+    /// (DPO's rejected rows after the chosen rows' prompts); [`KvCache::detach`] cuts that link.
     pub fn hidden_states_keeping_kv(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         self.training_pass(input_ids, Some(&mut cache.layers))
     }

@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::plan::{collate, logps, logps_with_kl, BatchSettings, Plan};
+use super::plan::{collate, logps, logps_with_kl, paired_logps, BatchSettings, Plan};
 use super::reference::ReferenceLogps;
 use crate::data::{Examples, SequenceBatch};
 use crate::error::{Error, Result};
@@ -59,6 +59,14 @@ impl Reference {
     fn logps(&self, batch: &SequenceBatch) -> Result<Tensor> {
         match self {
             Reference::Model(model) => Ok(logps(model, batch)?.detach()),
+            Reference::Cached(cache) => cache.tensor(batch, batch.input_ids.device()),
+        }
+    }
+
+    /// Reference log-probs `[2b]` of a paired batch (see [`paired_logps`]).
+    fn paired_logps(&self, batch: &SequenceBatch) -> Result<Tensor> {
+        match self {
+            Reference::Model(model) => Ok(paired_logps(model, batch)?.detach()),
             Reference::Cached(cache) => cache.tensor(batch, batch.input_ids.device()),
         }
     }
@@ -161,8 +169,9 @@ fn paired(
 ) -> Result<MicrobatchOutput> {
     let batch = collate(examples, &plan.main, s)?;
     let b = plan.main.len() / 2;
-    let policy = logps(m.policy(mode), &batch)?; // [2b]
-    let reference = m.reference(loss.needs_reference(), &batch)?; // [2b]
+    // The rejected rows reuse the chosen rows' prompts (keys and values), in the policy and the reference.
+    let policy = paired_logps(m.policy(mode), &batch)?; // [2b]
+    let reference = loss.needs_reference().then(|| m.reference_model()?.paired_logps(&batch)).transpose()?; // [2b]
     let halves = |t: &Tensor| -> Result<(Tensor, Tensor)> { Ok((t.narrow(0, 0, b)?, t.narrow(0, b, b)?)) };
     let (policy_chosen, policy_rejected) = halves(&policy)?;
     let reference = reference.as_ref().map(halves).transpose()?;

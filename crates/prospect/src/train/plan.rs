@@ -107,63 +107,121 @@ pub(crate) fn shared_positions(main: &[u32], kl: &[u32], kl_mask: &[f32]) -> usi
 }
 
 /// Summed completion log-probs `([b], [b])` of a microbatch's main rows and of its KL rows, where KL row
-/// `i` starts with the prompt of main row `i` (KTO's pairs (x_i, y_{i−1}) beside (x_i, y_i)).
-///
-/// The main rows run under `main` (with gradient when its weights track one). Their keys and values,
-/// detached, then serve the KL rows under `kl`, which must hold the same weights: each KL row runs only
-/// from the end of what it shares with its main row (at most its prompt less the last token, whose
-/// output predicts the first completion token), against the cached prefix. The shared part is checked
-/// token by token, so rows that share nothing are simply run whole. Equal to scoring both batches on
-/// their own up to float rounding (`tests/shared_prompt.rs`: 1e-6 relative).
+/// `i` starts with the prompt of main row `i` (KTO's pairs (x_i, y_{i−1}) beside (x_i, y_i)). The main rows
+/// run under `main` (with gradient when its weights track one); the KL rows, under `kl` (the same weights,
+/// no gradient), reuse the main rows' prompts ([`logps_sharing_prompts`]).
 pub fn logps_with_kl(
     main: &CausalLm,
     kl: &CausalLm,
     main_batch: &SequenceBatch,
     kl_batch: &SequenceBatch,
 ) -> Result<(Tensor, Tensor)> {
-    let b = main_batch.rows();
-    if kl_batch.rows() != b {
-        return Err(Error::Compute(format!("{} KL rows for {b} rows", kl_batch.rows())));
+    let ids = |batch: &SequenceBatch| batch.input_ids.to_vec2::<u32>();
+    let mask = |batch: &SequenceBatch| batch.completion_mask.to_vec2::<f32>();
+    if ids(main_batch)? == ids(kl_batch)? && mask(main_batch)? == mask(kl_batch)? {
+        // A one-row microbatch pairs its prompt with its own completion: the KL row is the main row.
+        let logps = logps(main, main_batch)?;
+        return Ok((logps.clone(), logps.detach()));
     }
-    let main_ids: Vec<Vec<u32>> = main_batch.input_ids.to_vec2()?;
-    let kl_ids: Vec<Vec<u32>> = kl_batch.input_ids.to_vec2()?;
-    let kl_mask: Vec<Vec<f32>> = kl_batch.completion_mask.to_vec2()?;
+    logps_sharing_prompts(main, kl, main_batch, kl_batch, Sharing::Detached)
+}
+
+/// Summed completion log-probs `[2b]` of a paired batch (chosen rows, then rejected rows), the rejected
+/// rows reusing the chosen rows' prompts, with gradient through both ([`logps_sharing_prompts`]).
+pub fn paired_logps(model: &CausalLm, batch: &SequenceBatch) -> Result<Tensor> {
+    let b = batch.rows() / 2;
+    if batch.rows() != 2 * b || b == 0 {
+        return Err(Error::Compute(format!("a paired batch has chosen and rejected rows; got {}", batch.rows())));
+    }
+    let (chosen, rejected) = (batch.select_rows(0, b)?, batch.select_rows(b, b)?);
+    let (chosen, rejected) = logps_sharing_prompts(model, model, &chosen, &rejected, Sharing::Attached)?; // [b] each
+    Ok(Tensor::cat(&[&chosen, &rejected], 0)?) // [2b]
+}
+
+/// Whether the second rows of [`logps_sharing_prompts`] pass a gradient back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    /// No (KTO's KL rows): the shared keys and values are detached, and so are the second log-probs.
+    Detached,
+    /// Yes (DPO's rejected rows): their gradient reaches the weights through their own tokens and through
+    /// the first rows' prompt, as if each rejected row had run its prompt itself.
+    Attached,
+}
+
+/// Summed completion log-probs `([b], [b])` of two batches whose row `i` begins with the same prompt.
+///
+/// The first batch runs whole under `first`, keeping its keys and values. Each row of the second batch
+/// runs under `second` (the same weights) only from the end of what it shares with its first row (at
+/// most its prompt less the last token, whose output predicts the first completion token), against those
+/// cached positions. The shared part is found token by token, so rows that share nothing simply run whole.
+/// Equal to scoring both batches on their own up to float rounding (`tests/shared_prompt.rs`: 1e-6
+/// relative, gradients included).
+pub fn logps_sharing_prompts(
+    first: &CausalLm,
+    second: &CausalLm,
+    first_batch: &SequenceBatch,
+    second_batch: &SequenceBatch,
+    sharing: Sharing,
+) -> Result<(Tensor, Tensor)> {
+    let b = first_batch.rows();
+    if second_batch.rows() != b {
+        return Err(Error::Compute(format!("{} rows to score after {b} prompts", second_batch.rows())));
+    }
+    let first_ids: Vec<Vec<u32>> = first_batch.input_ids.to_vec2()?;
+    let ids: Vec<Vec<u32>> = second_batch.input_ids.to_vec2()?;
+    let mask: Vec<Vec<f32>> = second_batch.completion_mask.to_vec2()?;
     let shared: Vec<usize> = (0..b)
         .map(|i| {
-            let (m, k) = (&main_ids[i][..main_batch.lengths[i]], &kl_ids[i][..kl_batch.lengths[i]]);
-            shared_positions(m, k, &kl_mask[i])
+            let (f, s) = (&first_ids[i][..first_batch.lengths[i]], &ids[i][..second_batch.lengths[i]]);
+            shared_positions(f, s, &mask[i])
         })
         .collect();
     let prefix = shared.iter().copied().max().unwrap_or(0);
-    let mut cache = main.new_cache();
-    let hidden = main.hidden_states_keeping_kv(&main_batch.input_ids, &mut cache)?; // [b, t, d]
-    let main_logps = completion_logps_of(main, &hidden, &main_batch.input_ids, &main_batch.completion_mask)?.logps;
+    let mut cache = first.new_cache();
+    let hidden = first.hidden_states_keeping_kv(&first_batch.input_ids, &mut cache)?; // [b, t, d]
+    let first_logps = completion_logps_of(first, &hidden, &first_batch.input_ids, &first_batch.completion_mask)?;
     drop(hidden);
-    if main_ids == kl_ids && main_batch.completion_mask.to_vec2::<f32>()? == kl_mask {
-        // A one-row microbatch pairs its prompt with its own completion: the KL row is the main row.
-        return Ok((main_logps.clone(), main_logps.detach()));
-    }
-    let mut cache = match prefix {
-        0 => kl.new_cache(),
-        _ => cache.first(prefix)?, // [b, g, prefix, e] per layer
+    let mut cache = match (prefix, sharing) {
+        (0, _) => second.new_cache(),
+        (_, Sharing::Detached) => cache.first(prefix)?.detach(), // [b, g, prefix, e] per layer
+        (_, Sharing::Attached) => cache.first(prefix)?,
     };
-    // The rest of each KL row, right-padded to `s` tokens, behind its `shared[i]` cached positions.
-    let s = (0..b).map(|i| kl_batch.lengths[i] - shared[i]).max().unwrap_or(0).max(1);
-    let (mut ids, mut mask, mut attention) = (Vec::with_capacity(b * s), Vec::with_capacity(b * s), Vec::new());
+    let (rest, rest_mask, attention) = rest_of_rows(&ids, &mask, &second_batch.lengths, &shared, prefix);
+    let device = second_batch.input_ids.device();
+    let s = rest.len() / b;
+    let rest = Tensor::from_vec(rest, (b, s), device)?; // [b, s]
+    let rest_mask = Tensor::from_vec(rest_mask, (b, s), device)?; // [b, s]
+    let hidden = second.hidden_states_cached(&rest, &attention, &mut cache)?; // [b, s, d]
+    let second_logps = completion_logps_of(second, &hidden, &rest, &rest_mask)?.logps;
+    let second_logps = match sharing {
+        Sharing::Detached => second_logps.detach(),
+        Sharing::Attached => second_logps,
+    };
+    Ok((first_logps.logps, second_logps))
+}
+
+/// What each second row still has to run, right-padded to the longest (`s` tokens, at least 1): its ids
+/// and completion mask from position `shared[i]` on, flattened `[b * s]`, and each row's attention mask
+/// over the `prefix` cached positions (its first `shared[i]` are its own) then its `s` new ones.
+fn rest_of_rows(
+    ids: &[Vec<u32>],
+    mask: &[Vec<f32>],
+    lengths: &[usize],
+    shared: &[usize],
+    prefix: usize,
+) -> (Vec<u32>, Vec<f32>, Vec<Vec<u8>>) {
+    let b = ids.len();
+    let s = (0..b).map(|i| lengths[i] - shared[i]).max().unwrap_or(0).max(1);
+    let (mut rest, mut rest_mask, mut attention) = (Vec::with_capacity(b * s), Vec::with_capacity(b * s), Vec::new());
     for i in 0..b {
-        let rest = shared[i]..kl_batch.lengths[i];
-        let n = rest.len();
-        ids.extend(kl_ids[i][rest.clone()].iter().copied().chain(std::iter::repeat(0)).take(s));
-        mask.extend(kl_mask[i][rest].iter().copied().chain(std::iter::repeat(0.0)).take(s));
+        let range = shared[i]..lengths[i];
+        let n = range.len();
+        rest.extend(ids[i][range.clone()].iter().copied().chain(std::iter::repeat(0)).take(s));
+        rest_mask.extend(mask[i][range].iter().copied().chain(std::iter::repeat(0.0)).take(s));
         let seen = |real: usize, width: usize| (0..width).map(move |j| u8::from(j < real));
-        attention.push(seen(shared[i], prefix).chain(seen(n, s)).collect::<Vec<u8>>());
+        attention.push(seen(shared[i], prefix).chain(seen(n, s)).collect());
     }
-    let device = &kl_batch.input_ids.device().clone();
-    let ids = Tensor::from_vec(ids, (b, s), device)?; // [b, s]
-    let mask = Tensor::from_vec(mask, (b, s), device)?; // [b, s]
-    let hidden = kl.hidden_states_cached(&ids, &attention, &mut cache)?; // [b, s, d]
-    let kl_logps = completion_logps_of(kl, &hidden, &ids, &mask)?.logps.detach();
-    Ok((main_logps, kl_logps))
+    (rest, rest_mask, attention)
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
-use super::plan::{collate, logps, logps_with_kl, BatchSettings, Plan};
+use super::plan::{collate, logps, logps_with_kl, paired_logps, BatchSettings, Plan};
 use crate::data::{Examples, SequenceBatch};
 use crate::error::{Error, Result};
 use crate::loss::Family;
@@ -129,7 +129,12 @@ impl ReferenceLogps {
                     counts.reused += 1;
                     continue;
                 }
-                self.values.insert(digest, logps(reference.get()?, &batch)?.to_vec1::<f32>()?); // [b]
+                // Scored as training scores it: a paired batch's rejected rows after the chosen rows' prompts.
+                let values = match family {
+                    Family::Paired(_) => paired_logps(reference.get()?, &batch)?, // [2b]
+                    _ => logps(reference.get()?, &batch)?,                       // [b]
+                };
+                self.values.insert(digest, values.to_vec1::<f32>()?);
                 counts.computed += 1;
             }
         }
