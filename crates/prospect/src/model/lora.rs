@@ -658,13 +658,21 @@ impl CustomOp2 for TrainedMatmul {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (out, k) = w.dims2()?;
-        let dy = dy.detach().contiguous()?;
-        let dx = dy.broadcast_matmul(&w.detach())?; // [..., out] x [out, in] -> [..., in]
         let rows = dy.elem_count() / out;
-        let x2 = x.detach().contiguous()?.reshape((rows, k))?; // [m, in]
-        let dw = dy.reshape((rows, out))?.t()?.matmul(&x2)?; // [out, m] x [m, in] -> [out, in]
+        let dy = dy.detach().contiguous()?.reshape((rows, out))?; // [m, out]
+        let dx = matmul_2d(&dy, false, &w.detach(), false)?.reshape(x.shape())?; // [m, out] x [out, in]
+        let x = x.detach().contiguous()?.reshape((rows, k))?; // [m, in]
+        let dw = matmul_2d(&dy, true, &x, false)?; // [out, m] x [m, in] -> [out, in]
         Ok((Some(dx), Some(dw)))
     }
+}
+
+/// `op(a) · op(b)` of 2-D tensors, `a` stored transposed when `a_t` (and `b` when `b_t`), as one product
+/// (a 3-D gradient through `broadcast_matmul` would be one product per batch row).
+fn matmul_2d(a: &Tensor, a_t: bool, b: &Tensor, b_t: bool) -> candle_core::Result<Tensor> {
+    let a = if a_t { a.t()? } else { a.clone() };
+    let b = if b_t { b.t()? } else { b.clone() };
+    a.matmul(&b)
 }
 
 /// [`frozen_matmul`] with `x` rounded to `compute` for the product, which comes back in `x`'s dtype (bf16
@@ -785,9 +793,11 @@ impl CustomOp1 for FrozenMatmul {
         matmul_wt(s, l, &self.w)
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let w = dense_weight(&self.w, dy.dtype())?; // a no-op unless the base is kept in 16 or 8 bits
-        Ok(Some(dy.broadcast_matmul(&w)?)) // [..., out] x [out, in] -> [..., in]
+        let out = w.dim(0)?;
+        let dy = dy.contiguous()?.reshape((dy.elem_count() / out, out))?; // [m, out]
+        Ok(Some(matmul_2d(&dy, false, &w, false)?.reshape(x.shape())?)) // [m, out] x [out, in] -> [m, in]
     }
 }
 
