@@ -44,7 +44,10 @@ fn sequences(v: usize) -> (Vec<Sequence>, Vec<Sequence>) {
     let kl: Vec<Sequence> = rotate_for_kl(seqs.len())
         .into_iter()
         .enumerate()
-        .map(|(i, j)| Sequence { prompt_ids: seqs[i].prompt_ids.clone(), completion_ids: seqs[j].completion_ids.clone() })
+        .map(|(i, j)| Sequence {
+            prompt_ids: seqs[i].prompt_ids.clone(),
+            completion_ids: seqs[j].completion_ids.clone(),
+        })
         .collect();
     (seqs, kl)
 }

@@ -239,7 +239,8 @@ impl KvCache {
     /// The same keys and values with gradient tracking off: a pass that reads them adds nothing to the
     /// gradient of the pass that computed them.
     pub fn detach(&self) -> KvCache {
-        let layers = self.layers.iter().map(|l| LayerCache { kv: l.kv.as_ref().map(|(k, v)| (k.detach(), v.detach())) });
+        let layers =
+            self.layers.iter().map(|l| LayerCache { kv: l.kv.as_ref().map(|(k, v)| (k.detach(), v.detach())) });
         KvCache { layers: layers.collect() }
     }
 
@@ -573,7 +574,9 @@ impl CausalLm {
             }
         }
         let mask = Tensor::from_vec(mask, (b, 1, t, total), device)?; // [b, 1, t, total]
-        self.run_layers(input_ids, &cos, &sin, learned.as_ref(), Some(&mask), Some(&mut cache.layers)) // [b, t, d]
+        let layers = Some(&mut cache.layers);
+        self.run_layers(input_ids, &cos, &sin, learned.as_ref(), Some(&mask), layers)
+        // [b, t, d]
     }
 
     /// `learned`: GPT-2's position embeddings for these tokens (`[t, d]` or `[b, t, d]`); `mask`: additive

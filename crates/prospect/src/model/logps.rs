@@ -113,7 +113,7 @@ pub fn completion_logps_of(
     let picked = hidden.reshape((b * t, d))?.index_select(&positions, 0)?; // [n, d]
     let logits = model.logits(&picked)?.to_dtype(DType::F32)?; // [n, v]
     let token_logps = kernels::token_logps(&logits, &Tensor::from_vec(targets, n, device)?)?; // [n]
-    // Per-row sums as one small matmul: [b, n] (mask weight where token k belongs to row r) x [n, 1].
+                                                                                              // Per-row sums as one small matmul: [b, n] (mask weight where token k belongs to row r) x [n, 1].
     let mut rows_of = vec![0f32; b * n];
     for (k, (&r, &w)) in rows.iter().zip(&weights).enumerate() {
         rows_of[r * n + k] = w;

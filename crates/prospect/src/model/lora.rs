@@ -646,7 +646,13 @@ impl CustomOp2 for TrainedMatmul {
         "trained-matmul"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, ws: &CpuStorage, wl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         matmul_wt_cpu(s, l, ws, wl)
     }
 

@@ -23,7 +23,9 @@ use candle_core::{DType, Device, Tensor};
 pub use causal_lm::CausalLm;
 pub use config::{ComputeDtype, ModelConfig};
 pub use heads::{RewardModel, ValueHead};
-pub use logps::{completion_logps, completion_logps_of, sequence_logps, sequence_logps_composite, token_logps, SequenceLogps};
+pub use logps::{
+    completion_logps, completion_logps_of, sequence_logps, sequence_logps_composite, token_logps, SequenceLogps,
+};
 pub use lora::LoraSettings;
 pub use tokenizer::HfTokenizer;
 pub use weights::{load_tensors, save_tensors, Params};

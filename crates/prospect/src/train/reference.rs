@@ -132,7 +132,7 @@ impl ReferenceLogps {
                 // Scored as training scores it: a paired batch's rejected rows after the chosen rows' prompts.
                 let values = match family {
                     Family::Paired(_) => paired_logps(reference.get()?, &batch)?, // [2b]
-                    _ => logps(reference.get()?, &batch)?,                       // [b]
+                    _ => logps(reference.get()?, &batch)?,                        // [b]
                 };
                 self.values.insert(digest, values.to_vec1::<f32>()?);
                 counts.computed += 1;
