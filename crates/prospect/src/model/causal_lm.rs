@@ -22,7 +22,7 @@ use candle_nn::VarBuilder;
 use super::config::{Arch, ModelConfig};
 use super::embedding::TokenEmbedding;
 use super::kernels::{self, causal_softmax, rms_norm, swiglu};
-use super::lora::{frozen_matmul_in, trained_matmul, Proj};
+use super::lora::{weight_matmul, Proj};
 use super::ops::{self, layer_norm, matmul_in, rope_tables, softmax_last_dim};
 use crate::error::{Error, Result};
 
@@ -457,14 +457,9 @@ impl CausalLm {
                 "this model was built without an LM head (a reward model); it has no logits".into(),
             )
         })?;
-        let c = self.config.compute.dtype();
-        if lm_head.is_variable() && c == hidden.dtype() {
-            trained_matmul(hidden, lm_head) // [b, t, v]
-        } else if lm_head.is_variable() {
-            matmul_in(hidden, &lm_head.t()?, c) // [b, t, v]
-        } else {
-            frozen_matmul_in(hidden, lm_head, c) // [b, t, v]: no `[v, d]` gradient for a head that does not train
-        }
+        // A head that does not train forms no `[v, d]` gradient.
+        weight_matmul(hidden, lm_head, lm_head.is_variable(), self.config.compute.dtype())
+        // [b, t, v]
     }
 
     /// Final hidden states `[b, t, d]`, after the last RMSNorm: what HF's heads read.
@@ -574,9 +569,8 @@ impl CausalLm {
             }
         }
         let mask = Tensor::from_vec(mask, (b, 1, t, total), device)?; // [b, 1, t, total]
-        let layers = Some(&mut cache.layers);
-        self.run_layers(input_ids, &cos, &sin, learned.as_ref(), Some(&mask), layers)
-        // [b, t, d]
+        let hidden = self.run_layers(input_ids, &cos, &sin, learned.as_ref(), Some(&mask), Some(&mut cache.layers))?;
+        Ok(hidden) // [b, t, d]
     }
 
     /// `learned`: GPT-2's position embeddings for these tokens (`[t, d]` or `[b, t, d]`); `mask`: additive

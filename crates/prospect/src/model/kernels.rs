@@ -648,7 +648,9 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ops;
+    // The composite references are Prospect's own `model::ops` (candle primitives, each with a backward
+    // pass: `ops::tests::every_op_passes_gradient`), not candle's fused `candle_nn::ops`.
+    use crate::model::ops as composite_ops;
     use candle_core::{Device, Var, D};
 
     fn uniform(shape: &[usize], seed: u64, scale: f32) -> Tensor {
@@ -677,7 +679,7 @@ mod tests {
             let w = Var::from_tensor(&(uniform(&[d], 100 + case as u64, 1.0) + 1.0).unwrap()).unwrap();
             let r = uniform(&shape, 200 + case as u64, 1.0); // random upstream gradient
             let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
-            let composite = ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+            let composite = composite_ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
             assert!(rel(&fused, &composite) < 1e-5, "case {case}: forward {}", rel(&fused, &composite));
             let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let gc = (composite * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -694,11 +696,11 @@ mod tests {
             [vec![1, 1, 1, 2], vec![2, 3, 5, 8], vec![1, 9, 17, 64], vec![3, 2, 31, 6]].into_iter().enumerate()
         {
             let (t, e) = (shape[2], shape[3]);
-            let (cos, sin) = ops::rope_tables(t, e, 10_000.0, &Device::Cpu).unwrap();
+            let (cos, sin) = composite_ops::rope_tables(t, e, 10_000.0, &Device::Cpu).unwrap();
             let x = Var::from_tensor(&uniform(&shape, case as u64, 2.0)).unwrap();
             let r = uniform(&shape, 400 + case as u64, 1.0);
             let fused = apply_rope(x.as_tensor(), &cos, &sin).unwrap();
-            let composite = ops::apply_rope(x.as_tensor(), &cos, &sin).unwrap();
+            let composite = composite_ops::apply_rope(x.as_tensor(), &cos, &sin).unwrap();
             // The same values through a transposed view ([b, t, h, e] seen as [b, h, t, e]), as the model passes them.
             let strided = x.as_tensor().transpose(1, 2).unwrap().contiguous().unwrap().transpose(1, 2).unwrap();
             assert!(!strided.is_contiguous() || shape[1] == 1 || shape[2] == 1);
@@ -759,9 +761,10 @@ mod tests {
             let s = Var::from_tensor(&uniform(&shape, case as u64, 6.0)).unwrap();
             let r = uniform(&shape, 300 + case as u64, 1.0);
             let fused = causal_softmax(s.as_tensor(), scale).unwrap();
-            let mask = ops::causal_mask(t, DType::F32, &Device::Cpu).unwrap();
+            let mask = composite_ops::causal_mask(t, DType::F32, &Device::Cpu).unwrap();
             let composite =
-                ops::softmax_last_dim(&(s.as_tensor() * scale).unwrap().broadcast_add(&mask).unwrap()).unwrap();
+                composite_ops::softmax_last_dim(&(s.as_tensor() * scale).unwrap().broadcast_add(&mask).unwrap())
+                    .unwrap();
             assert!(rel(&fused, &composite) < 1e-5, "case {case}: forward {}", rel(&fused, &composite));
             let sums: Vec<f32> = fused.sum(D::Minus1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));

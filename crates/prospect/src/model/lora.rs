@@ -580,25 +580,10 @@ impl Proj {
     /// `x` `[..., in]` → `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.inner.weight();
-        let c = self.compute;
-        let y = if self.trainable && c == x.dtype() {
-            let y = trained_matmul(x, w)?;
-            match self.inner.bias() {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            }
-        } else if self.trainable {
-            let y = super::ops::matmul_in(x, &w.t()?, c)?;
-            match self.inner.bias() {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            }
-        } else {
-            let y = frozen_matmul_in(x, w, c)?;
-            match self.inner.bias() {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            }
+        let y = weight_matmul(x, w, self.trainable, self.compute)?; // [..., out]
+        let y = match self.inner.bias() {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
         };
         let Some(lora) = &self.lora else { return Ok(y) };
         // Dropout only in a pass that trains the adapter (its tensors are `Var`s).
@@ -624,6 +609,18 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         return Ok(x.broadcast_matmul(&dense_weight(&w.detach(), x.dtype())?.t()?)?);
     }
     Ok(x.apply_op1(FrozenMatmul { w: w.detach() })?)
+}
+
+/// `x Wᵀ` with the weight `[out, in]` (or a transposed view of `[in, out]`), products in `compute`: the one
+/// choice of product shared by linear layers and the LM head. A weight that trains goes through
+/// [`trained_matmul`] (or, in bf16, [`super::ops::matmul_in`], whose casts pass the gradient to the f32
+/// master weight); a frozen one through [`frozen_matmul_in`], which forms no weight gradient.
+pub fn weight_matmul(x: &Tensor, w: &Tensor, trainable: bool, compute: DType) -> Result<Tensor> {
+    match (trainable, compute == x.dtype()) {
+        (true, true) => trained_matmul(x, w),
+        (true, false) => super::ops::matmul_in(x, &w.t()?, compute),
+        (false, _) => frozen_matmul_in(x, w, compute),
+    }
 }
 
 /// `x Wᵀ` for a weight that trains, as candle's `Linear` computes it (same kernel, same operand layout: bit
